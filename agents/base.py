@@ -1,0 +1,52 @@
+"""The Agent base class: a custom agent is a subclass with a name, typed models and ``run``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from orchestrator.context import StepContext
+
+InT = TypeVar("InT", bound=BaseModel)
+OutT = TypeVar("OutT", bound=BaseModel)
+
+
+class AgentInput(BaseModel):
+    """Base for input models: built from the workflow state, so extra keys are ignored."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class AgentOutput(BaseModel):
+    """Base for output models: stored in Postgres and passed on, so strict."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Agent(Generic[InT, OutT]):
+    """Subclass, set the class attributes, implement ``run``; register with ``app.agent``.
+
+    The workflow state is a dict of every earlier agent's output under its name
+    (plus ``ticket``); ``input_model`` is validated from it, and the output is
+    stored under ``name`` for the agents after this one.
+    """
+
+    name: ClassVar[str]
+    input_model: ClassVar[type[BaseModel]]
+    output_model: ClassVar[type[BaseModel]]
+    tools: ClassVar[tuple[str, ...]] = ()  # the only tools this agent may call
+    max_attempts: ClassVar[int | None] = None  # None: the runtime's default
+    timeout_seconds: ClassVar[float] = 120.0
+
+    async def run(self, ctx: StepContext, data: InT) -> OutT:
+        raise NotImplementedError
+
+    def route(self, output: OutT) -> Sequence[str] | None:
+        """Agents to run next; None follows the pipeline, an empty list ends the workflow."""
+        return None
+
+    def state_update(self, output: OutT) -> dict[str, Any]:
+        return {self.name: output.model_dump(mode="json")}

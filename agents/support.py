@@ -1,0 +1,41 @@
+"""The built-in customer-support app: triage → research → response (the CLI's default)."""
+
+from __future__ import annotations
+
+from agents import offline, tools
+from agents.research import ResearchAgent
+from agents.response import ResponseAgent
+from agents.triage import TriageAgent
+from orchestrator.app import App
+from orchestrator.runtime import Runtime
+from orchestrator.store import memory
+
+# The bundled past tickets are seeded into the memory of these tenants (the
+# sample tickets' tenants and the default one); memory is always per tenant.
+SAMPLE_TENANTS = ("default", "acme", "globex")
+
+app = App("support", version="0.1.0")
+app.agent(TriageAgent)
+app.agent(ResearchAgent)
+app.agent(ResponseAgent)
+app.tool(tools.lookup_order)
+app.tool(tools.orders_for_customer)
+app.tool(tools.search_help_center)
+app.tool(tools.search_past_tickets)
+app.pipeline("support", ["triage", "research", "response"], default=True)
+app.offline_rule("triage")(offline.triage)
+app.offline_rule("reply")(offline.reply)
+
+
+@app.on_setup
+async def seed_past_tickets(runtime: Runtime) -> None:
+    async with runtime.pool.acquire() as conn:
+        for tenant in SAMPLE_TENANTS:
+            for past in tools.load("past_tickets.json"):
+                text = f"{past['subject']}\n{past['body']}"
+                await memory.remember(
+                    conn, tenant_id=tenant, kind="past_ticket", key=past["id"], content=text,
+                    metadata={"subject": past["subject"], "resolution": past["resolution"],
+                              "category": past["category"]},
+                    embedder=runtime.embedder.name, embedding=await runtime.embedder.embed(text),
+                )

@@ -1,0 +1,39 @@
+"""TriageAgent: category, priority, sentiment, and whether research is needed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from agents.base import Agent
+from agents.models import TriageDecision, TriageInput, TriageResult
+from orchestrator.context import StepContext
+from orchestrator.llm import ModelRequest
+
+INSTRUCTIONS = """You triage customer-support tickets. Classify the category (billing,
+shipping, technical, account, returns, general), the priority (low, normal, high, urgent),
+the customer's sentiment (positive, neutral, negative, angry), list every order id
+mentioned (like ORD-10007), say whether looking up orders or help articles would help
+(needs_research), and summarise the request in one sentence."""
+
+
+class TriageAgent(Agent[TriageInput, TriageResult]):
+    name = "triage"
+    input_model = TriageInput
+    output_model = TriageResult
+
+    async def run(self, ctx: StepContext, data: TriageInput) -> TriageResult:
+        ticket = data.ticket
+        decision = await ctx.model.parse(
+            ModelRequest(
+                purpose="triage",
+                instructions=INSTRUCTIONS,
+                content=f"Subject: {ticket.subject}\n\n{ticket.body}",
+                context={"ticket": ticket},
+            ),
+            TriageDecision,
+        )
+        return TriageResult(**decision.model_dump(), model=ctx.model.name)
+
+    def route(self, output: TriageResult) -> Sequence[str] | None:
+        # Nothing to look up: go straight to the reply (which asks for details).
+        return None if output.needs_research else ["response"]

@@ -1,0 +1,1 @@
+"""Runnable examples: sample tickets and custom agents."""

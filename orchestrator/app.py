@@ -1,0 +1,132 @@
+"""The application object: registers agents, tools, pipelines and offline model rules.
+
+Loaded by the CLI as ``module:attr`` (as uvicorn and Celery do), so a user's
+agents run on the same runtime without touching it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from orchestrator.errors import ConfigurationError
+from orchestrator.llm import OfflineRule
+
+if TYPE_CHECKING:
+    from agents.base import Agent
+    from orchestrator.runtime import Runtime
+
+ToolFn = Callable[..., Awaitable[Any]]
+SetupHook = Callable[["Runtime"], Awaitable[None]]
+A = TypeVar("A", bound="type[Agent[Any, Any]]")
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    name: str
+    fn: ToolFn
+    # Idempotent tools may run again after a crash (with the same key); others never silently.
+    idempotent: bool
+    takes_key: bool
+
+
+class App:
+    def __init__(self, name: str, *, version: str = "0") -> None:
+        self.name = name
+        self.version = version
+        self.agents: dict[str, type[Agent[Any, Any]]] = {}
+        self.tools: dict[str, ToolSpec] = {}
+        self.pipelines: dict[str, tuple[str, ...]] = {}
+        self.offline_rules: dict[str, OfflineRule] = {}
+        self.setup_hooks: list[SetupHook] = []
+        self.default_pipeline: str | None = None
+
+    def agent(self, cls: A) -> A:
+        """Register an agent class (usable as a decorator)."""
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigurationError(f"agent {cls.__name__} needs a name of letters, digits, - or _")
+        if name in self.agents:
+            raise ConfigurationError(f"agent {name!r} is registered twice")
+        self.agents[name] = cls
+        return cls
+
+    def tool(
+        self, fn: ToolFn | None = None, *, name: str | None = None, idempotent: bool = True
+    ) -> Any:
+        """Register an async tool: ``@app.tool`` or ``@app.tool(idempotent=False)``."""
+
+        def register(f: ToolFn) -> ToolFn:
+            tool_name = name or f.__name__
+            if not inspect.iscoroutinefunction(f):
+                raise ConfigurationError(f"tool {tool_name!r} must be an async function")
+            if tool_name in self.tools:
+                raise ConfigurationError(f"tool {tool_name!r} is registered twice")
+            takes_key = "idempotency_key" in inspect.signature(f).parameters
+            self.tools[tool_name] = ToolSpec(tool_name, f, idempotent, takes_key)
+            return f
+
+        return register(fn) if fn is not None else register
+
+    def pipeline(self, name: str, agents: Sequence[str], *, default: bool = False) -> None:
+        if not agents:
+            raise ConfigurationError(f"pipeline {name!r} has no agents")
+        self.pipelines[name] = tuple(agents)
+        if default or self.default_pipeline is None:
+            self.default_pipeline = name
+
+    def offline_rule(self, purpose: str) -> Callable[[OfflineRule], OfflineRule]:
+        def register(rule: OfflineRule) -> OfflineRule:
+            self.offline_rules[purpose] = rule
+            return rule
+
+        return register
+
+    def on_setup(self, hook: SetupHook) -> SetupHook:
+        """Run ``hook(runtime)`` after migrations (seeding data, warming caches)."""
+        self.setup_hooks.append(hook)
+        return hook
+
+    def validate(self) -> None:
+        """Fail at startup, not at handoff, on a pipeline or tool that names nothing."""
+        for pipeline, agents in self.pipelines.items():
+            for agent in agents:
+                if agent not in self.agents:
+                    raise ConfigurationError(f"pipeline {pipeline!r} names unknown agent {agent!r}")
+        for agent_name, cls in self.agents.items():
+            for tool in cls.tools:
+                if tool not in self.tools:
+                    raise ConfigurationError(f"agent {agent_name!r} uses unknown tool {tool!r}")
+
+    def resolve_pipeline(self, name: str | None) -> tuple[str, tuple[str, ...]]:
+        chosen = name or self.default_pipeline
+        if chosen is None or chosen not in self.pipelines:
+            raise ConfigurationError(f"no pipeline {chosen!r} in app {self.name!r}")
+        return chosen, self.pipelines[chosen]
+
+    def default_next(self, pipeline: str, agent: str) -> tuple[str, ...]:
+        """The agent after ``agent`` in ``pipeline`` (none at its end)."""
+        agents = self.pipelines.get(pipeline, ())
+        if agent in agents:
+            i = agents.index(agent)
+            return agents[i + 1 : i + 2]
+        return ()
+
+
+def load_app(path: str) -> App:
+    """Import ``module:attr`` and return the App it names."""
+    module_name, sep, attr = path.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"--app must look like module:attr, got {path!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import app module {module_name!r}: {exc}") from exc
+    app = getattr(module, attr, None)
+    if not isinstance(app, App):
+        raise ConfigurationError(f"{path!r} is not an orchestrator App")
+    app.validate()
+    return app

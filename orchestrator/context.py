@@ -1,0 +1,170 @@
+"""The step context: what a running agent sees, and the idempotent tool ledger.
+
+Read the current context anywhere inside a step with ``current()``, as
+Temporal's activity API does; outside a step it fails clearly.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from orchestrator.errors import NonDeterminismError, OrchestratorError, ToolError
+from orchestrator.store import memory, tool_runs
+from orchestrator.store.tool_runs import ToolRun
+
+if TYPE_CHECKING:
+    from orchestrator.app import ToolSpec
+    from orchestrator.llm import LanguageModel
+    from orchestrator.runtime import Runtime
+
+_current: ContextVar[StepContext] = ContextVar("orchestrator_step_context")
+
+
+@dataclass(frozen=True, slots=True)
+class StepInfo:
+    workflow_id: UUID
+    step_id: UUID
+    seq: int
+    agent: str
+    attempt: int
+    tenant_id: str
+    assigned_by: str
+    pipeline: str
+
+
+def idempotency_key(workflow_id: UUID, seq: int, ordinal: int) -> str:
+    """The deterministic key of a tool call: (workflow, step, call ordinal)."""
+    return f"{workflow_id}:{seq}:{ordinal}"
+
+
+class StepContext:
+    def __init__(
+        self,
+        runtime: Runtime,
+        info: StepInfo,
+        state: Mapping[str, Any],
+        recorded: Mapping[int, ToolRun],
+        allowed_tools: tuple[str, ...],
+    ) -> None:
+        self.info = info
+        self.state = state
+        self._runtime = runtime
+        self._recorded = recorded
+        self._allowed = allowed_tools
+        self._ordinal = 0
+        self.tool_runs: list[ToolRun] = []  # finished idempotent calls, committed with the step
+        self.messages: list[str] = []  # transcript lines, committed with the step
+
+    @property
+    def model(self) -> LanguageModel:
+        return self._runtime.model
+
+    def say(self, text: str) -> None:
+        """Append an agent message to the session transcript (committed with the step)."""
+        self.messages.append(text)
+
+    async def tool(self, name: str, /, **args: Any) -> Any:
+        """Call a registered tool through the ledger; a recorded success is returned as is."""
+        spec = self._runtime.app.tools.get(name)
+        if spec is None or (self._allowed and name not in self._allowed):
+            raise ToolError(f"agent {self.info.agent!r} may not use tool {name!r}", tool=name,
+                            non_retryable=True)
+        ordinal = self._ordinal
+        self._ordinal += 1
+        run = ToolRun(idempotency_key(self.info.workflow_id, self.info.seq, ordinal), ordinal,
+                      name, "started", _jsonable(name, args))
+        recorded = self._recorded.get(ordinal)
+        if recorded is not None:
+            if recorded.tool != name:
+                raise NonDeterminismError(
+                    f"call {ordinal} was {recorded.tool!r} when recorded, now {name!r}",
+                    workflow_id=self.info.workflow_id, step_id=self.info.step_id,
+                    agent=self.info.agent,
+                )
+            if recorded.status == "succeeded":
+                return recorded.result
+            if recorded.status == "started" and not spec.idempotent:
+                raise ToolError(f"tool {name!r} call {run.key} is in doubt (started, no result)",
+                                tool=name, non_retryable=True)
+        if spec.idempotent:
+            return await self._call_buffered(spec, run)
+        return await self._call_recorded(spec, run)
+
+    async def _call_buffered(self, spec: ToolSpec, run: ToolRun) -> Any:
+        try:
+            result = _jsonable(spec.name, await _invoke(spec, run))
+        except Exception as exc:
+            self.tool_runs.append(replace(run, status="failed", error=_describe(exc)))
+            raise _as_tool_error(spec.name, exc) from exc
+        self.tool_runs.append(replace(run, status="succeeded", result=result))
+        return result
+
+    async def _call_recorded(self, spec: ToolSpec, run: ToolRun) -> Any:
+        """Non-idempotent: commit "started" first, so a crash mid-call is visible as in doubt."""
+        pool, info = self._runtime.pool, self.info
+        async with pool.acquire() as conn:
+            if not await tool_runs.start(conn, info.workflow_id, info.step_id, info.attempt, run):
+                existing = await tool_runs.fetch(conn, run.key)
+                if existing is not None and existing.status == "succeeded":
+                    return existing.result
+                if existing is None or existing.status == "started":
+                    raise ToolError(f"tool {spec.name!r} call {run.key} is in doubt",
+                                    tool=spec.name, non_retryable=True)
+        try:
+            result = _jsonable(spec.name, await _invoke(spec, run))
+        except Exception as exc:
+            async with pool.acquire() as conn:
+                await tool_runs.finish(conn, replace(run, status="failed", error=_describe(exc)))
+            raise _as_tool_error(spec.name, exc) from exc
+        async with pool.acquire() as conn:
+            await tool_runs.finish(conn, replace(run, status="succeeded", result=result))
+        return result
+
+    async def search_memory(self, kind: str, query: str, *, limit: int = 3) -> list[memory.Memory]:
+        """Semantic search over this tenant's memories (the tenant is not the caller's choice)."""
+        embedding = await self._runtime.embedder.embed(query)
+        async with self._runtime.pool.acquire() as conn:
+            return await memory.search(conn, tenant_id=self.info.tenant_id, kind=kind,
+                                       embedding=embedding, limit=limit)
+
+
+def current() -> StepContext:
+    """The context of the step running in this task; raises outside a step."""
+    try:
+        return _current.get()
+    except LookupError:
+        raise OrchestratorError("not inside a running step") from None
+
+
+def bind(ctx: StepContext) -> Any:
+    return _current.set(ctx)
+
+
+async def _invoke(spec: ToolSpec, run: ToolRun) -> Any:
+    if spec.takes_key:
+        return await spec.fn(**run.args, idempotency_key=run.key)
+    return await spec.fn(**run.args)
+
+
+def _jsonable(tool: str, value: Any) -> Any:
+    # Round-trip through JSON so a fresh result and a replayed one look identical.
+    try:
+        return json.loads(json.dumps(value))
+    except (TypeError, ValueError) as exc:
+        raise ToolError(f"tool {tool!r} arguments/result are not JSON: {exc}", tool=tool,
+                        non_retryable=True) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:2000]
+
+
+def _as_tool_error(tool: str, exc: Exception) -> OrchestratorError:
+    if isinstance(exc, OrchestratorError):
+        return exc
+    return ToolError(f"tool {tool!r} failed: {_describe(exc)}", tool=tool)

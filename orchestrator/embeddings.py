@@ -1,0 +1,45 @@
+"""Text embeddings for semantic memory.
+
+The offline embedder hashes word unigrams and bigrams into a fixed vector
+(the "hashing trick"): deterministic, no network, good enough to find a past
+ticket that shares its words. It is named as offline wherever it is recorded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from typing import Protocol
+
+DIMENSIONS = 256  # matches memories.embedding vector(256)
+_WORD = re.compile(r"[a-z0-9]+")
+_STOP = frozenset(
+    "a an and are as at be but by for from has have i in is it its me my of on or our so that "
+    "the this to was we were will with you your".split()
+)
+
+
+class Embedder(Protocol):
+    name: str
+
+    async def embed(self, text: str) -> list[float]: ...
+
+
+class HashingEmbedder:
+    name = f"offline-hashing-{DIMENSIONS}"
+
+    async def embed(self, text: str) -> list[float]:
+        return embed_offline(text)
+
+
+def embed_offline(text: str) -> list[float]:
+    words = [w for w in _WORD.findall(text.lower()) if w not in _STOP]
+    features = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    vec = [0.0] * DIMENSIONS
+    for feature in features:
+        digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()
+        index = int.from_bytes(digest[:4], "little") % DIMENSIONS
+        vec[index] += 1.0 if digest[4] & 1 else -1.0
+    norm = math.sqrt(sum(v * v for v in vec)) or 1.0
+    return [v / norm for v in vec]

@@ -1,0 +1,81 @@
+"""Every error the runtime raises derives from one root.
+
+    OrchestratorError
+    ├── ConfigurationError      bad settings, a bad ``--app`` path, registry mistakes
+    ├── ServiceUnavailable      Redis or Postgres unreachable, pgvector missing
+    ├── InvalidInput            a malformed ticket, envelope or cached value
+    ├── WorkflowNotFound        no workflow with that id
+    └── StepError               raised while running one step (carries ids)
+        ├── FenceRejected       the completion lost to a newer attempt or a closed step
+        ├── NonDeterminismError a replay asked for a different tool than was recorded
+        ├── ToolError           a tool failed (``non_retryable`` says whether to retry)
+        └── AgentError          raise from an agent; ``non_retryable`` skips retries
+"""
+
+from __future__ import annotations
+
+from uuid import UUID
+
+
+class OrchestratorError(Exception):
+    """Root of all runtime errors."""
+
+
+class ConfigurationError(OrchestratorError):
+    pass
+
+
+class ServiceUnavailable(OrchestratorError):
+    def __init__(self, service: str, detail: str) -> None:
+        super().__init__(f"{service} unavailable: {detail}")
+        self.service = service
+
+
+class InvalidInput(OrchestratorError):
+    pass
+
+
+class WorkflowNotFound(OrchestratorError):
+    def __init__(self, workflow_id: UUID | str) -> None:
+        super().__init__(f"no workflow {workflow_id}")
+        self.workflow_id = workflow_id
+
+
+class StepError(OrchestratorError):
+    """An error tied to one step; ``non_retryable`` stops further attempts."""
+
+    non_retryable: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        workflow_id: UUID | None = None,
+        step_id: UUID | None = None,
+        agent: str | None = None,
+        non_retryable: bool | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.workflow_id = workflow_id
+        self.step_id = step_id
+        self.agent = agent
+        if non_retryable is not None:
+            self.non_retryable = non_retryable
+
+
+class FenceRejected(StepError):
+    non_retryable = True
+
+
+class NonDeterminismError(StepError):
+    non_retryable = True
+
+
+class ToolError(StepError):
+    def __init__(self, message: str, *, tool: str, non_retryable: bool = False) -> None:
+        super().__init__(message, non_retryable=non_retryable)
+        self.tool = tool
+
+
+class AgentError(StepError):
+    pass

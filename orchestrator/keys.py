@@ -1,0 +1,44 @@
+"""Every Redis key and channel name the runtime uses, built in one place.
+
+Keys used together for one workflow share the ``{workflow_id}`` hash tag so
+they land in one Redis Cluster slot. Nothing outside this module spells a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """The key namespace; tests give each test its own ``prefix``."""
+
+    prefix: str = "orch"
+
+    def stream(self, agent: str) -> str:
+        """The task stream of one agent; its consumer group is named after the agent."""
+        return f"{self.prefix}:stream:{agent}"
+
+    def dead_letter_stream(self) -> str:
+        return f"{self.prefix}:stream:dead-letter"
+
+    def agent_status(self, agent: str, consumer: str) -> str:
+        """Live status hash of one agent instance (a worker consumer)."""
+        return f"{self.prefix}:agent:{agent}:{consumer}"
+
+    def workflow_state(self, workflow_id: UUID) -> str:
+        """Hot state hash of a workflow (a cache; Postgres is the truth)."""
+        return f"{self.prefix}:wf:{{{workflow_id}}}"
+
+    def step_lock(self, workflow_id: UUID, seq: int) -> str:
+        """The lease of one step: held by the worker running it."""
+        return f"{self.prefix}:lock:{{{workflow_id}}}:{seq}"
+
+    def signal_channel(self) -> str:
+        """Pub/Sub channel announcing workflow progress (a nudge only)."""
+        return f"{self.prefix}:signal:workflows"
+
+    @staticmethod
+    def group(agent: str) -> str:
+        return agent

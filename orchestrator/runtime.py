@@ -1,0 +1,99 @@
+"""The runtime bundle: settings, app, clients and model, opened and closed together.
+
+Clients are created here and passed explicitly; nothing is a module-level
+singleton configured after import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import asyncpg
+import redis.asyncio as aioredis
+from openai import AsyncOpenAI
+
+from orchestrator.app import App
+from orchestrator.connections import connect_redis, create_pool, redact
+from orchestrator.embedded import embedded_postgres, embedded_redis
+from orchestrator.embeddings import Embedder, HashingEmbedder
+from orchestrator.errors import ServiceUnavailable
+from orchestrator.keys import Keys
+from orchestrator.llm import LanguageModel, OfflineModel, OpenAIModel
+from orchestrator.settings import Settings
+from orchestrator.store.migrations import migrate, pgvector_available
+
+# Postgres quotes the identifier itself (%I): no schema name is ever formatted by Python.
+CREATE_SCHEMA_SQL = "SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text)"
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    settings: Settings
+    app: App
+    keys: Keys
+    redis: aioredis.Redis
+    pool: asyncpg.Pool
+    model: LanguageModel
+    embedder: Embedder
+
+
+def build_model(settings: Settings, app: App) -> LanguageModel:
+    if settings.openai_api_key:
+        client = AsyncOpenAI(api_key=settings.openai_api_key,
+                             base_url=settings.openai_base_url or None)
+        return OpenAIModel(client, settings.openai_model)
+    return OfflineModel(app.offline_rules)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    settings: Settings, app: App, *, apply_migrations: bool = True
+) -> AsyncIterator[Runtime]:
+    """Connect (starting embedded servers for unset URLs), check pgvector, migrate."""
+    with contextlib.ExitStack() as servers:
+        redis_url = settings.redis_url or servers.enter_context(
+            embedded_redis(settings.home / f"redis-{os.getpid()}")
+        )
+        database_url = settings.database_url or servers.enter_context(
+            embedded_postgres(settings.home / "pg")
+        )
+        await _prepare_database(database_url, settings.db_schema, apply_migrations)
+        redis = await connect_redis(redis_url)
+        try:
+            pool = await create_pool(database_url, schema=settings.db_schema,
+                                     size=settings.pool_size)
+        except BaseException:
+            await redis.aclose()
+            raise
+        try:
+            runtime = Runtime(settings, app, Keys(settings.key_prefix), redis, pool,
+                              build_model(settings, app), HashingEmbedder())
+            if apply_migrations:
+                for hook in app.setup_hooks:
+                    await hook(runtime)
+            yield runtime
+        finally:
+            await pool.close()
+            await redis.aclose()
+
+
+async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> None:
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10,
+                                     server_settings={"search_path": f"{schema},public"})
+    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+        raise ServiceUnavailable("Postgres", f"{redact(dsn)}: {exc}") from exc
+    try:
+        if not await pgvector_available(conn):
+            raise ServiceUnavailable(
+                "Postgres", "the pgvector extension is not installed on this server "
+                "(use pgvector/pgvector images, or unset DATABASE_URL for the embedded server)"
+            )
+        if apply_migrations:
+            await conn.execute(await conn.fetchval(CREATE_SCHEMA_SQL, schema))
+            await migrate(conn)
+    finally:
+        await conn.close()

@@ -1,0 +1,43 @@
+"""Settings from the environment (``REDIS_URL``, ``DATABASE_URL``, ``ORCHESTRATOR_*``)."""
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path(platformdirs.user_data_dir("orchestrator", appauthor=False))
+
+
+class Settings(BaseSettings):
+    """Unset URLs mean "start the embedded servers" (see ``orchestrator.embedded``)."""
+
+    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore", frozen=True)
+
+    redis_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("REDIS_URL", "ORCHESTRATOR_REDIS_URL")
+    )
+    database_url: str | None = Field(
+        default=None, validation_alias=AliasChoices("DATABASE_URL", "ORCHESTRATOR_DATABASE_URL")
+    )
+    openai_api_key: str | None = Field(
+        default=None, validation_alias=AliasChoices("OPENAI_API_KEY", "ORCHESTRATOR_OPENAI_API_KEY")
+    )
+    openai_base_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPENAI_BASE_URL", "ORCHESTRATOR_OPENAI_BASE_URL"),
+    )
+    openai_model: str = "gpt-4o-mini"
+    app: str = "agents.support:app"
+    key_prefix: str = Field(default="orch", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
+    # Postgres schema holding the tables; tests use one schema per test.
+    db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")
+    home: Path = Field(default_factory=_default_home)
+    lease_seconds: float = Field(default=30.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
+    status_ttl_seconds: int = Field(default=300, ge=1)
+    pool_size: int = Field(default=10, ge=1)
+    block_ms: int = Field(default=1000, ge=1)
+    log_level: str = "WARNING"

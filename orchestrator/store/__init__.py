@@ -1,0 +1,1 @@
+"""Postgres stores: migrations plus one module per aggregate, SQL as named constants."""

@@ -1,0 +1,55 @@
+"""Semantic memory in pgvector, always scoped to one tenant."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from pgvector import Vector
+
+UPSERT = """
+INSERT INTO memories (tenant_id, kind, key, content, metadata, embedder, embedding)
+VALUES ($1, $2, $3, $4, $5, $6, $7::text::public.vector)
+ON CONFLICT (tenant_id, kind, key) DO NOTHING
+"""
+# Cosine distance; the tenant filter lives here, in the storage layer.
+SEARCH = """
+SELECT key, content, metadata, 1 - (embedding OPERATOR(public.<=>) $3::text::public.vector) AS score
+FROM memories
+WHERE tenant_id = $1 AND kind = $2
+ORDER BY embedding OPERATOR(public.<=>) $3::text::public.vector
+LIMIT $4
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    key: str
+    content: str
+    metadata: dict[str, Any]
+    score: float
+
+
+async def remember(
+    conn: asyncpg.Connection,
+    *,
+    tenant_id: str,
+    kind: str,
+    key: str,
+    content: str,
+    metadata: dict[str, Any],
+    embedder: str,
+    embedding: list[float],
+) -> None:
+    await conn.execute(
+        UPSERT, tenant_id, kind, key, content, metadata, embedder,
+        Vector(embedding).to_text(),
+    )
+
+
+async def search(
+    conn: asyncpg.Connection, *, tenant_id: str, kind: str, embedding: list[float], limit: int
+) -> list[Memory]:
+    rows = await conn.fetch(SEARCH, tenant_id, kind, Vector(embedding).to_text(), limit)
+    return [Memory(r["key"], r["content"], r["metadata"], float(r["score"])) for r in rows]

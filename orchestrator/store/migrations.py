@@ -1,0 +1,163 @@
+"""Versioned schema migrations: the list index (plus one) is the version.
+
+Applied under an advisory lock, each in its own transaction, so running
+``migrate`` twice, or from two processes at once, is a no-op the second time.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+
+V1_CORE = """
+CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;
+
+CREATE TABLE sessions (
+    id          text PRIMARY KEY,
+    tenant_id   text NOT NULL,
+    customer_id text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE workflows (
+    id           uuid PRIMARY KEY,
+    tenant_id    text NOT NULL,
+    session_id   text NOT NULL REFERENCES sessions (id),
+    pipeline     text NOT NULL,
+    status       text NOT NULL
+                 CHECK (status IN ('running', 'completed', 'failed', 'cancelled')),
+    input        jsonb NOT NULL,
+    state        jsonb NOT NULL,
+    error        text,
+    app_version  text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    completed_at timestamptz
+);
+CREATE INDEX workflows_tenant_created ON workflows (tenant_id, created_at DESC);
+CREATE INDEX workflows_running ON workflows (updated_at) WHERE status = 'running';
+
+CREATE TABLE messages (
+    id          bigserial PRIMARY KEY,
+    session_id  text NOT NULL REFERENCES sessions (id),
+    tenant_id   text NOT NULL,
+    workflow_id uuid REFERENCES workflows (id),
+    role        text NOT NULL CHECK (role IN ('customer', 'agent', 'system')),
+    author      text NOT NULL,
+    content     text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX messages_session ON messages (session_id, id);
+
+CREATE TABLE steps (
+    id           uuid PRIMARY KEY,
+    workflow_id  uuid NOT NULL REFERENCES workflows (id),
+    seq          integer NOT NULL,
+    agent        text NOT NULL,
+    assigned_by  text NOT NULL,
+    status       text NOT NULL
+                 CHECK (status IN ('queued', 'completed', 'failed', 'cancelled')),
+    attempt      integer NOT NULL DEFAULT 1,
+    input        jsonb NOT NULL,
+    output       jsonb,
+    error        text,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now(),
+    completed_at timestamptz,
+    UNIQUE (workflow_id, seq)
+);
+CREATE INDEX steps_open ON steps (updated_at) WHERE status = 'queued';
+
+CREATE TABLE step_attempts (
+    step_id     uuid NOT NULL REFERENCES steps (id),
+    attempt     integer NOT NULL,
+    worker      text NOT NULL,
+    outcome     text NOT NULL CHECK (outcome IN ('completed', 'failed')),
+    error       text,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (step_id, attempt)
+);
+
+CREATE TABLE checkpoints (
+    workflow_id uuid NOT NULL REFERENCES workflows (id),
+    seq         integer NOT NULL,
+    agent       text NOT NULL,
+    state       jsonb NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (workflow_id, seq)
+);
+
+CREATE TABLE tool_runs (
+    idempotency_key text PRIMARY KEY,
+    workflow_id     uuid NOT NULL REFERENCES workflows (id),
+    step_id         uuid NOT NULL REFERENCES steps (id),
+    ordinal         integer NOT NULL,
+    tool            text NOT NULL,
+    attempt         integer NOT NULL,
+    status          text NOT NULL CHECK (status IN ('started', 'succeeded', 'failed')),
+    args            jsonb NOT NULL,
+    result          jsonb,
+    error           text,
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz,
+    UNIQUE (step_id, ordinal)
+);
+
+CREATE TABLE events (
+    id          bigserial PRIMARY KEY,
+    workflow_id uuid NOT NULL REFERENCES workflows (id),
+    step_id     uuid,
+    type        text NOT NULL,
+    data        jsonb NOT NULL DEFAULT '{}',
+    created_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX events_workflow ON events (workflow_id, id);
+
+CREATE TABLE memories (
+    id         bigserial PRIMARY KEY,
+    tenant_id  text NOT NULL,
+    kind       text NOT NULL,
+    key        text NOT NULL,
+    content    text NOT NULL,
+    metadata   jsonb NOT NULL DEFAULT '{}',
+    embedder   text NOT NULL,
+    embedding  public.vector(256) NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (tenant_id, kind, key)
+);
+CREATE INDEX memories_embedding ON memories USING hnsw (embedding public.vector_cosine_ops);
+"""
+
+MIGRATIONS: tuple[str, ...] = (V1_CORE,)
+
+CREATE_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_migrations (
+    version    integer PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+# Serializes concurrent migrators of the same schema; released at commit.
+LOCK = "SELECT pg_advisory_xact_lock(hashtext('orchestrator.migrate:' || current_schema()))"
+CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM schema_migrations"
+RECORD_VERSION = "INSERT INTO schema_migrations (version) VALUES ($1)"
+PGVECTOR_AVAILABLE = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
+
+
+async def migrate(conn: asyncpg.Connection) -> list[int]:
+    """Apply pending migrations; return the versions applied (empty when up to date)."""
+    applied: list[int] = []
+    async with conn.transaction():
+        await conn.execute(LOCK)
+        await conn.execute(CREATE_VERSION_TABLE)
+        current: int = await conn.fetchval(CURRENT_VERSION)
+        for version, sql in enumerate(MIGRATIONS, start=1):
+            if version <= current:
+                continue
+            await conn.execute(sql)
+            await conn.execute(RECORD_VERSION, version)
+            applied.append(version)
+    return applied
+
+
+async def pgvector_available(conn: asyncpg.Connection) -> bool:
+    return await conn.fetchval(PGVECTOR_AVAILABLE) is not None

@@ -1,0 +1,247 @@
+"""The step protocol in Postgres: open check, fenced completion, fenced failure, requeue.
+
+The claim is folded into the completion (DESIGN.md, "Cost"): a worker reads
+the step once (no commit), runs it under a Redis lock, and completes it in ONE
+transaction that only lands while the step is still queued at the attempt the
+worker started with. The first fenced completion wins; any other is rejected.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import asyncpg
+
+from orchestrator.errors import FenceRejected
+from orchestrator.store import tool_runs
+from orchestrator.store.tool_runs import ToolRun
+from schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
+
+SELECT_OPEN = """
+SELECT s.status, s.attempt, w.status AS workflow_status,
+       coalesce((SELECT jsonb_agg(jsonb_build_array(t.idempotency_key, t.ordinal, t.tool,
+                                                    t.status, t.args, t.result, t.error))
+                 FROM tool_runs t WHERE t.step_id = s.id), '[]'::jsonb) AS runs
+FROM steps s JOIN workflows w ON w.id = s.workflow_id
+WHERE s.id = $1
+"""
+# The fence: only a queued step at the worker's attempt can be closed.
+CLOSE_STEP = """
+UPDATE steps SET status = $3, output = $4, error = $5, completed_at = now(), updated_at = now()
+WHERE id = $1 AND attempt = $2 AND status = 'queued'
+RETURNING id
+"""
+RETRY_STEP = """
+UPDATE steps SET attempt = attempt + 1, error = $3, updated_at = now()
+WHERE id = $1 AND attempt = $2 AND status = 'queued'
+RETURNING attempt
+"""
+REQUEUE_STEP = """
+UPDATE steps SET attempt = attempt + 1, updated_at = now()
+WHERE id = $1 AND status = 'queued'
+RETURNING id, workflow_id, seq, agent, assigned_by, attempt, input,
+          (SELECT tenant_id FROM workflows w WHERE w.id = steps.workflow_id) AS tenant_id,
+          (SELECT pipeline FROM workflows w WHERE w.id = steps.workflow_id) AS pipeline
+"""
+INSERT_ATTEMPT = """
+INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at)
+VALUES ($1, $2, $3, $4, $5, $6)
+"""
+INSERT_CHECKPOINT = """
+INSERT INTO checkpoints (workflow_id, seq, agent, state) VALUES ($1, $2, $3, $4)
+"""
+INSERT_NEXT_STEPS = """
+INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
+SELECT i, $1, q, a, $2, 'queued', $3 FROM unnest($4::uuid[], $5::int[], $6::text[]) AS x(i, q, a)
+"""
+UPDATE_WORKFLOW = """
+UPDATE workflows
+SET state = $2, status = $3, error = $4, updated_at = now(),
+    completed_at = CASE WHEN $3 = 'running' THEN NULL ELSE now() END
+WHERE id = $1 AND status = 'running'
+"""
+INSERT_MESSAGES = """
+INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
+SELECT w.session_id, w.tenant_id, w.id, 'agent', $2, c
+FROM workflows w, unnest($3::text[]) AS c WHERE w.id = $1
+"""
+INSERT_EVENTS = """
+INSERT INTO events (workflow_id, step_id, type, data)
+SELECT $1, $2, t, d::jsonb FROM unnest($3::text[], $4::text[]) AS x(t, d)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenStep:
+    """What a worker learns about a step before running it (one read, no commit)."""
+
+    runnable: bool
+    reason: str  # why not runnable: "completed", "stale attempt", "workflow cancelled", ...
+    recorded: dict[int, ToolRun] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the agent produced, ready to be committed in one transaction."""
+
+    output: dict[str, Any]
+    state: dict[str, Any]
+    next_agents: tuple[str, ...]
+    tool_runs: list[ToolRun]
+    messages: list[str]
+    worker: str
+    started_at: datetime
+
+
+async def open_step(conn: asyncpg.Connection, envelope: TaskEnvelope) -> OpenStep:
+    row = await conn.fetchrow(SELECT_OPEN, envelope.step_id)
+    if row is None:
+        return OpenStep(False, "unknown step")
+    if row["workflow_status"] != WorkflowStatus.RUNNING:
+        return OpenStep(False, f"workflow {row['workflow_status']}")
+    if row["status"] != StepStatus.QUEUED:
+        return OpenStep(False, f"step {row['status']}")
+    if row["attempt"] != envelope.attempt:
+        return OpenStep(False, f"stale attempt {envelope.attempt} (step at {row['attempt']})")
+    recorded = {
+        r[1]: ToolRun(key=r[0], ordinal=r[1], tool=r[2], status=r[3], args=r[4], result=r[5],
+                      error=r[6])
+        for r in row["runs"]
+    }
+    return OpenStep(True, "", recorded)
+
+
+def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelope]:
+    return [
+        TaskEnvelope(
+            workflow_id=envelope.workflow_id,
+            step_id=uuid4(),
+            seq=envelope.seq + 1 + i,
+            pipeline=envelope.pipeline,
+            agent=agent,
+            attempt=1,
+            tenant_id=envelope.tenant_id,
+            assigned_by=envelope.agent,
+            payload=outcome.state,
+            traceparent=envelope.traceparent,
+        )
+        for i, agent in enumerate(outcome.next_agents)
+    ]
+
+
+async def complete(
+    conn: asyncpg.Connection, envelope: TaskEnvelope, outcome: Outcome
+) -> list[TaskEnvelope]:
+    """Close the step and hand off, in one transaction; raise FenceRejected if it lost."""
+    nxt = _next_envelopes(envelope, outcome)
+    done = not nxt
+    events = [(EventType.STEP_COMPLETED, {"agent": envelope.agent, "attempt": envelope.attempt})]
+    if done:
+        events.append((EventType.WORKFLOW_COMPLETED, {}))
+    async with conn.transaction():
+        closed = await conn.fetchval(
+            CLOSE_STEP, envelope.step_id, envelope.attempt, StepStatus.COMPLETED.value,
+            outcome.output, None,
+        )
+        if closed is None:
+            raise FenceRejected(
+                f"completion of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
+                workflow_id=envelope.workflow_id, step_id=envelope.step_id, agent=envelope.agent,
+            )
+        await conn.execute(
+            INSERT_ATTEMPT, envelope.step_id, envelope.attempt, outcome.worker, "completed", None,
+            outcome.started_at,
+        )
+        await tool_runs.insert_finished(
+            conn, envelope.workflow_id, envelope.step_id, envelope.attempt, outcome.tool_runs
+        )
+        await conn.execute(
+            INSERT_CHECKPOINT, envelope.workflow_id, envelope.seq, envelope.agent, outcome.state
+        )
+        if nxt:
+            await conn.execute(
+                INSERT_NEXT_STEPS, envelope.workflow_id, envelope.agent, outcome.state,
+                [e.step_id for e in nxt], [e.seq for e in nxt], [e.agent for e in nxt],
+            )
+        if outcome.messages:
+            await conn.execute(INSERT_MESSAGES, envelope.workflow_id, envelope.agent,
+                               outcome.messages)
+        status = WorkflowStatus.COMPLETED if done else WorkflowStatus.RUNNING
+        await conn.execute(UPDATE_WORKFLOW, envelope.workflow_id, outcome.state, status.value, None)
+        await _events(conn, envelope, events)
+    return nxt
+
+
+async def fail(
+    conn: asyncpg.Connection,
+    envelope: TaskEnvelope,
+    *,
+    error: str,
+    retry: bool,
+    recorded: list[ToolRun],
+    worker: str,
+    started_at: datetime,
+) -> TaskEnvelope | None:
+    """Record a failed attempt (keeping its tool results); return the retry envelope, if any."""
+    async with conn.transaction():
+        if retry:
+            new_attempt = await conn.fetchval(RETRY_STEP, envelope.step_id, envelope.attempt, error)
+            closed = new_attempt is not None
+        else:
+            closed = await conn.fetchval(
+                CLOSE_STEP, envelope.step_id, envelope.attempt, StepStatus.FAILED.value, None,
+                error,
+            ) is not None
+        if not closed:
+            raise FenceRejected(
+                f"failure of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
+                workflow_id=envelope.workflow_id, step_id=envelope.step_id, agent=envelope.agent,
+            )
+        await conn.execute(
+            INSERT_ATTEMPT, envelope.step_id, envelope.attempt, worker, "failed", error, started_at
+        )
+        await tool_runs.insert_finished(
+            conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded
+        )
+        data = {"agent": envelope.agent, "attempt": envelope.attempt, "error": error}
+        if retry:
+            await _events(conn, envelope, [(EventType.STEP_RETRIED, data)])
+            return envelope.model_copy(update={"attempt": new_attempt})
+        await conn.execute(
+            UPDATE_WORKFLOW, envelope.workflow_id, envelope.payload, WorkflowStatus.FAILED.value,
+            f"{envelope.agent}: {error}",
+        )
+        await _events(conn, envelope, [(EventType.STEP_FAILED, data),
+                                       (EventType.WORKFLOW_FAILED, {"error": error})])
+    return None
+
+
+async def requeue(conn: asyncpg.Connection, step_id: UUID) -> TaskEnvelope | None:
+    """Bump an open step's attempt (fencing out whoever runs it now); return its new envelope."""
+    async with conn.transaction():
+        row = await conn.fetchrow(REQUEUE_STEP, step_id)
+        if row is None:
+            return None
+        envelope = TaskEnvelope(
+            workflow_id=row["workflow_id"], step_id=row["id"], seq=row["seq"],
+            agent=row["agent"], attempt=row["attempt"], tenant_id=row["tenant_id"],
+            pipeline=row["pipeline"],
+            assigned_by=row["assigned_by"], payload=row["input"],
+        )
+        await _events(conn, envelope, [(EventType.STEP_REQUEUED, {"attempt": row["attempt"]})])
+    return envelope
+
+
+async def _events(
+    conn: asyncpg.Connection,
+    envelope: TaskEnvelope,
+    events: list[tuple[EventType, dict[str, Any]]],
+) -> None:
+    await conn.execute(
+        INSERT_EVENTS, envelope.workflow_id, envelope.step_id,
+        [t.value for t, _ in events], [json.dumps(d) for _, d in events],
+    )

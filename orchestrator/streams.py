@@ -1,0 +1,113 @@
+"""Agent task streams: consumer groups, reading envelopes, and the handoff round trip."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from pydantic import ValidationError
+from redis.exceptions import ResponseError
+
+from orchestrator.errors import InvalidInput
+from orchestrator.keys import Keys
+from orchestrator.locks import Lock
+from schemas import Signal, TaskEnvelope
+
+FIELD = b"e"
+# Bounds stream memory; trimmed-away unacknowledged entries are rebuilt from Postgres.
+STREAM_MAXLEN = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    id: bytes
+    fields: dict[bytes, bytes]
+
+
+async def ensure_group(client: aioredis.Redis, keys: Keys, agent: str) -> None:
+    try:
+        await client.xgroup_create(keys.stream(agent), keys.group(agent), id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+async def read(
+    client: aioredis.Redis, keys: Keys, agent: str, consumer: str, *, count: int, block_ms: int
+) -> list[Entry]:
+    reply = await client.xreadgroup(
+        keys.group(agent), consumer, {keys.stream(agent): ">"}, count=count, block=block_ms
+    )
+    return [Entry(i, f) for _, entries in reply or [] for i, f in entries]
+
+
+def encode(envelope: TaskEnvelope) -> dict[bytes, bytes]:
+    return {FIELD: envelope.model_dump_json().encode()}
+
+
+def decode(entry: Entry) -> TaskEnvelope:
+    raw = entry.fields.get(FIELD)
+    if raw is None:
+        raise InvalidInput(f"stream entry {entry.id!r} has no envelope field")
+    try:
+        return TaskEnvelope.model_validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "envelope"
+        raise InvalidInput(f"malformed envelope ({where}: {first['msg']})") from exc
+
+
+async def enqueue(client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope) -> None:
+    await client.xadd(
+        keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN, approximate=True
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Handoff:
+    """Everything Redis learns when a step ends: sent in ONE pipelined round trip."""
+
+    done: TaskEnvelope
+    entry_id: bytes
+    next: Sequence[TaskEnvelope]
+    signal: Signal | None
+    lock: Lock | None
+    status_key: str
+    status: dict[str, Any]
+    status_ttl: int
+
+
+async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
+    pipe = client.pipeline(transaction=False)
+    for envelope in h.next:
+        pipe.xadd(keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN,
+                  approximate=True)
+    pipe.xack(keys.stream(h.done.agent), keys.group(h.done.agent), h.entry_id)
+    pipe.hset(h.status_key, mapping={**h.status, "last_updated": f"{time.time():.3f}"})
+    pipe.expire(h.status_key, h.status_ttl)
+    if h.signal is not None:
+        state_key = keys.workflow_state(h.done.workflow_id)
+        pipe.hset(state_key, mapping={"status": h.signal.status.value, "seq": h.signal.seq,
+                                      "agent": h.done.agent})
+        pipe.expire(state_key, h.status_ttl)
+        pipe.publish(keys.signal_channel(), h.signal.model_dump_json())
+    if h.lock is not None:
+        h.lock.release_in(pipe)
+    await pipe.execute()
+
+
+async def dead_letter(
+    client: aioredis.Redis, keys: Keys, agent: str, entry: Entry, reason: str
+) -> None:
+    """Park an entry that cannot be processed, with its reason, then acknowledge it."""
+    pipe = client.pipeline(transaction=False)
+    pipe.xadd(
+        keys.dead_letter_stream(),
+        {b"agent": agent.encode(), b"entry_id": entry.id, b"reason": reason.encode(),
+         **{b"raw." + k: v for k, v in entry.fields.items()}},
+    )
+    pipe.xack(keys.stream(agent), keys.group(agent), entry.id)
+    await pipe.execute()

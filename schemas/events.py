@@ -1,0 +1,36 @@
+"""Audit events (Postgres) and live signals (Redis Pub/Sub)."""
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+from uuid import UUID
+
+from schemas.base import Wire
+from schemas.status import WorkflowStatus
+
+
+class EventType(StrEnum):
+    WORKFLOW_SUBMITTED = "workflow.submitted"
+    WORKFLOW_COMPLETED = "workflow.completed"
+    WORKFLOW_FAILED = "workflow.failed"
+    STEP_COMPLETED = "step.completed"
+    STEP_FAILED = "step.failed"
+    STEP_RETRIED = "step.retried"
+    STEP_REQUEUED = "step.requeued"
+
+
+class Event(Wire):
+    id: int
+    workflow_id: UUID
+    step_id: UUID | None
+    type: EventType
+    data: dict[str, Any]
+    created_at: datetime
+
+
+class Signal(Wire):
+    """A nudge published after a durable change; the fact itself is in Postgres."""
+
+    workflow_id: UUID
+    status: WorkflowStatus
+    seq: int

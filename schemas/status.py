@@ -1,0 +1,23 @@
+"""Lifecycle states of workflows and steps, as stored in Postgres."""
+
+from enum import StrEnum
+
+
+class WorkflowStatus(StrEnum):
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self is not WorkflowStatus.RUNNING
+
+
+class StepStatus(StrEnum):
+    # A queued step is open: a worker may be running it (its lease lives in a
+    # Redis lock), and the first fenced completion closes it.
+    QUEUED = "queued"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"

@@ -1,0 +1,53 @@
+"""Records read back from Postgres, and the handoff an agent asks for."""
+
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from pydantic import Field
+
+from schemas.base import Wire
+from schemas.status import StepStatus, WorkflowStatus
+
+
+class Handoff(Wire):
+    """Route the workflow to ``agent`` next (routing is data, not code paths)."""
+
+    agent: str = Field(min_length=1)
+
+
+class StepRecord(Wire):
+    id: UUID
+    workflow_id: UUID
+    seq: int
+    agent: str
+    status: StepStatus
+    attempt: int
+    output: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    completed_at: datetime | None
+
+
+class ToolRunRecord(Wire):
+    idempotency_key: str
+    ordinal: int
+    tool: str
+    status: str
+    result: Any = None
+    error: str | None = None
+
+
+class WorkflowRecord(Wire):
+    id: UUID
+    tenant_id: str
+    session_id: str
+    pipeline: str
+    status: WorkflowStatus
+    input: dict[str, Any]
+    state: dict[str, Any]
+    error: str | None
+    app_version: str
+    created_at: datetime
+    completed_at: datetime | None
+    steps: tuple[StepRecord, ...] = ()
