@@ -17,20 +17,82 @@ from schemas import Ticket
 ORDER_ID = re.compile(r"\bORD-\d{3,}\b", re.IGNORECASE)
 _WORD = re.compile(r"[a-z0-9']+")
 CATEGORY_WORDS: dict[str, tuple[str, ...]] = {
-    "billing": ("charge", "charged", "refund", "invoice", "payment", "billing", "card",
-                "subscription", "money", "twice", "receipt"),
-    "shipping": ("ship", "shipping", "shipped", "delivery", "delivered", "arrive", "arrived",
-                 "tracking", "package", "delayed", "carrier", "late"),
+    "billing": (
+        "charge",
+        "charged",
+        "refund",
+        "invoice",
+        "payment",
+        "billing",
+        "card",
+        "subscription",
+        "money",
+        "twice",
+        "receipt",
+    ),
+    "shipping": (
+        "ship",
+        "shipping",
+        "shipped",
+        "delivery",
+        "delivered",
+        "arrive",
+        "arrived",
+        "tracking",
+        "package",
+        "delayed",
+        "carrier",
+        "late",
+    ),
     "returns": ("return", "damaged", "broken", "cracked", "replacement", "exchange", "warranty"),
-    "technical": ("crash", "crashes", "error", "bug", "api", "429", "app", "login", "endpoint",
-                  "timeout", "fails", "failing"),
-    "account": ("password", "2fa", "authenticator", "locked", "account", "email", "sign",
-                "recovery"),
+    "technical": (
+        "crash",
+        "crashes",
+        "error",
+        "bug",
+        "api",
+        "429",
+        "app",
+        "login",
+        "endpoint",
+        "timeout",
+        "fails",
+        "failing",
+    ),
+    "account": (
+        "password",
+        "2fa",
+        "authenticator",
+        "locked",
+        "account",
+        "email",
+        "sign",
+        "recovery",
+    ),
 }
-ANGRY = ("unacceptable", "ridiculous", "worst", "chargeback", "lawyer", "furious", "never again",
-         "scam", "cancel everything")
-NEGATIVE = ("not happy", "disappointed", "frustrat", "still", "never arrived", "nothing",
-            "doesn't work", "can't", "cannot", "problem")
+ANGRY = (
+    "unacceptable",
+    "ridiculous",
+    "worst",
+    "chargeback",
+    "lawyer",
+    "furious",
+    "never again",
+    "scam",
+    "cancel everything",
+)
+NEGATIVE = (
+    "not happy",
+    "disappointed",
+    "frustrat",
+    "still",
+    "never arrived",
+    "nothing",
+    "doesn't work",
+    "can't",
+    "cannot",
+    "problem",
+)
 POSITIVE = ("thanks", "thank you", "great", "love", "appreciate")
 URGENT = ("urgent", "asap", "immediately", "locked out", "can't log in", "chargeback")
 
@@ -40,16 +102,23 @@ def triage(request: ModelRequest) -> Mapping[str, Any]:
     text = f"{ticket.subject}\n{ticket.body}"
     lower = text.lower()
     words = _WORD.findall(lower)
-    scores = {c: sum(words.count(k) if " " not in k else lower.count(k) for k in kws)
-              for c, kws in CATEGORY_WORDS.items()}
+    scores = {
+        c: sum(words.count(k) if " " not in k else lower.count(k) for k in kws)
+        for c, kws in CATEGORY_WORDS.items()
+    }
     best = max(scores, key=lambda c: (scores[c], c))
     category = best if scores[best] > 0 else "general"
     sentiment = _sentiment(text, lower)
     order_ids = sorted({m.upper() for m in ORDER_ID.findall(text)})
-    priority = ("urgent" if sentiment == "angry" or any(u in lower for u in URGENT)
-                else "high" if category in {"billing", "account"} or sentiment == "negative"
-                else "low" if sentiment == "positive" or category == "general"
-                else "normal")
+    priority = (
+        "urgent"
+        if sentiment == "angry" or any(u in lower for u in URGENT)
+        else "high"
+        if category in {"billing", "account"} or sentiment == "negative"
+        else "low"
+        if sentiment == "positive" or category == "general"
+        else "normal"
+    )
     return {
         "category": category,
         "priority": priority,
@@ -80,21 +149,27 @@ def reply(request: ModelRequest) -> Mapping[str, Any]:
     lines: list[str] = []
     citations: list[str] = []
     if tri.sentiment == "angry":
-        lines.append("I'm truly sorry about this experience; I've made your ticket our top "
-                     "priority.")
+        lines.append(
+            "I'm truly sorry about this experience; I've made your ticket our top priority."
+        )
     elif tri.sentiment == "negative":
         lines.append("I'm sorry for the trouble, and thank you for your patience.")
-    if research is None or (not research.orders and not research.articles
-                            and not research.missing_orders):
-        lines.append("To help you quickly, could you tell me what you were trying to do, what "
-                     "happened instead, and your order number if this is about an order?")
+    if research is None or (
+        not research.orders and not research.articles and not research.missing_orders
+    ):
+        lines.append(
+            "To help you quickly, could you tell me what you were trying to do, what "
+            "happened instead, and your order number if this is about an order?"
+        )
     else:
         for order in research.orders:
             lines.append(_order_line(order))
             citations.append(order["order_id"])
         for missing in research.missing_orders:
-            lines.append(f"I couldn't find order {missing} on your account; could you double-"
-                         "check the number?")
+            lines.append(
+                f"I couldn't find order {missing} on your account; could you double-"
+                "check the number?"
+            )
         if research.articles:
             top = research.articles[0]
             lines.append(f"From our help center ({top.title}): {_first_sentence(top.snippet)}")
@@ -106,24 +181,29 @@ def reply(request: ModelRequest) -> Mapping[str, Any]:
     if tri.priority == "urgent":
         lines.append("A senior agent has been notified and will follow up today.")
     body = "\n\n".join(lines)
-    return {"reply": f"Hi {name},\n\n{body}\n\nBest regards,\nSupport team",
-            "citations": citations}
+    return {"reply": f"Hi {name},\n\n{body}\n\nBest regards,\nSupport team", "citations": citations}
 
 
 def _order_line(order: Mapping[str, Any]) -> str:
     oid, status, eta = order["order_id"], order["status"], order.get("eta")
     payment = order.get("payment") or {}
     if payment.get("charged_times", 1) > 1:
-        return (f"I can see order {oid} was charged {payment['charged_times']} times; the "
-                "duplicate charge will be refunded to your original payment method within "
-                "3-5 business days.")
+        return (
+            f"I can see order {oid} was charged {payment['charged_times']} times; the "
+            "duplicate charge will be refunded to your original payment method within "
+            "3-5 business days."
+        )
     if status == "delayed":
-        return f"Order {oid} is delayed with {order.get('carrier') or 'the carrier'}; the new " \
-               f"estimated delivery is {eta}."
+        return (
+            f"Order {oid} is delayed with {order.get('carrier') or 'the carrier'}; the new "
+            f"estimated delivery is {eta}."
+        )
     if status == "shipped":
-        return (f"Order {oid} shipped with {order.get('carrier')} (tracking "
-                f"{order.get('tracking_number')}), estimated {eta}; if it is past that date we "
-                "will open a carrier trace.")
+        return (
+            f"Order {oid} shipped with {order.get('carrier')} (tracking "
+            f"{order.get('tracking_number')}), estimated {eta}; if it is past that date we "
+            "will open a carrier trace."
+        )
     if status == "processing":
         return f"Order {oid} is still being prepared; the estimated delivery is {eta}."
     return f"Order {oid} is {status}."

@@ -22,8 +22,9 @@ class ResearchAgent(Agent[ResearchInput, ResearchFindings]):
         orders: list[dict[str, Any]] = []
         missing: list[str] = []
         for order_id in triage.order_ids:
-            order = await ctx.tool("lookup_order", order_id=order_id,
-                                   customer_id=ticket.customer_id)
+            order = await ctx.tool(
+                "lookup_order", order_id=order_id, customer_id=ticket.customer_id
+            )
             if order is None:
                 missing.append(order_id)
             else:
@@ -31,8 +32,9 @@ class ResearchAgent(Agent[ResearchInput, ResearchFindings]):
         if not triage.order_ids and triage.category in ORDER_CATEGORIES:
             # No order named: if the customer has exactly one open order, that is the one.
             candidates = await ctx.tool("orders_for_customer", customer_id=ticket.customer_id)
-            open_orders = [o for o in candidates if o["status"] in {"processing", "shipped",
-                                                                     "delayed"}]
+            open_orders = [
+                o for o in candidates if o["status"] in {"processing", "shipped", "delayed"}
+            ]
             if len(open_orders) == 1:
                 orders.append(open_orders[0])
         query = f"{ticket.subject} {ticket.body}"

@@ -24,8 +24,10 @@ class ResponseAgent(Agent[ResponseInput, ResponseResult]):
             ModelRequest(
                 purpose="reply",
                 instructions=INSTRUCTIONS,
-                content=(f"Ticket: {data.ticket.model_dump_json()}\n"
-                         f"Triage: {data.triage.model_dump_json()}\nResearch: {research}"),
+                content=(
+                    f"Ticket: {data.ticket.model_dump_json()}\n"
+                    f"Triage: {data.triage.model_dump_json()}\nResearch: {research}"
+                ),
                 context={"ticket": data.ticket, "triage": data.triage, "research": data.research},
             ),
             DraftReply,

@@ -34,8 +34,16 @@ async def seed_past_tickets(runtime: Runtime) -> None:
             for past in tools.load("past_tickets.json"):
                 text = f"{past['subject']}\n{past['body']}"
                 await memory.remember(
-                    conn, tenant_id=tenant, kind="past_ticket", key=past["id"], content=text,
-                    metadata={"subject": past["subject"], "resolution": past["resolution"],
-                              "category": past["category"]},
-                    embedder=runtime.embedder.name, embedding=await runtime.embedder.embed(text),
+                    conn,
+                    tenant_id=tenant,
+                    kind="past_ticket",
+                    key=past["id"],
+                    content=text,
+                    metadata={
+                        "subject": past["subject"],
+                        "resolution": past["resolution"],
+                        "category": past["category"],
+                    },
+                    embedder=runtime.embedder.name,
+                    embedding=await runtime.embedder.embed(text),
                 )

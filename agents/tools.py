@@ -37,9 +37,9 @@ async def orders_for_customer(customer_id: str) -> list[dict[str, Any]]:
     return [o for o in load("orders.json") if o["customer_id"] == customer_id]
 
 
-async def search_help_center(query: str, category: str | None = None, limit: int = 2) -> list[
-    dict[str, Any]
-]:
+async def search_help_center(
+    query: str, category: str | None = None, limit: int = 2
+) -> list[dict[str, Any]]:
     """Keyword search: words shared with title, tags and body, boosted for the same category."""
     words = set(_WORD.findall(query.lower()))
     scored = []
@@ -63,7 +63,11 @@ async def search_past_tickets(query: str, limit: int = 2) -> list[dict[str, Any]
     """Semantic search (pgvector) over this tenant's resolved tickets."""
     found = await current().search_memory("past_ticket", query, limit=limit)
     return [
-        {"id": m.key, "subject": m.metadata.get("subject", ""),
-         "resolution": m.metadata.get("resolution", ""), "score": round(m.score, 3)}
+        {
+            "id": m.key,
+            "subject": m.metadata.get("subject", ""),
+            "resolution": m.metadata.get("resolution", ""),
+            "score": round(m.score, 3),
+        }
         for m in found
     ]

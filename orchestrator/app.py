@@ -48,7 +48,9 @@ class App:
         """Register an agent class (usable as a decorator)."""
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigurationError(f"agent {cls.__name__} needs a name of letters, digits, - or _")
+            raise ConfigurationError(
+                f"agent {cls.__name__} needs a name of letters, digits, - or _"
+            )
         if name in self.agents:
             raise ConfigurationError(f"agent {name!r} is registered twice")
         self.agents[name] = cls

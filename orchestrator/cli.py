@@ -5,11 +5,10 @@ Every failure is one line on stderr and a non-zero exit; ``--debug`` adds the tr
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import sys
 import traceback
-import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,8 +30,11 @@ from orchestrator.worker import Worker
 from schemas import Ticket
 
 T = TypeVar("T")
-cli = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Durable multi-agent workflows on Redis and Postgres.")
+cli = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Durable multi-agent workflows on Redis and Postgres.",
+)
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
 
@@ -52,8 +54,12 @@ def guard(command: Callable[..., None]) -> Callable[..., None]:
             if isinstance(exc, OrchestratorError):
                 err.print(f"orchestrator: error: {exc}", markup=False, highlight=False)
             else:
-                err.print(f"orchestrator: unexpected error: {type(exc).__name__}: {exc} "
-                          "(run with --debug for the traceback)", markup=False, highlight=False)
+                err.print(
+                    f"orchestrator: unexpected error: {type(exc).__name__}: {exc} "
+                    "(run with --debug for the traceback)",
+                    markup=False,
+                    highlight=False,
+                )
             raise typer.Exit(1) from None
 
     return wrapper
@@ -82,8 +88,11 @@ def root(
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
     opts = Options(app)
-    level = logging.DEBUG if debug else getattr(logging, opts.settings.log_level.upper(),
-                                                logging.WARNING)
+    level = (
+        logging.DEBUG
+        if debug
+        else getattr(logging, opts.settings.log_level.upper(), logging.WARNING)
+    )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = opts
 

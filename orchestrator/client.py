@@ -23,7 +23,10 @@ class Client:
         name, agents = self.rt.app.resolve_pipeline(pipeline)
         async with self.rt.pool.acquire() as conn:
             envelope = await workflows.create(
-                conn, ticket, pipeline=name, first_agent=agents[0],
+                conn,
+                ticket,
+                pipeline=name,
+                first_agent=agents[0],
                 app_version=self.rt.app.version,
             )
         await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
@@ -54,5 +57,5 @@ class Client:
                         # Any signal (or the poll interval) triggers the next Postgres check.
                         await pubsub.get_message(timeout=poll)
         finally:
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
         return result

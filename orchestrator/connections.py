@@ -26,13 +26,14 @@ async def connect_redis(url: str, *, max_connections: int = 64) -> aioredis.Redi
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python values; asyncpg would otherwise hand back strings.
-    await conn.set_type_codec(
-        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
-    )
+    await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
 async def create_pool(dsn: str, *, schema: str = "public", size: int = 10) -> asyncpg.Pool:
-    settings: dict[str, Any] = {"search_path": f"{schema},public", "application_name": "orchestrator"}
+    settings: dict[str, Any] = {
+        "search_path": f"{schema},public",
+        "application_name": "orchestrator",
+    }
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn,

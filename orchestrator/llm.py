@@ -54,8 +54,9 @@ class OfflineModel:
         try:
             return output.model_validate(rule(request))
         except ValidationError as exc:
-            raise AgentError(f"offline rule {request.purpose!r} gave invalid output: {exc}",
-                             non_retryable=True) from exc
+            raise AgentError(
+                f"offline rule {request.purpose!r} gave invalid output: {exc}", non_retryable=True
+            ) from exc
 
 
 class OpenAIModel:

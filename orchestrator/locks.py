@@ -46,5 +46,9 @@ class Lock:
         return bool(await self._release(keys=[self.name], args=[self.token]))
 
     def release_in(self, pipe: Any) -> None:
-        """Queue the release on a pipeline, so it rides the handoff round trip."""
-        self._release(keys=[self.name], args=[self.token], client=pipe)
+        """Queue the release on a pipeline, so it rides the handoff round trip.
+
+        EVAL, not EVALSHA: the script is tiny and a Redis restarted empty would
+        otherwise answer NOSCRIPT inside the pipeline.
+        """
+        pipe.eval(RELEASE, 1, self.name, self.token)

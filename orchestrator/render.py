@@ -15,12 +15,20 @@ from schemas import WorkflowRecord, WorkflowStatus
 def workflow_panel(record: WorkflowRecord) -> Panel:
     state: dict[str, Any] = record.state
     ticket = state.get("ticket", {})
-    parts: list[Any] = [Text(f"{ticket.get('subject', '')}  ({ticket.get('tenant_id')}/"
-                             f"{ticket.get('customer_id')})", style="bold")]
+    parts: list[Any] = [
+        Text(
+            f"{ticket.get('subject', '')}  ({ticket.get('tenant_id')}/{ticket.get('customer_id')})",
+            style="bold",
+        )
+    ]
     triage = state.get("triage")
     if triage:
-        parts.append(Text(f"triage:   {triage['category']} · priority {triage['priority']} · "
-                          f"sentiment {triage['sentiment']} · model {triage['model']}"))
+        parts.append(
+            Text(
+                f"triage:   {triage['category']} · priority {triage['priority']} · "
+                f"sentiment {triage['sentiment']} · model {triage['model']}"
+            )
+        )
     research = state.get("research")
     if research:
         found = [f"order {o['order_id']} {o['status']}" for o in research["orders"]]
@@ -34,27 +42,37 @@ def workflow_panel(record: WorkflowRecord) -> Panel:
     if response:
         parts.append(Text("reply:", style="bold"))
         parts.append(Text(response["reply"]))
-        parts.append(Text("cites: " + (", ".join(response["citations"]) or "nothing"),
-                          style="dim"))
+        parts.append(Text("cites: " + (", ".join(response["citations"]) or "nothing"), style="dim"))
     if record.error:
         parts.append(Text(f"error: {record.error}", style="red"))
     style = "green" if record.status is WorkflowStatus.COMPLETED else "red"
-    return Panel(Group(*parts), title=f"{record.id} · {record.status.value}",
-                 border_style=style, title_align="left")
+    return Panel(
+        Group(*parts),
+        title=f"{record.id} · {record.status.value}",
+        border_style=style,
+        title_align="left",
+    )
 
 
 def steps_table(record: WorkflowRecord) -> Table:
     table = Table("seq", "agent", "status", "attempt", "completed at", "error")
     for step in record.steps:
-        table.add_row(str(step.seq), step.agent, step.status.value, str(step.attempt),
-                      step.completed_at.isoformat(timespec="milliseconds")
-                      if step.completed_at else "", step.error or "")
+        table.add_row(
+            str(step.seq),
+            step.agent,
+            step.status.value,
+            str(step.attempt),
+            step.completed_at.isoformat(timespec="milliseconds") if step.completed_at else "",
+            step.error or "",
+        )
     return table
 
 
 def print_summary(console: Console, records: list[WorkflowRecord], seconds: float) -> None:
     completed = sum(r.status is WorkflowStatus.COMPLETED for r in records)
     rate = len(records) / seconds if seconds > 0 else 0.0
-    console.print(f"tickets={len(records)} completed={completed} "
-                  f"failed={len(records) - completed} wall={seconds:.2f}s "
-                  f"workflows/s={rate:.1f}")
+    console.print(
+        f"tickets={len(records)} completed={completed} "
+        f"failed={len(records) - completed} wall={seconds:.2f}s "
+        f"workflows/s={rate:.1f}"
+    )

@@ -42,8 +42,9 @@ class Runtime:
 
 def build_model(settings: Settings, app: App) -> LanguageModel:
     if settings.openai_api_key:
-        client = AsyncOpenAI(api_key=settings.openai_api_key,
-                             base_url=settings.openai_base_url or None)
+        client = AsyncOpenAI(
+            api_key=settings.openai_api_key, base_url=settings.openai_base_url or None
+        )
         return OpenAIModel(client, settings.openai_model)
     return OfflineModel(app.offline_rules)
 
@@ -63,14 +64,22 @@ async def open_runtime(
         await _prepare_database(database_url, settings.db_schema, apply_migrations)
         redis = await connect_redis(redis_url)
         try:
-            pool = await create_pool(database_url, schema=settings.db_schema,
-                                     size=settings.pool_size)
+            pool = await create_pool(
+                database_url, schema=settings.db_schema, size=settings.pool_size
+            )
         except BaseException:
             await redis.aclose()
             raise
         try:
-            runtime = Runtime(settings, app, Keys(settings.key_prefix), redis, pool,
-                              build_model(settings, app), HashingEmbedder())
+            runtime = Runtime(
+                settings,
+                app,
+                Keys(settings.key_prefix),
+                redis,
+                pool,
+                build_model(settings, app),
+                HashingEmbedder(),
+            )
             if apply_migrations:
                 for hook in app.setup_hooks:
                     await hook(runtime)
@@ -82,15 +91,17 @@ async def open_runtime(
 
 async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> None:
     try:
-        conn = await asyncpg.connect(dsn, timeout=10,
-                                     server_settings={"search_path": f"{schema},public"})
+        conn = await asyncpg.connect(
+            dsn, timeout=10, server_settings={"search_path": f"{schema},public"}
+        )
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         raise ServiceUnavailable("Postgres", f"{redact(dsn)}: {exc}") from exc
     try:
         if not await pgvector_available(conn):
             raise ServiceUnavailable(
-                "Postgres", "the pgvector extension is not installed on this server "
-                "(use pgvector/pgvector images, or unset DATABASE_URL for the embedded server)"
+                "Postgres",
+                "the pgvector extension is not installed on this server "
+                "(use pgvector/pgvector images, or unset DATABASE_URL for the embedded server)",
             )
         if apply_migrations:
             await conn.execute(await conn.fetchval(CREATE_SCHEMA_SQL, schema))

@@ -14,7 +14,9 @@ def _default_home() -> Path:
 class Settings(BaseSettings):
     """Unset URLs mean "start the embedded servers" (see ``orchestrator.embedded``)."""
 
-    model_config = SettingsConfigDict(env_prefix="ORCHESTRATOR_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix="ORCHESTRATOR_", extra="ignore", frozen=True, populate_by_name=True
+    )
 
     redis_url: str | None = Field(
         default=None, validation_alias=AliasChoices("REDIS_URL", "ORCHESTRATOR_REDIS_URL")

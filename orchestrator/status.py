@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import redis.asyncio as aioredis
+from redis.typing import EncodableT, FieldT
 
 from orchestrator.keys import Keys
 from schemas import TaskEnvelope
 
 
-def running(envelope: TaskEnvelope) -> dict[str, Any]:
+def running(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
     return {
         "status": "running",
         "current_task": f"{envelope.workflow_id}:{envelope.seq}",
@@ -20,7 +20,7 @@ def running(envelope: TaskEnvelope) -> dict[str, Any]:
     }
 
 
-def idle(envelope: TaskEnvelope) -> dict[str, Any]:
+def idle(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
     return {
         "status": "idle",
         "current_task": "",
@@ -30,7 +30,11 @@ def idle(envelope: TaskEnvelope) -> dict[str, Any]:
 
 
 async def mark(
-    client: aioredis.Redis, keys: Keys, agent: str, consumer: str, fields: dict[str, Any],
+    client: aioredis.Redis,
+    keys: Keys,
+    agent: str,
+    consumer: str,
+    fields: dict[FieldT, EncodableT],
     ttl: int,
 ) -> None:
     key = keys.agent_status(agent, consumer)

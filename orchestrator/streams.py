@@ -10,6 +10,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 from redis.exceptions import ResponseError
+from redis.typing import EncodableT, FieldT
 
 from orchestrator.errors import InvalidInput
 from orchestrator.keys import Keys
@@ -24,7 +25,7 @@ STREAM_MAXLEN = 100_000
 @dataclass(frozen=True, slots=True)
 class Entry:
     id: bytes
-    fields: dict[bytes, bytes]
+    fields: dict[FieldT, EncodableT]
 
 
 async def ensure_group(client: aioredis.Redis, keys: Keys, agent: str) -> None:
@@ -38,19 +39,19 @@ async def ensure_group(client: aioredis.Redis, keys: Keys, agent: str) -> None:
 async def read(
     client: aioredis.Redis, keys: Keys, agent: str, consumer: str, *, count: int, block_ms: int
 ) -> list[Entry]:
-    reply = await client.xreadgroup(
+    reply: Any = await client.xreadgroup(
         keys.group(agent), consumer, {keys.stream(agent): ">"}, count=count, block=block_ms
     )
     return [Entry(i, f) for _, entries in reply or [] for i, f in entries]
 
 
-def encode(envelope: TaskEnvelope) -> dict[bytes, bytes]:
+def encode(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
     return {FIELD: envelope.model_dump_json().encode()}
 
 
 def decode(entry: Entry) -> TaskEnvelope:
     raw = entry.fields.get(FIELD)
-    if raw is None:
+    if not isinstance(raw, bytes | str):
         raise InvalidInput(f"stream entry {entry.id!r} has no envelope field")
     try:
         return TaskEnvelope.model_validate_json(raw)
@@ -76,22 +77,25 @@ class Handoff:
     signal: Signal | None
     lock: Lock | None
     status_key: str
-    status: dict[str, Any]
+    status: dict[FieldT, EncodableT]
     status_ttl: int
 
 
 async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
     pipe = client.pipeline(transaction=False)
     for envelope in h.next:
-        pipe.xadd(keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN,
-                  approximate=True)
+        pipe.xadd(
+            keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN, approximate=True
+        )
     pipe.xack(keys.stream(h.done.agent), keys.group(h.done.agent), h.entry_id)
     pipe.hset(h.status_key, mapping={**h.status, "last_updated": f"{time.time():.3f}"})
     pipe.expire(h.status_key, h.status_ttl)
     if h.signal is not None:
         state_key = keys.workflow_state(h.done.workflow_id)
-        pipe.hset(state_key, mapping={"status": h.signal.status.value, "seq": h.signal.seq,
-                                      "agent": h.done.agent})
+        pipe.hset(
+            state_key,
+            mapping={"status": h.signal.status.value, "seq": h.signal.seq, "agent": h.done.agent},
+        )
         pipe.expire(state_key, h.status_ttl)
         pipe.publish(keys.signal_channel(), h.signal.model_dump_json())
     if h.lock is not None:
@@ -106,8 +110,16 @@ async def dead_letter(
     pipe = client.pipeline(transaction=False)
     pipe.xadd(
         keys.dead_letter_stream(),
-        {b"agent": agent.encode(), b"entry_id": entry.id, b"reason": reason.encode(),
-         **{b"raw." + k: v for k, v in entry.fields.items()}},
+        {
+            b"agent": agent.encode(),
+            b"entry_id": entry.id,
+            b"reason": reason.encode(),
+            **{f"raw.{_text(k)}": v for k, v in entry.fields.items()},
+        },
     )
     pipe.xack(keys.stream(agent), keys.group(agent), entry.id)
     await pipe.execute()
+
+
+def _text(value: FieldT) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

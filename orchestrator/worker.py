@@ -93,13 +93,18 @@ class Worker:
                 await slots.acquire()
                 try:
                     entries = await streams.read(
-                        self.rt.redis, self.rt.keys, agent, self.consumer,
-                        count=1 + slots.value, block_ms=self.rt.settings.block_ms,
+                        self.rt.redis,
+                        self.rt.keys,
+                        agent,
+                        self.consumer,
+                        count=1 + slots.value,
+                        block_ms=self.rt.settings.block_ms,
                     )
                 except (RedisError, OSError) as exc:
                     slots.release()
-                    log.warning("reading %s stream failed (%s); retrying in %.1fs",
-                                agent, exc, backoff)
+                    log.warning(
+                        "reading %s stream failed (%s); retrying in %.1fs", agent, exc, backoff
+                    )
                     await anyio.sleep(backoff)
                     backoff = min(backoff * 2, 5.0)
                     continue
@@ -134,8 +139,11 @@ class Worker:
             log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, exc)
             await streams.dead_letter(rt.redis, rt.keys, agent, entry, str(exc))
             return
-        lock = Lock(rt.redis, rt.keys.step_lock(envelope.workflow_id, envelope.seq),
-                    int(rt.settings.lease_seconds * 1000))
+        lock = Lock(
+            rt.redis,
+            rt.keys.step_lock(envelope.workflow_id, envelope.seq),
+            int(rt.settings.lease_seconds * 1000),
+        )
         if not await lock.acquire():
             # Another worker holds this step's lease: this delivery is a duplicate.
             await self._hand_off(envelope, entry, [], None, None)
@@ -146,8 +154,14 @@ class Worker:
             log.info("skipping %s step %s: %s", agent, envelope.step_id, opened.reason)
             await self._hand_off(envelope, entry, [], None, lock)
             return
-        await status.mark(rt.redis, rt.keys, agent, self.consumer, status.running(envelope),
-                          rt.settings.status_ttl_seconds)
+        await status.mark(
+            rt.redis,
+            rt.keys,
+            agent,
+            self.consumer,
+            status.running(envelope),
+            rt.settings.status_ttl_seconds,
+        )
         await self._run_step(envelope, entry, lock, opened)
 
     async def _run_step(
@@ -155,9 +169,16 @@ class Worker:
     ) -> None:
         rt = self.rt
         cls = rt.app.agents[envelope.agent]
-        info = StepInfo(envelope.workflow_id, envelope.step_id, envelope.seq, envelope.agent,
-                        envelope.attempt, envelope.tenant_id, envelope.assigned_by,
-                        envelope.pipeline)
+        info = StepInfo(
+            envelope.workflow_id,
+            envelope.step_id,
+            envelope.seq,
+            envelope.agent,
+            envelope.attempt,
+            envelope.tenant_id,
+            envelope.assigned_by,
+            envelope.pipeline,
+        )
         ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools)
         started = datetime.now(UTC)
         try:
@@ -176,8 +197,13 @@ class Worker:
             return
         self.processed += 1
         done = WorkflowStatus.RUNNING if nxt else WorkflowStatus.COMPLETED
-        await self._hand_off(envelope, entry, nxt, Signal(workflow_id=envelope.workflow_id,
-                                                          status=done, seq=envelope.seq), lock)
+        await self._hand_off(
+            envelope,
+            entry,
+            nxt,
+            Signal(workflow_id=envelope.workflow_id, status=done, seq=envelope.seq),
+            lock,
+        )
 
     async def _execute(
         self, cls: Any, ctx: StepContext, envelope: TaskEnvelope, started: datetime
@@ -186,8 +212,9 @@ class Worker:
         try:
             data = cls.input_model.model_validate(envelope.payload)
         except ValidationError as exc:
-            raise AgentError(f"input does not fit {cls.input_model.__name__}: {exc}",
-                             non_retryable=True) from exc
+            raise AgentError(
+                f"input does not fit {cls.input_model.__name__}: {exc}", non_retryable=True
+            ) from exc
         token = bind(ctx)
         try:
             with anyio.fail_after(cls.timeout_seconds):
@@ -197,8 +224,10 @@ class Worker:
         finally:
             token.var.reset(token)
         if not isinstance(output, cls.output_model):
-            raise AgentError(f"run() returned {type(output).__name__}, "
-                             f"expected {cls.output_model.__name__}", non_retryable=True)
+            raise AgentError(
+                f"run() returned {type(output).__name__}, expected {cls.output_model.__name__}",
+                non_retryable=True,
+            )
         return steps.Outcome(
             output=output.model_dump(mode="json"),
             state={**envelope.payload, **agent.state_update(output)},
@@ -215,8 +244,9 @@ class Worker:
             return self.rt.app.default_next(envelope.pipeline, envelope.agent)
         unknown = [a for a in chosen if a not in self.rt.app.agents]
         if unknown:
-            raise AgentError(f"routes to unknown agent(s): {', '.join(unknown)}",
-                             non_retryable=True)
+            raise AgentError(
+                f"routes to unknown agent(s): {', '.join(unknown)}", non_retryable=True
+            )
         return tuple(chosen)
 
     async def _fail(
@@ -234,19 +264,36 @@ class Worker:
         non_retryable = isinstance(exc, StepError) and exc.non_retryable
         retry = not non_retryable and envelope.attempt < max_attempts
         error = f"{type(exc).__name__}: {exc}"[:2000]
-        log.warning("%s step %s attempt %d failed (%s): %s", envelope.agent, envelope.step_id,
-                    envelope.attempt, "retrying" if retry else "giving up", error)
+        log.warning(
+            "%s step %s attempt %d failed (%s): %s",
+            envelope.agent,
+            envelope.step_id,
+            envelope.attempt,
+            "retrying" if retry else "giving up",
+            error,
+        )
         try:
             async with rt.pool.acquire() as conn:
-                again = await steps.fail(conn, envelope, error=error, retry=retry,
-                                         recorded=ctx.tool_runs, worker=self.consumer,
-                                         started_at=started)
+                again = await steps.fail(
+                    conn,
+                    envelope,
+                    error=error,
+                    retry=retry,
+                    recorded=ctx.tool_runs,
+                    worker=self.consumer,
+                    started_at=started,
+                )
         except FenceRejected as fence:
             log.info("%s", fence)
             await self._hand_off(envelope, entry, [], None, lock)
             return
-        signal = None if again else Signal(workflow_id=envelope.workflow_id,
-                                           status=WorkflowStatus.FAILED, seq=envelope.seq)
+        signal = (
+            None
+            if again
+            else Signal(
+                workflow_id=envelope.workflow_id, status=WorkflowStatus.FAILED, seq=envelope.seq
+            )
+        )
         await self._hand_off(envelope, entry, [again] if again else [], signal, lock)
 
     async def _hand_off(
@@ -258,8 +305,17 @@ class Worker:
         lock: Lock | None,
     ) -> None:
         rt = self.rt
-        await streams.hand_off(rt.redis, rt.keys, streams.Handoff(
-            done=envelope, entry_id=entry.id, next=nxt, signal=signal, lock=lock,
-            status_key=rt.keys.agent_status(envelope.agent, self.consumer),
-            status=status.idle(envelope), status_ttl=rt.settings.status_ttl_seconds,
-        ))
+        await streams.hand_off(
+            rt.redis,
+            rt.keys,
+            streams.Handoff(
+                done=envelope,
+                entry_id=entry.id,
+                next=nxt,
+                signal=signal,
+                lock=lock,
+                status_key=rt.keys.agent_status(envelope.agent, self.consumer),
+                status=status.idle(envelope),
+                status_ttl=rt.settings.status_ttl_seconds,
+            ),
+        )

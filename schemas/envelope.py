@@ -18,7 +18,7 @@ class TaskEnvelope(Wire):
     re-enqueued with a higher attempt since) can never overwrite newer work.
     """
 
-    schema_version: Literal[1] = ENVELOPE_SCHEMA_VERSION
+    schema_version: Literal[1] = 1  # ENVELOPE_SCHEMA_VERSION
     workflow_id: UUID
     step_id: UUID
     seq: int = Field(ge=0)

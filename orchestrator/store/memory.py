@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
 from pgvector import Vector
+
+from orchestrator.store import Conn
 
 UPSERT = """
 INSERT INTO memories (tenant_id, kind, key, content, metadata, embedder, embedding)
@@ -32,7 +33,7 @@ class Memory:
 
 
 async def remember(
-    conn: asyncpg.Connection,
+    conn: Conn,
     *,
     tenant_id: str,
     kind: str,
@@ -43,13 +44,19 @@ async def remember(
     embedding: list[float],
 ) -> None:
     await conn.execute(
-        UPSERT, tenant_id, kind, key, content, metadata, embedder,
+        UPSERT,
+        tenant_id,
+        kind,
+        key,
+        content,
+        metadata,
+        embedder,
         Vector(embedding).to_text(),
     )
 
 
 async def search(
-    conn: asyncpg.Connection, *, tenant_id: str, kind: str, embedding: list[float], limit: int
+    conn: Conn, *, tenant_id: str, kind: str, embedding: list[float], limit: int
 ) -> list[Memory]:
     rows = await conn.fetch(SEARCH, tenant_id, kind, Vector(embedding).to_text(), limit)
     return [Memory(r["key"], r["content"], r["metadata"], float(r["score"])) for r in rows]

@@ -6,7 +6,7 @@ Applied under an advisory lock, each in its own transaction, so running
 
 from __future__ import annotations
 
-import asyncpg
+from orchestrator.store import Conn
 
 V1_CORE = """
 CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;
@@ -143,7 +143,7 @@ RECORD_VERSION = "INSERT INTO schema_migrations (version) VALUES ($1)"
 PGVECTOR_AVAILABLE = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
 
 
-async def migrate(conn: asyncpg.Connection) -> list[int]:
+async def migrate(conn: Conn) -> list[int]:
     """Apply pending migrations; return the versions applied (empty when up to date)."""
     applied: list[int] = []
     async with conn.transaction():
@@ -159,5 +159,5 @@ async def migrate(conn: asyncpg.Connection) -> list[int]:
     return applied
 
 
-async def pgvector_available(conn: asyncpg.Connection) -> bool:
+async def pgvector_available(conn: Conn) -> bool:
     return await conn.fetchval(PGVECTOR_AVAILABLE) is not None

@@ -14,10 +14,8 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID, uuid4
 
-import asyncpg
-
 from orchestrator.errors import FenceRejected
-from orchestrator.store import tool_runs
+from orchestrator.store import Conn, tool_runs
 from orchestrator.store.tool_runs import ToolRun
 from schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
 
@@ -97,7 +95,7 @@ class Outcome:
     started_at: datetime
 
 
-async def open_step(conn: asyncpg.Connection, envelope: TaskEnvelope) -> OpenStep:
+async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
     row = await conn.fetchrow(SELECT_OPEN, envelope.step_id)
     if row is None:
         return OpenStep(False, "unknown step")
@@ -108,8 +106,9 @@ async def open_step(conn: asyncpg.Connection, envelope: TaskEnvelope) -> OpenSte
     if row["attempt"] != envelope.attempt:
         return OpenStep(False, f"stale attempt {envelope.attempt} (step at {row['attempt']})")
     recorded = {
-        r[1]: ToolRun(key=r[0], ordinal=r[1], tool=r[2], status=r[3], args=r[4], result=r[5],
-                      error=r[6])
+        r[1]: ToolRun(
+            key=r[0], ordinal=r[1], tool=r[2], status=r[3], args=r[4], result=r[5], error=r[6]
+        )
         for r in row["runs"]
     }
     return OpenStep(True, "", recorded)
@@ -133,9 +132,7 @@ def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelo
     ]
 
 
-async def complete(
-    conn: asyncpg.Connection, envelope: TaskEnvelope, outcome: Outcome
-) -> list[TaskEnvelope]:
+async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelope]:
     """Close the step and hand off, in one transaction; raise FenceRejected if it lost."""
     nxt = _next_envelopes(envelope, outcome)
     done = not nxt
@@ -144,16 +141,27 @@ async def complete(
         events.append((EventType.WORKFLOW_COMPLETED, {}))
     async with conn.transaction():
         closed = await conn.fetchval(
-            CLOSE_STEP, envelope.step_id, envelope.attempt, StepStatus.COMPLETED.value,
-            outcome.output, None,
+            CLOSE_STEP,
+            envelope.step_id,
+            envelope.attempt,
+            StepStatus.COMPLETED.value,
+            outcome.output,
+            None,
         )
         if closed is None:
             raise FenceRejected(
                 f"completion of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
-                workflow_id=envelope.workflow_id, step_id=envelope.step_id, agent=envelope.agent,
+                workflow_id=envelope.workflow_id,
+                step_id=envelope.step_id,
+                agent=envelope.agent,
             )
         await conn.execute(
-            INSERT_ATTEMPT, envelope.step_id, envelope.attempt, outcome.worker, "completed", None,
+            INSERT_ATTEMPT,
+            envelope.step_id,
+            envelope.attempt,
+            outcome.worker,
+            "completed",
+            None,
             outcome.started_at,
         )
         await tool_runs.insert_finished(
@@ -164,12 +172,18 @@ async def complete(
         )
         if nxt:
             await conn.execute(
-                INSERT_NEXT_STEPS, envelope.workflow_id, envelope.agent, outcome.state,
-                [e.step_id for e in nxt], [e.seq for e in nxt], [e.agent for e in nxt],
+                INSERT_NEXT_STEPS,
+                envelope.workflow_id,
+                envelope.agent,
+                outcome.state,
+                [e.step_id for e in nxt],
+                [e.seq for e in nxt],
+                [e.agent for e in nxt],
             )
         if outcome.messages:
-            await conn.execute(INSERT_MESSAGES, envelope.workflow_id, envelope.agent,
-                               outcome.messages)
+            await conn.execute(
+                INSERT_MESSAGES, envelope.workflow_id, envelope.agent, outcome.messages
+            )
         status = WorkflowStatus.COMPLETED if done else WorkflowStatus.RUNNING
         await conn.execute(UPDATE_WORKFLOW, envelope.workflow_id, outcome.state, status.value, None)
         await _events(conn, envelope, events)
@@ -177,7 +191,7 @@ async def complete(
 
 
 async def fail(
-    conn: asyncpg.Connection,
+    conn: Conn,
     envelope: TaskEnvelope,
     *,
     error: str,
@@ -192,14 +206,23 @@ async def fail(
             new_attempt = await conn.fetchval(RETRY_STEP, envelope.step_id, envelope.attempt, error)
             closed = new_attempt is not None
         else:
-            closed = await conn.fetchval(
-                CLOSE_STEP, envelope.step_id, envelope.attempt, StepStatus.FAILED.value, None,
-                error,
-            ) is not None
+            closed = (
+                await conn.fetchval(
+                    CLOSE_STEP,
+                    envelope.step_id,
+                    envelope.attempt,
+                    StepStatus.FAILED.value,
+                    None,
+                    error,
+                )
+                is not None
+            )
         if not closed:
             raise FenceRejected(
                 f"failure of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
-                workflow_id=envelope.workflow_id, step_id=envelope.step_id, agent=envelope.agent,
+                workflow_id=envelope.workflow_id,
+                step_id=envelope.step_id,
+                agent=envelope.agent,
             )
         await conn.execute(
             INSERT_ATTEMPT, envelope.step_id, envelope.attempt, worker, "failed", error, started_at
@@ -212,36 +235,50 @@ async def fail(
             await _events(conn, envelope, [(EventType.STEP_RETRIED, data)])
             return envelope.model_copy(update={"attempt": new_attempt})
         await conn.execute(
-            UPDATE_WORKFLOW, envelope.workflow_id, envelope.payload, WorkflowStatus.FAILED.value,
+            UPDATE_WORKFLOW,
+            envelope.workflow_id,
+            envelope.payload,
+            WorkflowStatus.FAILED.value,
             f"{envelope.agent}: {error}",
         )
-        await _events(conn, envelope, [(EventType.STEP_FAILED, data),
-                                       (EventType.WORKFLOW_FAILED, {"error": error})])
+        await _events(
+            conn,
+            envelope,
+            [(EventType.STEP_FAILED, data), (EventType.WORKFLOW_FAILED, {"error": error})],
+        )
     return None
 
 
-async def requeue(conn: asyncpg.Connection, step_id: UUID) -> TaskEnvelope | None:
+async def requeue(conn: Conn, step_id: UUID) -> TaskEnvelope | None:
     """Bump an open step's attempt (fencing out whoever runs it now); return its new envelope."""
     async with conn.transaction():
         row = await conn.fetchrow(REQUEUE_STEP, step_id)
         if row is None:
             return None
         envelope = TaskEnvelope(
-            workflow_id=row["workflow_id"], step_id=row["id"], seq=row["seq"],
-            agent=row["agent"], attempt=row["attempt"], tenant_id=row["tenant_id"],
+            workflow_id=row["workflow_id"],
+            step_id=row["id"],
+            seq=row["seq"],
+            agent=row["agent"],
+            attempt=row["attempt"],
+            tenant_id=row["tenant_id"],
             pipeline=row["pipeline"],
-            assigned_by=row["assigned_by"], payload=row["input"],
+            assigned_by=row["assigned_by"],
+            payload=row["input"],
         )
         await _events(conn, envelope, [(EventType.STEP_REQUEUED, {"attempt": row["attempt"]})])
     return envelope
 
 
 async def _events(
-    conn: asyncpg.Connection,
+    conn: Conn,
     envelope: TaskEnvelope,
     events: list[tuple[EventType, dict[str, Any]]],
 ) -> None:
     await conn.execute(
-        INSERT_EVENTS, envelope.workflow_id, envelope.step_id,
-        [t.value for t, _ in events], [json.dumps(d) for _, d in events],
+        INSERT_EVENTS,
+        envelope.workflow_id,
+        envelope.step_id,
+        [t.value for t, _ in events],
+        [json.dumps(d) for _, d in events],
     )

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
-import asyncpg
+from orchestrator.store import Conn
 
 # Written inside the step's completion (or failure) transaction: results of
 # idempotent tools ride along with the step instead of paying their own commit.
@@ -58,7 +58,7 @@ class ToolRun:
 
 
 async def insert_finished(
-    conn: asyncpg.Connection, workflow_id: UUID, step_id: UUID, attempt: int, runs: list[ToolRun]
+    conn: Conn, workflow_id: UUID, step_id: UUID, attempt: int, runs: list[ToolRun]
 ) -> None:
     if not runs:
         return
@@ -78,7 +78,7 @@ async def insert_finished(
 
 
 async def start(
-    conn: asyncpg.Connection,
+    conn: Conn,
     workflow_id: UUID,
     step_id: UUID,
     attempt: int,
@@ -91,11 +91,11 @@ async def start(
     return key is not None
 
 
-async def finish(conn: asyncpg.Connection, run: ToolRun) -> None:
+async def finish(conn: Conn, run: ToolRun) -> None:
     await conn.execute(FINISH, run.key, run.status, run.result, run.error)
 
 
-async def fetch(conn: asyncpg.Connection, key: str) -> ToolRun | None:
+async def fetch(conn: Conn, key: str) -> ToolRun | None:
     row = await conn.fetchrow(SELECT_ONE, key)
     if row is None:
         return None
@@ -110,6 +110,6 @@ async def fetch(conn: asyncpg.Connection, key: str) -> ToolRun | None:
     )
 
 
-async def list_for_workflow(conn: asyncpg.Connection, workflow_id: UUID) -> list[dict[str, Any]]:
+async def list_for_workflow(conn: Conn, workflow_id: UUID) -> list[dict[str, Any]]:
     rows = await conn.fetch(SELECT_FOR_WORKFLOW, workflow_id)
     return [dict(r) for r in rows]

@@ -5,9 +5,8 @@ from __future__ import annotations
 from typing import Any
 from uuid import UUID, uuid4
 
-import asyncpg
-
 from orchestrator.errors import InvalidInput, WorkflowNotFound
+from orchestrator.store import Conn
 from schemas import (
     EventType,
     StepRecord,
@@ -54,7 +53,7 @@ WHERE session_id = $1 ORDER BY id
 
 
 async def create(
-    conn: asyncpg.Connection,
+    conn: Conn,
     ticket: Ticket,
     *,
     pipeline: str,
@@ -105,7 +104,7 @@ async def create(
     )
 
 
-async def get(conn: asyncpg.Connection, workflow_id: UUID) -> WorkflowRecord:
+async def get(conn: Conn, workflow_id: UUID) -> WorkflowRecord:
     row = await conn.fetchrow(SELECT_WORKFLOW, workflow_id)
     if row is None:
         raise WorkflowNotFound(workflow_id)
@@ -116,10 +115,10 @@ async def get(conn: asyncpg.Connection, workflow_id: UUID) -> WorkflowRecord:
     return WorkflowRecord(**{**dict(row), "status": WorkflowStatus(row["status"]), "steps": steps})
 
 
-async def statuses(conn: asyncpg.Connection, workflow_ids: list[UUID]) -> dict[UUID, WorkflowStatus]:
+async def statuses(conn: Conn, workflow_ids: list[UUID]) -> dict[UUID, WorkflowStatus]:
     rows = await conn.fetch(SELECT_STATUSES, workflow_ids)
     return {r["id"]: WorkflowStatus(r["status"]) for r in rows}
 
 
-async def transcript(conn: asyncpg.Connection, session_id: str) -> list[dict[str, Any]]:
+async def transcript(conn: Conn, session_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in await conn.fetch(SELECT_TRANSCRIPT, session_id)]

@@ -1,0 +1,93 @@
+"""The support pipeline end to end on real Redis and Postgres."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.demo import load_tickets, run_local
+from orchestrator.runtime import Runtime
+from schemas import WorkflowStatus
+from tests.conftest import fetch
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_sample_tickets_complete_with_triage_research_and_reply(support: Runtime) -> None:
+    tickets = load_tickets()
+    assert len(tickets) >= 10
+    report = await run_local(support, tickets, concurrency=4, timeout=60)
+
+    assert [r.status for r in report.records] == [WorkflowStatus.COMPLETED] * len(tickets)
+    for record in report.records:
+        state = record.state
+        assert state["triage"]["model"].startswith("offline-rules")
+        assert state["response"]["reply"].startswith(f"Hi {state['ticket']['customer_id']}")
+        assert [s.agent for s in record.steps][-1] == "response"
+        assert all(s.status == "completed" and s.attempt == 1 for s in record.steps)
+
+    double_charge = next(r for r in report.records if "ORD-10007" in r.state["ticket"]["body"])
+    assert double_charge.state["triage"]["category"] == "billing"
+    assert [o["order_id"] for o in double_charge.state["research"]["orders"]] == ["ORD-10007"]
+    assert "ORD-10007" in double_charge.state["response"]["citations"]
+    assert "refunded" in double_charge.state["response"]["reply"]
+
+    angry = next(r for r in report.records if r.state["ticket"]["subject"].isupper())
+    assert angry.state["triage"]["sentiment"] == "angry"
+    assert angry.state["triage"]["priority"] == "urgent"
+
+
+async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) -> None:
+    report = await run_local(support, load_tickets()[:3], concurrency=2, timeout=60)
+    wid = report.records[0].id
+
+    attempts = await fetch(
+        support,
+        """
+        SELECT s.agent, count(a.*) AS n FROM steps s JOIN step_attempts a ON a.step_id = s.id
+        WHERE s.workflow_id = $1 GROUP BY s.agent""",
+        wid,
+    )
+    assert {r["agent"]: r["n"] for r in attempts} == {"triage": 1, "research": 1, "response": 1}
+
+    checkpoints = await fetch(
+        support,
+        "SELECT seq, agent, state FROM checkpoints WHERE workflow_id = $1 ORDER BY seq",
+        wid,
+    )
+    assert [c["agent"] for c in checkpoints] == ["triage", "research", "response"]
+    assert set(checkpoints[-1]["state"]) == {"ticket", "triage", "research", "response"}
+
+    runs = await fetch(
+        support,
+        "SELECT idempotency_key, tool, status FROM tool_runs "
+        "WHERE workflow_id = $1 ORDER BY ordinal",
+        wid,
+    )
+    assert runs and all(r["status"] == "succeeded" for r in runs)
+    assert runs[0]["idempotency_key"] == f"{wid}:1:0"
+
+    transcript = await fetch(
+        support,
+        """
+        SELECT m.role FROM messages m JOIN workflows w ON w.session_id = m.session_id
+        WHERE w.id = $1 ORDER BY m.id""",
+        wid,
+    )
+    assert [m["role"] for m in transcript] == ["customer", "agent"]
+
+    events = await fetch(support, "SELECT type FROM events WHERE workflow_id = $1 ORDER BY id", wid)
+    assert [e["type"] for e in events] == [
+        "workflow.submitted",
+        "step.completed",
+        "step.completed",
+        "step.completed",
+        "workflow.completed",
+    ]
+
+
+async def test_vague_ticket_skips_research_and_asks_for_details(support: Runtime) -> None:
+    vague = next(t for t in load_tickets() if t.body == "it doesn't work")
+    report = await run_local(support, [vague], timeout=30)
+    record = report.records[0]
+    assert [s.agent for s in record.steps] == ["triage", "response"]
+    assert "could you tell me" in record.state["response"]["reply"]

@@ -1,0 +1,154 @@
+"""Claim, fence and tool-ledger behaviour of the step protocol."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from orchestrator import streams
+from orchestrator.client import Client
+from orchestrator.errors import FenceRejected
+from orchestrator.runtime import Runtime
+from orchestrator.settings import Settings
+from orchestrator.store import steps
+from orchestrator.worker import Worker
+from schemas import WorkflowStatus
+from tests.apps import TICKET, Probe, build_app
+from tests.conftest import fetch, runtime_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def rt(settings: Settings, probe: Probe) -> AsyncIterator[Runtime]:
+    async with runtime_for(settings, build_app(probe)) as runtime:
+        yield runtime
+
+
+async def _next_entry(rt: Runtime, worker: Worker, agent: str) -> streams.Entry:
+    await streams.ensure_group(rt.redis, rt.keys, agent)
+    entries = await streams.read(rt.redis, rt.keys, agent, worker.consumer, count=1, block_ms=2000)
+    assert len(entries) == 1
+    return entries[0]
+
+
+async def test_claim_is_refused_for_a_completed_step(rt: Runtime, probe: Probe) -> None:
+    probe.gate.set()
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="gated")
+    entry = await _next_entry(rt, worker, "gated")
+    await worker.process("gated", entry)
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+    # The same envelope delivered again (a duplicate XADD, a reclaim): refused, not re-run.
+    await rt.redis.xadd(rt.keys.stream("gated"), entry.fields)
+    duplicate = await _next_entry(rt, worker, "gated")
+    await worker.process("gated", duplicate)
+
+    attempts = await fetch(rt, "SELECT attempt, outcome FROM step_attempts")
+    assert [(a["attempt"], a["outcome"]) for a in attempts] == [(1, "completed")]
+    pending = await rt.redis.xpending(rt.keys.stream("gated"), "gated")
+    assert pending["pending"] == 0  # the duplicate was acknowledged
+
+
+async def test_fenced_completion_loses_to_a_newer_attempt(rt: Runtime, probe: Probe) -> None:
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="gated")
+    stale = await _next_entry(rt, worker, "gated")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.process, "gated", stale)
+        await probe.entered.wait()  # the first worker is inside the agent, attempt 1
+        async with rt.pool.acquire() as conn:
+            step = (await client.get(wid)).steps[0]
+            newer = await steps.requeue(conn, step.id)  # e.g. the lease expired
+        assert newer is not None and newer.attempt == 2
+        probe.gate.set()  # attempt 1 now tries to complete, and must lose
+
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.RUNNING
+    assert record.steps[0].attempt == 2 and record.steps[0].status == "queued"
+
+    await streams.enqueue(rt.redis, rt.keys, newer)
+    await worker.process("gated", await _next_entry(rt, worker, "gated"))
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.COMPLETED
+    attempts = await fetch(rt, "SELECT attempt, outcome FROM step_attempts")
+    assert [(a["attempt"], a["outcome"]) for a in attempts] == [(2, "completed")]
+
+
+async def test_stale_completion_is_rejected_by_the_store(rt: Runtime, probe: Probe) -> None:
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="gated")
+    envelope = streams.decode(await _next_entry(rt, worker, "gated"))
+    async with rt.pool.acquire() as conn:
+        await steps.requeue(conn, envelope.step_id)
+        outcome = steps.Outcome(
+            output={"value": "x"},
+            state=envelope.payload,
+            next_agents=(),
+            tool_runs=[],
+            messages=[],
+            worker="w",
+            started_at=(await client.get(wid)).created_at,
+        )
+        with pytest.raises(FenceRejected):
+            await steps.complete(conn, envelope, outcome)
+
+
+async def test_rerun_step_returns_recorded_tool_results(rt: Runtime, probe: Probe) -> None:
+    probe.failures_left = 1
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="flaky")
+    await worker.process("flaky", await _next_entry(rt, worker, "flaky"))  # attempt 1 fails
+    record = await client.get(wid)
+    assert record.steps[0].attempt == 2 and record.status is WorkflowStatus.RUNNING
+
+    await worker.process("flaky", await _next_entry(rt, worker, "flaky"))  # attempt 2 (retry)
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.COMPLETED
+    assert record.steps[0].output == {"value": "hello:5"}
+    assert probe.calls == {"lookup": 1, "charge": 1}  # neither tool ran twice
+
+    runs = await fetch(
+        rt, "SELECT idempotency_key, tool, status, attempt, result FROM tool_runs ORDER BY ordinal"
+    )
+    assert [(r["tool"], r["status"], r["attempt"]) for r in runs] == [
+        ("lookup", "succeeded", 1),
+        ("charge", "succeeded", 1),
+    ]
+    assert runs[1]["result"]["key"] == f"{wid}:0:1"
+    outcomes = await fetch(rt, "SELECT attempt, outcome, error FROM step_attempts ORDER BY attempt")
+    assert [(o["attempt"], o["outcome"]) for o in outcomes] == [(1, "failed"), (2, "completed")]
+    assert "transient failure" in outcomes[0]["error"]
+
+
+async def test_failing_step_fails_the_workflow_after_max_attempts(
+    rt: Runtime, probe: Probe
+) -> None:
+    probe.failures_left = 99
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="flaky")
+    for _ in range(rt.settings.max_attempts):
+        await worker.process("flaky", await _next_entry(rt, worker, "flaky"))
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.FAILED
+    assert record.error is not None and "transient failure" in record.error
+    assert probe.calls == {"lookup": 1, "charge": 1}
+
+
+async def test_malformed_envelope_is_dead_lettered_not_fatal(rt: Runtime, probe: Probe) -> None:
+    worker = Worker(rt, concurrency=1)
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    await rt.redis.xadd(rt.keys.stream("gated"), {b"e": b'{"schema_version": 1, "nope": true}'})
+    await worker.process("gated", await _next_entry(rt, worker, "gated"))
+    dead = await rt.redis.xrange(rt.keys.dead_letter_stream())
+    assert len(dead) == 1 and dead[0][1][b"reason"].startswith(b"malformed envelope")
+    assert (await rt.redis.xpending(rt.keys.stream("gated"), "gated"))["pending"] == 0
