@@ -29,6 +29,10 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Release without RESET ALL: the runtime sets no session state, so skip a round trip."""
+
+
 async def create_pool(dsn: str, *, schema: str = "public", size: int = 10) -> asyncpg.Pool:
     settings: dict[str, Any] = {
         "search_path": f"{schema},public",
@@ -40,6 +44,7 @@ async def create_pool(dsn: str, *, schema: str = "public", size: int = 10) -> as
             min_size=1,
             max_size=size,
             init=_init_connection,
+            reset=_keep_session,
             server_settings=settings,
             timeout=10,
         )

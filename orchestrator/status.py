@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
-import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
-from orchestrator.keys import Keys
 from schemas import TaskEnvelope
 
 
@@ -29,16 +28,7 @@ def idle(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
     }
 
 
-async def mark(
-    client: aioredis.Redis,
-    keys: Keys,
-    agent: str,
-    consumer: str,
-    fields: dict[FieldT, EncodableT],
-    ttl: int,
-) -> None:
-    key = keys.agent_status(agent, consumer)
-    pipe = client.pipeline(transaction=False)
+def mark_in(pipe: Any, key: str, fields: dict[FieldT, EncodableT], ttl: int) -> None:
+    """Queue a status update on a pipeline (it rides another round trip)."""
     pipe.hset(key, mapping={**fields, "last_updated": f"{time.time():.3f}"})
     pipe.expire(key, ttl)
-    await pipe.execute()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -12,6 +11,7 @@ from pydantic import ValidationError
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
+from orchestrator import status
 from orchestrator.errors import InvalidInput
 from orchestrator.keys import Keys
 from orchestrator.locks import Lock
@@ -88,8 +88,7 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
             keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN, approximate=True
         )
     pipe.xack(keys.stream(h.done.agent), keys.group(h.done.agent), h.entry_id)
-    pipe.hset(h.status_key, mapping={**h.status, "last_updated": f"{time.time():.3f}"})
-    pipe.expire(h.status_key, h.status_ttl)
+    status.mark_in(pipe, h.status_key, h.status, h.status_ttl)
     if h.signal is not None:
         state_key = keys.workflow_state(h.done.workflow_id)
         pipe.hset(

@@ -144,7 +144,7 @@ class Worker:
             rt.keys.step_lock(envelope.workflow_id, envelope.seq),
             int(rt.settings.lease_seconds * 1000),
         )
-        if not await lock.acquire():
+        if not await self._take_lease(envelope, lock):
             # Another worker holds this step's lease: this delivery is a duplicate.
             await self._hand_off(envelope, entry, [], None, None)
             return
@@ -154,15 +154,20 @@ class Worker:
             log.info("skipping %s step %s: %s", agent, envelope.step_id, opened.reason)
             await self._hand_off(envelope, entry, [], None, lock)
             return
-        await status.mark(
-            rt.redis,
-            rt.keys,
-            agent,
-            self.consumer,
-            status.running(envelope),
-            rt.settings.status_ttl_seconds,
-        )
         await self._run_step(envelope, entry, lock, opened)
+
+    async def _take_lease(self, envelope: TaskEnvelope, lock: Lock) -> bool:
+        """Take the step's lock and show the agent as running, in one round trip."""
+        pipe = self.rt.redis.pipeline(transaction=False)
+        lock.acquire_in(pipe)
+        status.mark_in(
+            pipe,
+            self.rt.keys.agent_status(envelope.agent, self.consumer),
+            status.running(envelope),
+            self.rt.settings.status_ttl_seconds,
+        )
+        won, *_ = await pipe.execute()
+        return bool(won)
 
     async def _run_step(
         self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock, opened: steps.OpenStep

@@ -45,6 +45,50 @@ RETURNING id, workflow_id, seq, agent, assigned_by, attempt, input,
           (SELECT tenant_id FROM workflows w WHERE w.id = steps.workflow_id) AS tenant_id,
           (SELECT pipeline FROM workflows w WHERE w.id = steps.workflow_id) AS pipeline
 """
+# The whole completion as ONE statement (one round trip, atomic by itself): every
+# write hangs off the fenced UPDATE, so a rejected fence writes nothing at all.
+COMPLETE_STEP = """
+WITH closed AS (
+    UPDATE steps SET status = 'completed', output = $3, completed_at = now(), updated_at = now()
+    WHERE id = $1 AND attempt = $2 AND status = 'queued'
+    RETURNING id, workflow_id
+), attempt_row AS (
+    INSERT INTO step_attempts (step_id, attempt, worker, outcome, started_at)
+    SELECT id, $2, $4, 'completed', $5 FROM closed
+), run_rows AS (
+    INSERT INTO tool_runs (idempotency_key, workflow_id, step_id, ordinal, tool, attempt,
+                           status, args, result, error, finished_at)
+    SELECT k, c.workflow_id, c.id, o, t, $2, st, a::jsonb, r::jsonb, e, now()
+    FROM closed c,
+         unnest($6::text[], $7::int[], $8::text[], $9::text[], $10::text[], $11::text[],
+                $12::text[]) AS x(k, o, t, st, a, r, e)
+    ON CONFLICT (idempotency_key) DO UPDATE
+        SET status = excluded.status, result = excluded.result, error = excluded.error,
+            attempt = excluded.attempt, finished_at = excluded.finished_at
+        WHERE tool_runs.status <> 'succeeded'
+), checkpoint_row AS (
+    INSERT INTO checkpoints (workflow_id, seq, agent, state)
+    SELECT workflow_id, $13, $14, $15 FROM closed
+), next_steps AS (
+    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
+    SELECT i, c.workflow_id, q, a, $14, 'queued', $15
+    FROM closed c, unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
+), transcript AS (
+    INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
+    SELECT w.session_id, w.tenant_id, w.id, 'agent', $14, m
+    FROM closed c JOIN workflows w ON w.id = c.workflow_id, unnest($19::text[]) AS m
+), workflow_row AS (
+    UPDATE workflows
+    SET state = $15, status = $20::text, updated_at = now(),
+        completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END
+    WHERE id = (SELECT workflow_id FROM closed) AND status = 'running'
+), event_rows AS (
+    INSERT INTO events (workflow_id, step_id, type, data)
+    SELECT c.workflow_id, c.id, t, d::jsonb
+    FROM closed c, unnest($21::text[], $22::text[]) AS x(t, d)
+)
+SELECT count(*) FROM closed
+"""
 INSERT_ATTEMPT = """
 INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at)
 VALUES ($1, $2, $3, $4, $5, $6)
@@ -139,54 +183,39 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
     events = [(EventType.STEP_COMPLETED, {"agent": envelope.agent, "attempt": envelope.attempt})]
     if done:
         events.append((EventType.WORKFLOW_COMPLETED, {}))
-    async with conn.transaction():
-        closed = await conn.fetchval(
-            CLOSE_STEP,
-            envelope.step_id,
-            envelope.attempt,
-            StepStatus.COMPLETED.value,
-            outcome.output,
-            None,
+    runs = outcome.tool_runs
+    closed = await conn.fetchval(
+        COMPLETE_STEP,
+        envelope.step_id,
+        envelope.attempt,
+        outcome.output,
+        outcome.worker,
+        outcome.started_at,
+        [r.key for r in runs],
+        [r.ordinal for r in runs],
+        [r.tool for r in runs],
+        [r.status for r in runs],
+        [json.dumps(r.args) for r in runs],
+        [json.dumps(r.result) for r in runs],
+        [r.error for r in runs],
+        envelope.seq,
+        envelope.agent,
+        outcome.state,
+        [e.step_id for e in nxt],
+        [e.seq for e in nxt],
+        [e.agent for e in nxt],
+        outcome.messages,
+        (WorkflowStatus.COMPLETED if done else WorkflowStatus.RUNNING).value,
+        [t.value for t, _ in events],
+        [json.dumps(d) for _, d in events],
+    )
+    if not closed:
+        raise FenceRejected(
+            f"completion of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
+            workflow_id=envelope.workflow_id,
+            step_id=envelope.step_id,
+            agent=envelope.agent,
         )
-        if closed is None:
-            raise FenceRejected(
-                f"completion of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
-                workflow_id=envelope.workflow_id,
-                step_id=envelope.step_id,
-                agent=envelope.agent,
-            )
-        await conn.execute(
-            INSERT_ATTEMPT,
-            envelope.step_id,
-            envelope.attempt,
-            outcome.worker,
-            "completed",
-            None,
-            outcome.started_at,
-        )
-        await tool_runs.insert_finished(
-            conn, envelope.workflow_id, envelope.step_id, envelope.attempt, outcome.tool_runs
-        )
-        await conn.execute(
-            INSERT_CHECKPOINT, envelope.workflow_id, envelope.seq, envelope.agent, outcome.state
-        )
-        if nxt:
-            await conn.execute(
-                INSERT_NEXT_STEPS,
-                envelope.workflow_id,
-                envelope.agent,
-                outcome.state,
-                [e.step_id for e in nxt],
-                [e.seq for e in nxt],
-                [e.agent for e in nxt],
-            )
-        if outcome.messages:
-            await conn.execute(
-                INSERT_MESSAGES, envelope.workflow_id, envelope.agent, outcome.messages
-            )
-        status = WorkflowStatus.COMPLETED if done else WorkflowStatus.RUNNING
-        await conn.execute(UPDATE_WORKFLOW, envelope.workflow_id, outcome.state, status.value, None)
-        await _events(conn, envelope, events)
     return nxt
 
 

@@ -1,0 +1,109 @@
+"""Benchmark: N tickets through triage → research → response with the offline model.
+
+Prints workflows/s, p50/p99 end-to-end latency (Postgres timestamps: submit
+commit to final completion commit) and Postgres commits per workflow
+(pg_stat_database.xact_commit delta, which also counts the benchmark's own
+status polls, so it is an upper bound).
+
+    python benchmarks/pipeline.py --tickets 2000 --concurrency 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import statistics
+import time
+from typing import Any
+
+import anyio
+
+from agents.support import app
+from orchestrator.client import Client
+from orchestrator.demo import load_tickets
+from orchestrator.runtime import Runtime, open_runtime
+from orchestrator.settings import Settings
+from orchestrator.worker import Worker
+
+LATENCIES = """
+SELECT extract(epoch FROM completed_at - created_at) * 1000 AS ms
+FROM workflows WHERE status = 'completed' ORDER BY ms
+"""
+COMMITS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+DROP = "SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', $1::text)"
+
+
+async def commits(runtime: Runtime) -> int:
+    async with runtime.pool.acquire() as conn:
+        # pg_stat counters are cached per transaction; clear for a fresh read.
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        value: int = await conn.fetchval(COMMITS)
+        return value
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    suffix = secrets.token_hex(3)
+    settings = Settings(
+        key_prefix=f"bench-{suffix}", db_schema=f"bench_{suffix}", pool_size=args.pool, block_ms=100
+    )
+    samples = load_tickets()
+    tickets = [samples[i % len(samples)] for i in range(args.tickets)]
+    async with open_runtime(settings, app) as runtime:
+        try:
+            client = Client(runtime)
+            worker = Worker(runtime, concurrency=args.concurrency)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(worker.run)
+                await anyio.sleep(0.2)  # let the consumer groups exist
+                before = await commits(runtime)
+                start = time.perf_counter()
+                limiter = anyio.CapacityLimiter(args.submitters)
+                ids: list[Any] = []
+
+                async def submit(ticket: Any) -> None:
+                    async with limiter:
+                        ids.append(await client.submit(ticket))
+
+                async with anyio.create_task_group() as submitters:
+                    for ticket in tickets:
+                        submitters.start_soon(submit, ticket)
+                statuses = await client.wait(ids, timeout=600, poll=0.05)
+                seconds = time.perf_counter() - start
+                after = await commits(runtime)
+                worker.stop()
+            async with runtime.pool.acquire() as conn:
+                latencies = [float(r["ms"]) for r in await conn.fetch(LATENCIES)]
+        finally:
+            async with runtime.pool.acquire() as conn:
+                await conn.execute(await conn.fetchval(DROP, settings.db_schema))
+    completed = sum(s.value == "completed" for s in statuses.values())
+    return {
+        "tickets": len(tickets),
+        "completed": completed,
+        "concurrency": args.concurrency,
+        "seconds": seconds,
+        "workflows_per_s": completed / seconds,
+        "p50_ms": statistics.median(latencies),
+        "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
+        "commits_per_workflow": (after - before) / len(tickets),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tickets", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=32, help="steps in flight per agent")
+    parser.add_argument("--submitters", type=int, default=16, help="concurrent submits")
+    parser.add_argument("--pool", type=int, default=20, help="Postgres pool size")
+    args = parser.parse_args()
+    result = anyio.run(bench, args)
+    print(
+        f"tickets={result['tickets']} completed={result['completed']} "
+        f"concurrency={result['concurrency']} wall={result['seconds']:.2f}s "
+        f"workflows/s={result['workflows_per_s']:.1f} p50={result['p50_ms']:.1f}ms "
+        f"p99={result['p99_ms']:.1f}ms pg_commits/workflow={result['commits_per_workflow']:.2f}"
+    )
+
+
+if __name__ == "__main__":
+    main()
