@@ -18,12 +18,37 @@ from typing import Any
 
 import anyio
 
-from agents.support import app
+from agents.base import Agent, AgentInput, AgentOutput
+from agents.support import app as support_app
+from orchestrator.app import App
 from orchestrator.client import Client
+from orchestrator.context import StepContext
 from orchestrator.demo import load_tickets
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
 from orchestrator.worker import Worker
+
+
+class Echo(AgentOutput):
+    ok: bool
+
+
+def noop_app() -> App:
+    """Three agents that do nothing: measures the runtime's own per-step cost."""
+    app = App("noop")
+    for name in ("first", "second", "third"):
+
+        class Noop(Agent[AgentInput, Echo]):
+            input_model = AgentInput
+            output_model = Echo
+
+            async def run(self, ctx: StepContext, data: AgentInput) -> Echo:
+                return Echo(ok=True)
+
+        app.agent(type(f"Noop_{name}", (Noop,), {"name": name}))
+    app.pipeline("noop", ["first", "second", "third"])
+    return app
+
 
 LATENCIES = """
 SELECT extract(epoch FROM completed_at - created_at) * 1000 AS ms
@@ -48,6 +73,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     )
     samples = load_tickets()
     tickets = [samples[i % len(samples)] for i in range(args.tickets)]
+    app = support_app if args.app == "support" else noop_app()
     async with open_runtime(settings, app) as runtime:
         try:
             client = Client(runtime)
@@ -67,7 +93,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 async with anyio.create_task_group() as submitters:
                     for ticket in tickets:
                         submitters.start_soon(submit, ticket)
-                statuses = await client.wait(ids, timeout=600, poll=0.05)
+                statuses = await client.wait(ids, timeout=600)
                 seconds = time.perf_counter() - start
                 after = await commits(runtime)
                 worker.stop()
@@ -95,10 +121,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="steps in flight per agent")
     parser.add_argument("--submitters", type=int, default=16, help="concurrent submits")
     parser.add_argument("--pool", type=int, default=20, help="Postgres pool size")
+    parser.add_argument(
+        "--app",
+        choices=["support", "noop"],
+        default="support",
+        help="the support agents, or three no-op agents (runtime cost only)",
+    )
+    parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    result = anyio.run(bench, args)
+    result = anyio.run(bench, args, backend_options={"use_uvloop": args.uvloop})
     print(
-        f"tickets={result['tickets']} completed={result['completed']} "
+        f"app={args.app} uvloop={args.uvloop} tickets={result['tickets']} "
+        f"completed={result['completed']} "
         f"concurrency={result['concurrency']} wall={result['seconds']:.2f}s "
         f"workflows/s={result['workflows_per_s']:.1f} p50={result['p50_ms']:.1f}ms "
         f"p99={result['p99_ms']:.1f}ms pg_commits/workflow={result['commits_per_workflow']:.2f}"

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 from uuid import UUID
 
 import anyio
+from pydantic import ValidationError
 
 from orchestrator import streams
 from orchestrator.runtime import Runtime
 from orchestrator.store import workflows
-from schemas import Ticket, WorkflowRecord, WorkflowStatus
+from schemas import Signal, Ticket, WorkflowRecord, WorkflowStatus
 
 
 class Client:
@@ -37,25 +39,48 @@ class Client:
             return await workflows.get(conn, workflow_id)
 
     async def wait(
-        self, workflow_ids: Iterable[UUID], *, timeout: float | None = None, poll: float = 0.25
+        self, workflow_ids: Iterable[UUID], *, timeout: float | None = None, poll: float = 0.5
     ) -> dict[UUID, WorkflowStatus]:
-        """Wait until every workflow is terminal; Postgres decides, Pub/Sub only wakes us early."""
+        """Wait until every workflow is terminal.
+
+        Postgres decides. A terminal Pub/Sub signal makes us check that workflow
+        at once; every ``poll`` seconds all pending ones are checked, so a lost
+        signal only costs latency.
+        """
         pending = set(workflow_ids)
         result: dict[UUID, WorkflowStatus] = {}
         pubsub = self.rt.redis.pubsub(ignore_subscribe_messages=True)
         await pubsub.subscribe(self.rt.keys.signal_channel())
         try:
             with anyio.fail_after(timeout if timeout is not None else math.inf):
+                to_check, next_full = set(pending), 0.0
                 while pending:
-                    async with self.rt.pool.acquire() as conn:
-                        current = await workflows.statuses(conn, list(pending))
-                    for wid, st in current.items():
-                        if st.terminal:
-                            result[wid] = st
-                            pending.discard(wid)
-                    if pending:
-                        # Any signal (or the poll interval) triggers the next Postgres check.
-                        await pubsub.get_message(timeout=poll)
+                    if anyio.current_time() >= next_full:
+                        to_check, next_full = set(pending), anyio.current_time() + poll
+                    if to_check:
+                        async with self.rt.pool.acquire() as conn:
+                            done = await workflows.terminal_statuses(conn, list(to_check))
+                        result.update(done)
+                        pending.difference_update(done)
+                    to_check = await _terminal_signals(pubsub, pending, next_full)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         return result
+
+
+async def _terminal_signals(pubsub: Any, pending: set[UUID], until: float) -> set[UUID]:
+    """Collect pending workflows announced as terminal, until ``until`` or a short burst."""
+    found: set[UUID] = set()
+    while (left := until - anyio.current_time()) > 0:
+        message = await pubsub.get_message(timeout=min(left, 0.01) if found else left)
+        if message is None:
+            if found:
+                return found  # the burst is over: check these now
+            continue
+        try:
+            signal = Signal.model_validate_json(message["data"])
+        except ValidationError:
+            continue  # a nudge only: a bad one is ignored, the poll still runs
+        if signal.status.terminal and signal.workflow_id in pending:
+            found.add(signal.workflow_id)
+    return found

@@ -12,10 +12,17 @@ from redis.exceptions import RedisError
 from orchestrator.errors import ServiceUnavailable
 
 
-async def connect_redis(url: str, *, max_connections: int = 64) -> aioredis.Redis:
-    client: aioredis.Redis = aioredis.Redis.from_url(
-        url, max_connections=max_connections, socket_connect_timeout=5, health_check_interval=30
+async def connect_redis(url: str, *, max_connections: int = 128) -> aioredis.Redis:
+    # A blocking pool: when every connection is busy a caller waits for one
+    # instead of failing with "Too many connections" under load.
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=10,
+        socket_connect_timeout=5,
+        health_check_interval=30,
     )
+    client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # owns and closes the pool
     try:
         await client.ping()
     except (RedisError, OSError) as exc:

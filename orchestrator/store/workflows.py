@@ -8,7 +8,6 @@ from uuid import UUID, uuid4
 from orchestrator.errors import InvalidInput, WorkflowNotFound
 from orchestrator.store import Conn
 from schemas import (
-    EventType,
     StepRecord,
     StepStatus,
     TaskEnvelope,
@@ -17,25 +16,34 @@ from schemas import (
     WorkflowStatus,
 )
 
-UPSERT_SESSION = """
-INSERT INTO sessions (id, tenant_id, customer_id) VALUES ($1, $2, $3)
-ON CONFLICT (id) DO NOTHING
+# The whole submission as ONE statement: session, workflow, first message,
+# first step and event, or nothing when the session belongs to another tenant.
+CREATE_WORKFLOW = """
+WITH new_session AS (
+    INSERT INTO sessions (id, tenant_id, customer_id) VALUES ($3, $4, $5)
+    ON CONFLICT (id) DO NOTHING
+    RETURNING tenant_id
+), owner AS (
+    SELECT tenant_id FROM new_session
+    UNION ALL
+    SELECT tenant_id FROM sessions WHERE id = $3
+    LIMIT 1
+), workflow_row AS (
+    INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, app_version)
+    SELECT $1, $4, $3, $6, 'running', $7, $7, $8 FROM owner WHERE tenant_id = $4
+    RETURNING id
+), message_row AS (
+    INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
+    SELECT $3, $4, id, 'customer', $5, $9 FROM workflow_row
+), step_row AS (
+    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
+    SELECT $2, id, 0, $10, 'submit', 'queued', $7 FROM workflow_row
+), event_row AS (
+    INSERT INTO events (workflow_id, step_id, type, data)
+    SELECT id, NULL, 'workflow.submitted', $11 FROM workflow_row
+)
+SELECT count(*) FROM workflow_row
 """
-# A session id is global; refusing another tenant's id keeps transcripts apart.
-SESSION_TENANT = "SELECT tenant_id FROM sessions WHERE id = $1"
-INSERT_WORKFLOW = """
-INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, app_version)
-VALUES ($1, $2, $3, $4, 'running', $5, $5, $6)
-"""
-INSERT_MESSAGE = """
-INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
-VALUES ($1, $2, $3, $4, $5, $6)
-"""
-INSERT_FIRST_STEP = """
-INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
-VALUES ($1, $2, 0, $3, 'submit', 'queued', $4)
-"""
-INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1, $2, $3, $4)"
 SELECT_WORKFLOW = """
 SELECT id, tenant_id, session_id, pipeline, status, input, state, error, app_version,
        created_at, completed_at
@@ -45,7 +53,9 @@ SELECT_STEPS = """
 SELECT id, workflow_id, seq, agent, status, attempt, output, error, created_at, completed_at
 FROM steps WHERE workflow_id = $1 ORDER BY seq
 """
-SELECT_STATUSES = "SELECT id, status FROM workflows WHERE id = ANY($1::uuid[])"
+SELECT_TERMINAL = """
+SELECT id, status FROM workflows WHERE id = ANY($1::uuid[]) AND status <> 'running'
+"""
 SELECT_TRANSCRIPT = """
 SELECT role, author, content, created_at FROM messages
 WHERE session_id = $1 ORDER BY id
@@ -65,31 +75,22 @@ async def create(
     workflow_id, step_id = uuid4(), uuid4()
     session_id = ticket.session_id or f"session-{workflow_id}"
     state: dict[str, Any] = {"ticket": ticket.model_dump(mode="json")}
-    async with conn.transaction():
-        await conn.execute(UPSERT_SESSION, session_id, ticket.tenant_id, ticket.customer_id)
-        owner = await conn.fetchval(SESSION_TENANT, session_id)
-        if owner != ticket.tenant_id:
-            raise InvalidInput(f"session {session_id} belongs to another tenant")
-        await conn.execute(
-            INSERT_WORKFLOW, workflow_id, ticket.tenant_id, session_id, pipeline, state, app_version
-        )
-        await conn.execute(
-            INSERT_MESSAGE,
-            session_id,
-            ticket.tenant_id,
-            workflow_id,
-            "customer",
-            ticket.customer_id,
-            f"{ticket.subject}\n\n{ticket.body}",
-        )
-        await conn.execute(INSERT_FIRST_STEP, step_id, workflow_id, first_agent, state)
-        await conn.execute(
-            INSERT_EVENT,
-            workflow_id,
-            None,
-            EventType.WORKFLOW_SUBMITTED.value,
-            {"pipeline": pipeline, "first_agent": first_agent},
-        )
+    created = await conn.fetchval(
+        CREATE_WORKFLOW,
+        workflow_id,
+        step_id,
+        session_id,
+        ticket.tenant_id,
+        ticket.customer_id,
+        pipeline,
+        state,
+        app_version,
+        f"{ticket.subject}\n\n{ticket.body}",
+        first_agent,
+        {"pipeline": pipeline, "first_agent": first_agent},
+    )
+    if not created:
+        raise InvalidInput(f"session {session_id} belongs to another tenant")
     return TaskEnvelope(
         workflow_id=workflow_id,
         step_id=step_id,
@@ -115,8 +116,9 @@ async def get(conn: Conn, workflow_id: UUID) -> WorkflowRecord:
     return WorkflowRecord(**{**dict(row), "status": WorkflowStatus(row["status"]), "steps": steps})
 
 
-async def statuses(conn: Conn, workflow_ids: list[UUID]) -> dict[UUID, WorkflowStatus]:
-    rows = await conn.fetch(SELECT_STATUSES, workflow_ids)
+async def terminal_statuses(conn: Conn, workflow_ids: list[UUID]) -> dict[UUID, WorkflowStatus]:
+    """Statuses of those of ``workflow_ids`` that have finished."""
+    rows = await conn.fetch(SELECT_TERMINAL, workflow_ids)
     return {r["id"]: WorkflowStatus(r["status"]) for r in rows}
 
 
