@@ -154,9 +154,15 @@ def reply(request: ModelRequest) -> Mapping[str, Any]:
         )
     elif tri.sentiment == "negative":
         lines.append("I'm sorry for the trouble, and thank you for your patience.")
-    if research is None or (
-        not research.orders and not research.articles and not research.missing_orders
-    ):
+    found = research is not None and (
+        research.orders or research.articles or research.missing_orders
+    )
+    if research is not None and not found:
+        lines.append(
+            "Thank you for your question. I've passed it to the team that owns this area, "
+            "and they will reply within one business day."
+        )
+    elif research is None:
         lines.append(
             "To help you quickly, could you tell me what you were trying to do, what "
             "happened instead, and your order number if this is about an order?"

@@ -15,6 +15,17 @@ from typing import Any
 from orchestrator.context import current
 
 _WORD = re.compile(r"[a-z0-9]+")
+MIN_SCORE = 2.0  # below this an article shares only incidental words with the query
+_STOP = frozenset(
+    "a about after again all am an and any are as at be been but by can could do does for from "
+    "had has have hello hi how i if in into is it its just me my no not of on or our please so "
+    "than thanks that the their them then there these they this to up us was we were what when "
+    "where whether which will with would you your".split()
+)
+
+
+def _words(text: str) -> set[str]:
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOP}
 
 
 @cache
@@ -37,20 +48,25 @@ async def orders_for_customer(customer_id: str) -> list[dict[str, Any]]:
     return [o for o in load("orders.json") if o["customer_id"] == customer_id]
 
 
+@cache
+def _indexed_articles() -> list[tuple[dict[str, Any], tuple[set[str], set[str], set[str]]]]:
+    return [
+        (a, (_words(a["title"]), _words(" ".join(a["tags"])), _words(a["body"])))
+        for a in load("help_center.json")
+    ]
+
+
 async def search_help_center(
     query: str, category: str | None = None, limit: int = 2
 ) -> list[dict[str, Any]]:
     """Keyword search: words shared with title, tags and body, boosted for the same category."""
-    words = set(_WORD.findall(query.lower()))
+    words = _words(query)
     scored = []
-    for article in load("help_center.json"):
-        title = set(_WORD.findall(article["title"].lower()))
-        tags = set(_WORD.findall(" ".join(article["tags"]).lower()))
-        body = set(_WORD.findall(article["body"].lower()))
+    for article, (title, tags, body) in _indexed_articles():
         score = 3 * len(words & tags) + 2 * len(words & title) + 0.5 * len(words & body)
         if category and article["category"] == category:
             score *= 1.5
-        if score > 0:
+        if score >= MIN_SCORE:
             scored.append((score, article))
     scored.sort(key=lambda pair: (-pair[0], pair[1]["id"]))
     return [

@@ -36,8 +36,12 @@ class Keys:
         return f"{self.prefix}:lock:{{{workflow_id}}}:{seq}"
 
     def signal_channel(self) -> str:
-        """Pub/Sub channel announcing workflow progress (a nudge only)."""
-        return f"{self.prefix}:signal:workflows"
+        """Pub/Sub channel announcing finished workflows (a nudge only)."""
+        return f"{self.prefix}:signal:finished"
+
+    def progress_channel(self) -> str:
+        """Pub/Sub channel announcing every step handoff (for live views)."""
+        return f"{self.prefix}:signal:progress"
 
     @staticmethod
     def group(agent: str) -> str:

@@ -33,8 +33,6 @@ class Lock:
         self.name = name
         self.ttl_ms = ttl_ms
         self.token = secrets.token_hex(16)
-        self._release = client.register_script(RELEASE)
-        self._extend = client.register_script(EXTEND)
 
     async def acquire(self) -> bool:
         return bool(await self.client.set(self.name, self.token, nx=True, px=self.ttl_ms))
@@ -44,10 +42,10 @@ class Lock:
         pipe.set(self.name, self.token, nx=True, px=self.ttl_ms)
 
     async def extend(self) -> bool:
-        return bool(await self._extend(keys=[self.name], args=[self.token, self.ttl_ms]))
+        return bool(await self.client.eval(EXTEND, 1, self.name, self.token, self.ttl_ms))
 
     async def release(self) -> bool:
-        return bool(await self._release(keys=[self.name], args=[self.token]))
+        return bool(await self.client.eval(RELEASE, 1, self.name, self.token))
 
     def release_in(self, pipe: Any) -> None:
         """Queue the release on a pipeline, so it rides the handoff round trip.

@@ -96,7 +96,8 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
             mapping={"status": h.signal.status.value, "seq": h.signal.seq, "agent": h.done.agent},
         )
         pipe.expire(state_key, h.status_ttl)
-        pipe.publish(keys.signal_channel(), h.signal.model_dump_json())
+        channel = keys.signal_channel() if h.signal.status.terminal else keys.progress_channel()
+        pipe.publish(channel, h.signal.model_dump_json())
     if h.lock is not None:
         h.lock.release_in(pipe)
     await pipe.execute()

@@ -91,3 +91,18 @@ async def test_vague_ticket_skips_research_and_asks_for_details(support: Runtime
     record = report.records[0]
     assert [s.agent for s in record.steps] == ["triage", "response"]
     assert "could you tell me" in record.state["response"]["reply"]
+
+
+async def test_a_session_id_cannot_cross_tenants(support: Runtime) -> None:
+    from orchestrator.client import Client
+    from orchestrator.errors import InvalidInput
+    from schemas import Ticket
+
+    client = Client(support)
+    shared = {"customer_id": "c1", "subject": "s", "body": "b", "session_id": "s-1"}
+    await client.submit(Ticket(tenant_id="acme", **shared))
+    await client.submit(Ticket(tenant_id="acme", **shared))  # same tenant: same session
+    with pytest.raises(InvalidInput, match="belongs to another tenant"):
+        await client.submit(Ticket(tenant_id="globex", **shared))
+    rows = await fetch(support, "SELECT tenant_id FROM workflows WHERE session_id = 's-1'")
+    assert [r["tenant_id"] for r in rows] == ["acme", "acme"]
