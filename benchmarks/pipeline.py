@@ -127,11 +127,10 @@ def main() -> None:
         default="support",
         help="the support agents, or three no-op agents (runtime cost only)",
     )
-    parser.add_argument("--uvloop", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    result = anyio.run(bench, args, backend_options={"use_uvloop": args.uvloop})
+    result = anyio.run(bench, args)
     print(
-        f"app={args.app} uvloop={args.uvloop} tickets={result['tickets']} "
+        f"app={args.app} tickets={result['tickets']} "
         f"completed={result['completed']} "
         f"concurrency={result['concurrency']} wall={result['seconds']:.2f}s "
         f"workflows/s={result['workflows_per_s']:.1f} p50={result['p50_ms']:.1f}ms "

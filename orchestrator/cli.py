@@ -151,6 +151,12 @@ def worker(
     import signal
 
     names = [a.strip() for a in agents.split(",") if a.strip()] if agents else None
+    if ctx.obj.settings.redis_url is None:
+        # An embedded Redis is private to one process: no one else could give this worker work.
+        raise ConfigurationError(
+            "worker needs REDIS_URL (and DATABASE_URL) shared with the submitters; "
+            "for a single-process run use `orchestrator demo` or `orchestrator submit`"
+        )
 
     async def body(runtime: Runtime) -> None:
         w = Worker(runtime, agents=names, concurrency=concurrency)

@@ -13,6 +13,7 @@ import contextlib
 import shutil
 import subprocess
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,19 +92,27 @@ def _wait_for(sock: Path, proc: subprocess.Popen[bytes]) -> None:
 @contextlib.contextmanager
 def embedded_postgres(directory: Path) -> Iterator[str]:
     """Run (or join) the pgserver instance whose data lives in ``directory``; yield its URL."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # pgserver asks platformdirs for a runtime dir, which warns when
+        # XDG_RUNTIME_DIR is unset (containers, CI) and then falls back to /tmp.
+        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
+        server = _start_pgserver(directory)
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+
+
+def _start_pgserver(directory: Path) -> Any:
     try:
         import pgserver
     except ImportError as exc:
         raise ConfigurationError(
             f"DATABASE_URL is unset and no embedded Postgres: {_INSTALL_HINT}"
         ) from exc
-    directory.parent.mkdir(parents=True, exist_ok=True)
     try:
         get_server: Any = getattr(pgserver, "get_server")  # noqa: B009 - untyped package
-        server = get_server(directory, cleanup_mode="stop")
+        return get_server(directory, cleanup_mode="stop")
     except Exception as exc:  # pgserver raises bare exceptions from initdb/pg_ctl
         raise ServiceUnavailable("embedded Postgres", str(exc)) from exc
-    try:
-        yield str(server.get_uri())
-    finally:
-        server.cleanup()
