@@ -27,10 +27,6 @@ class Keys:
         """Live status hash of one agent instance (a worker consumer)."""
         return f"{self.prefix}:agent:{agent}:{consumer}"
 
-    def workflow_state(self, workflow_id: UUID) -> str:
-        """Hot state hash of a workflow (a cache; Postgres is the truth)."""
-        return f"{self.prefix}:wf:{{{workflow_id}}}"
-
     def step_lock(self, workflow_id: UUID, seq: int) -> str:
         """The lease of one step: held by the worker running it."""
         return f"{self.prefix}:lock:{{{workflow_id}}}:{seq}"

@@ -90,12 +90,6 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
     pipe.xack(keys.stream(h.done.agent), keys.group(h.done.agent), h.entry_id)
     status.mark_in(pipe, h.status_key, h.status, h.status_ttl)
     if h.signal is not None:
-        state_key = keys.workflow_state(h.done.workflow_id)
-        pipe.hset(
-            state_key,
-            mapping={"status": h.signal.status.value, "seq": h.signal.seq, "agent": h.done.agent},
-        )
-        pipe.expire(state_key, h.status_ttl)
         channel = keys.signal_channel() if h.signal.status.terminal else keys.progress_channel()
         pipe.publish(channel, h.signal.model_dump_json())
     if h.lock is not None:
