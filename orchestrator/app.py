@@ -31,6 +31,9 @@ class ToolSpec:
     # Idempotent tools may run again after a crash (with the same key); others never silently.
     idempotent: bool
     takes_key: bool
+    # For a non-idempotent tool: given the call's key and arguments, says whether an
+    # in-doubt call took effect (its result) or not (None: safe to call again).
+    reconcile: ToolFn | None = None
 
 
 class App:
@@ -57,9 +60,19 @@ class App:
         return cls
 
     def tool(
-        self, fn: ToolFn | None = None, *, name: str | None = None, idempotent: bool = True
+        self,
+        fn: ToolFn | None = None,
+        *,
+        name: str | None = None,
+        idempotent: bool = True,
+        reconcile: ToolFn | None = None,
     ) -> Any:
-        """Register an async tool: ``@app.tool`` or ``@app.tool(idempotent=False)``."""
+        """Register an async tool: ``@app.tool`` or ``@app.tool(idempotent=False)``.
+
+        A call of a non-idempotent tool that started but has no recorded result
+        (its worker died) is never re-run blindly: with ``reconcile`` it is
+        checked, otherwise the step is dead-lettered as in doubt.
+        """
 
         def register(f: ToolFn) -> ToolFn:
             tool_name = name or f.__name__
@@ -68,7 +81,11 @@ class App:
             if tool_name in self.tools:
                 raise ConfigurationError(f"tool {tool_name!r} is registered twice")
             takes_key = "idempotency_key" in inspect.signature(f).parameters
-            self.tools[tool_name] = ToolSpec(tool_name, f, idempotent, takes_key)
+            if reconcile is not None and idempotent:
+                raise ConfigurationError(
+                    f"tool {tool_name!r}: reconcile is for non-idempotent tools"
+                )
+            self.tools[tool_name] = ToolSpec(tool_name, f, idempotent, takes_key, reconcile)
             return f
 
         return register(fn) if fn is not None else register

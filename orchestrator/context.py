@@ -98,40 +98,61 @@ class StepContext:
             if recorded.status == "succeeded":
                 return recorded.result
             if recorded.status == "started" and not spec.idempotent:
-                raise ToolError(
-                    f"tool {name!r} call {run.key} is in doubt (started, no result)",
-                    tool=name,
-                    non_retryable=True,
-                )
+                done, result = await self._settle_in_doubt(spec, run)
+                if done:
+                    return result
+                return await self._call_recorded(spec, run, settled=True)
         if spec.idempotent:
             return await self._call_buffered(spec, run)
         return await self._call_recorded(spec, run)
 
+    async def _settle_in_doubt(self, spec: ToolSpec, run: ToolRun) -> tuple[bool, Any]:
+        """A call started with no result (its worker died): did the effect happen?
+
+        Returns (True, result) when the tool's reconcile check finds the effect,
+        (False, None) when it finds none (safe to call again). Without a check
+        the step fails, non-retryable, and is dead-lettered: never a blind re-run.
+        """
+        if spec.reconcile is None:
+            raise ToolError(
+                f"in doubt: tool {spec.name!r} call {run.key} started but recorded no result; "
+                "not re-run (not idempotent, no reconcile check)",
+                tool=spec.name,
+                non_retryable=True,
+            )
+        found = await spec.reconcile(**run.args, idempotency_key=run.key)
+        if found is None:
+            return False, None
+        result = _jsonable(spec.name, found)
+        async with self._runtime.pool.acquire() as conn:
+            await tool_runs.finish(conn, replace(run, status="succeeded", result=result))
+        return True, result
+
     async def _call_buffered(self, spec: ToolSpec, run: ToolRun) -> Any:
         try:
             result = _jsonable(spec.name, await _invoke(spec, run))
+            self._runtime.crash.reached("after_tool_effect")
         except Exception as exc:
             self.tool_runs.append(replace(run, status="failed", error=_describe(exc)))
             raise _as_tool_error(spec.name, exc) from exc
         self.tool_runs.append(replace(run, status="succeeded", result=result))
         return result
 
-    async def _call_recorded(self, spec: ToolSpec, run: ToolRun) -> Any:
+    async def _call_recorded(self, spec: ToolSpec, run: ToolRun, *, settled: bool = False) -> Any:
         """Non-idempotent: commit "started" first, so a crash mid-call is visible as in doubt."""
         pool, info = self._runtime.pool, self.info
         async with pool.acquire() as conn:
-            if not await tool_runs.start(conn, info.workflow_id, info.step_id, info.attempt, run):
-                existing = await tool_runs.fetch(conn, run.key)
-                if existing is not None and existing.status == "succeeded":
-                    return existing.result
-                if existing is None or existing.status == "started":
-                    raise ToolError(
-                        f"tool {spec.name!r} call {run.key} is in doubt",
-                        tool=spec.name,
-                        non_retryable=True,
-                    )
+            started = await tool_runs.start(conn, info.workflow_id, info.step_id, info.attempt, run)
+            existing = None if started else await tool_runs.fetch(conn, run.key)
+        if existing is not None and existing.status == "succeeded":
+            return existing.result
+        if existing is not None and existing.status == "started" and not settled:
+            done, result = await self._settle_in_doubt(spec, run)
+            if done:
+                return result
         try:
             result = _jsonable(spec.name, await _invoke(spec, run))
+            self._runtime.crash.reached("after_tool_effect")
         except Exception as exc:
             async with pool.acquire() as conn:
                 await tool_runs.finish(conn, replace(run, status="failed", error=_describe(exc)))

@@ -23,6 +23,14 @@ class Keys:
     def dead_letter_stream(self) -> str:
         return f"{self.prefix}:stream:dead-letter"
 
+    def delayed(self) -> str:
+        """Sorted set of retry envelopes scored by their due time (a speed-up only)."""
+        return f"{self.prefix}:delayed"
+
+    def reconciler_lock(self) -> str:
+        """Held by the one reconciler leader."""
+        return f"{self.prefix}:lock:reconciler"
+
     def agent_status(self, agent: str, consumer: str) -> str:
         """Live status hash of one agent instance (a worker consumer)."""
         return f"{self.prefix}:agent:{agent}:{consumer}"

@@ -20,6 +20,7 @@ from orchestrator.connections import connect_redis, create_pool, redact
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.embeddings import Embedder, HashingEmbedder
 from orchestrator.errors import ServiceUnavailable
+from orchestrator.faults import CrashPoints
 from orchestrator.keys import Keys
 from orchestrator.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.settings import Settings
@@ -38,6 +39,7 @@ class Runtime:
     pool: asyncpg.Pool
     model: LanguageModel
     embedder: Embedder
+    crash: CrashPoints
 
 
 def build_model(settings: Settings, app: App) -> LanguageModel:
@@ -79,6 +81,7 @@ async def open_runtime(
                 pool,
                 build_model(settings, app),
                 HashingEmbedder(),
+                CrashPoints(settings.crash_at, settings.crash_after),
             )
             if apply_migrations:
                 for hook in app.setup_hooks:

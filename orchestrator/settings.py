@@ -43,3 +43,16 @@ class Settings(BaseSettings):
     pool_size: int = Field(default=10, ge=1)
     block_ms: int = Field(default=1000, ge=1)
     log_level: str = "WARNING"
+    retry_base_seconds: float = Field(default=0.5, gt=0)
+    retry_cap_seconds: float = Field(default=30.0, gt=0)
+    # An open step with no progress for this long is re-enqueued from Postgres.
+    stall_seconds: float | None = Field(default=None, gt=0)
+    reconcile_interval_seconds: float = Field(default=5.0, gt=0)
+    shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # Fault injection for tests (orchestrator.faults); never set in production.
+    crash_at: str | None = None
+    crash_after: int = Field(default=3, ge=1)
+
+    @property
+    def stall_after(self) -> float:
+        return self.stall_seconds or 2 * self.lease_seconds

@@ -45,6 +45,29 @@ async def read(
     return [Entry(i, f) for _, entries in reply or [] for i, f in entries]
 
 
+async def reclaim(
+    client: aioredis.Redis, keys: Keys, agent: str, consumer: str, *, min_idle_ms: int, count: int
+) -> list[Entry]:
+    """Take over entries pending longer than the lease (their worker died or hung).
+
+    The delivery count is kept by Redis. Entries Redis reports as deleted
+    (trimmed or lost) are not recovered here: the reconciler re-derives that
+    work from Postgres.
+    """
+    reply: Any = await client.xautoclaim(
+        keys.stream(agent), keys.group(agent), consumer, min_idle_ms, start_id="0-0", count=count
+    )
+    claimed = reply[1] if reply else []
+    return [Entry(i, f) for i, f in claimed if f is not None]
+
+
+async def touch(
+    client: aioredis.Redis, keys: Keys, agent: str, consumer: str, entry_id: bytes
+) -> None:
+    """Reset an entry's idle time (XCLAIM to its own consumer): it is still being worked on."""
+    await client.xclaim(keys.stream(agent), keys.group(agent), consumer, 0, [entry_id], justid=True)
+
+
 def encode(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
     return {FIELD: envelope.model_dump_json().encode()}
 
@@ -95,6 +118,20 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
     if h.lock is not None:
         h.lock.release_in(pipe)
     await pipe.execute()
+
+
+async def dead_letter_envelope(
+    client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope, reason: str
+) -> None:
+    """Park a step that ran out of attempts on the dead-letter stream (Postgres has the row)."""
+    await client.xadd(
+        keys.dead_letter_stream(),
+        {
+            b"agent": envelope.agent.encode(),
+            b"reason": reason.encode(),
+            **encode(envelope),
+        },
+    )
 
 
 async def dead_letter(

@@ -1,9 +1,11 @@
 """The worker: reads envelopes from agent streams and runs the step protocol.
 
 Per step: one Redis round trip to take the step's lease (a lock), one
-Postgres read to check the step is open, the agent run, ONE Postgres
-transaction that completes the step fenced on its attempt, and one Redis
-round trip for the handoff (XADD next, XACK, status, PUBLISH, unlock).
+Postgres read to check the step is open, the agent run (heartbeating when
+long), ONE Postgres statement that completes the step fenced on its attempt,
+and one Redis round trip for the handoff (XADD next, XACK, status, PUBLISH,
+unlock). Alongside: reclaiming idle pending entries (XAUTOCLAIM), moving due
+retries, and the reconciler (one leader per deployment).
 """
 
 from __future__ import annotations
@@ -20,10 +22,10 @@ import anyio
 import asyncpg
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestrator import status, streams
+from orchestrator import delayed, status, streams
 from orchestrator.context import StepContext, StepInfo, bind
 from orchestrator.errors import (
     AgentError,
@@ -34,8 +36,10 @@ from orchestrator.errors import (
     StepError,
 )
 from orchestrator.locks import Lock
+from orchestrator.reconciler import Reconciler
+from orchestrator.retry import backoff
 from orchestrator.runtime import Runtime
-from orchestrator.store import steps
+from orchestrator.store import dead_letters, recovery, steps
 from schemas import Signal, TaskEnvelope, WorkflowStatus
 
 log = logging.getLogger("orchestrator.worker")
@@ -61,6 +65,7 @@ class Worker:
         agents: Sequence[str] | None = None,
         concurrency: int = 8,
         consumer: str | None = None,
+        reconcile: bool = True,
     ) -> None:
         self.rt = runtime
         self.agents = tuple(agents or runtime.app.agents)
@@ -71,57 +76,114 @@ class Worker:
             raise ConfigurationError("concurrency must be at least 1")
         self.concurrency = concurrency
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.reconcile = reconcile
         self._stop = anyio.Event()
         self.processed = 0
 
     def stop(self) -> None:
-        """Stop reading; steps already running finish first."""
+        """Stop reading; running steps get ``shutdown_grace_seconds`` to finish."""
         self._stop.set()
 
     async def run(self) -> None:
         for agent in self.agents:
-            await streams.ensure_group(self.rt.redis, self.rt.keys, agent)
+            await self._ensure_group(agent)
         async with anyio.create_task_group() as tg:
             for agent in self.agents:
                 tg.start_soon(self._consume, agent)
+            tg.start_soon(self._move_delayed)
+            if self.reconcile:
+                tg.start_soon(Reconciler(self.rt).run, self._stop)
+
+    async def _ensure_group(self, agent: str) -> None:
+        backoff_s = 0.1
+        while not self._stop.is_set():
+            try:
+                await streams.ensure_group(self.rt.redis, self.rt.keys, agent)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff_s)
+                await anyio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+
+    async def _move_delayed(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await delayed.move_due(self.rt.redis, self.rt.keys)
+            except (RedisError, OSError) as exc:
+                log.debug("moving delayed retries failed: %s", exc)
+            with anyio.move_on_after(0.2):
+                await self._stop.wait()
 
     async def _consume(self, agent: str) -> None:
         slots = anyio.Semaphore(self.concurrency)
-        backoff = 0.1
-        async with anyio.create_task_group() as handlers:
-            while not self._stop.is_set():
-                await slots.acquire()
-                try:
+        async with anyio.create_task_group() as outer:
+            handlers_scope = anyio.CancelScope()
+            outer.start_soon(self._cancel_after_grace, handlers_scope)
+            with handlers_scope:
+                async with anyio.create_task_group() as handlers:
+                    await self._read_loop(agent, slots, handlers)
+            outer.cancel_scope.cancel()
+
+    async def _cancel_after_grace(self, scope: anyio.CancelScope) -> None:
+        await self._stop.wait()
+        await anyio.sleep(self.rt.settings.shutdown_grace_seconds)
+        scope.cancel()  # steps still running are abandoned: their entries stay pending
+
+    async def _read_loop(
+        self, agent: str, slots: anyio.Semaphore, handlers: anyio.abc.TaskGroup
+    ) -> None:
+        rt = self.rt
+        lease_ms = int(rt.settings.lease_seconds * 1000)
+        backoff_s = 0.1
+        next_reclaim = anyio.current_time()
+        while not self._stop.is_set():
+            await slots.acquire()
+            try:
+                if anyio.current_time() >= next_reclaim:
+                    next_reclaim = anyio.current_time() + rt.settings.lease_seconds / 2
+                    entries = await streams.reclaim(
+                        rt.redis,
+                        rt.keys,
+                        agent,
+                        self.consumer,
+                        min_idle_ms=lease_ms,
+                        count=1 + slots.value,
+                    )
+                else:
                     entries = await streams.read(
-                        self.rt.redis,
-                        self.rt.keys,
+                        rt.redis,
+                        rt.keys,
                         agent,
                         self.consumer,
                         count=1 + slots.value,
-                        block_ms=self.rt.settings.block_ms,
+                        block_ms=rt.settings.block_ms,
                     )
-                except (RedisError, OSError) as exc:
-                    slots.release()
-                    log.warning(
-                        "reading %s stream failed (%s); retrying in %.1fs", agent, exc, backoff
-                    )
-                    await anyio.sleep(backoff)
-                    backoff = min(backoff * 2, 5.0)
+            except (RedisError, OSError) as exc:
+                slots.release()
+                if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
+                    # Redis lost the stream (restart, FLUSHALL): recreate it and go on.
+                    await self._ensure_group(agent)
                     continue
-                backoff = 0.1
-                if not entries:
-                    slots.release()
-                    continue
-                for _ in entries[1:]:
-                    await slots.acquire()
-                for entry in entries:
-                    handlers.start_soon(self._guarded, agent, entry, slots)
+                log.warning(
+                    "reading %s stream failed (%s); retrying in %.1fs", agent, exc, backoff_s
+                )
+                await anyio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            backoff_s = 0.1
+            if not entries:
+                slots.release()
+                continue
+            for _ in entries[1:]:
+                await slots.acquire()
+            for entry in entries:
+                handlers.start_soon(self._guarded, agent, entry, slots)
 
     async def _guarded(self, agent: str, entry: streams.Entry, slots: anyio.Semaphore) -> None:
         try:
             await self.process(agent, entry)
         except INFRA_ERRORS as exc:
-            # Left pending in the stream: redelivered by reclaim once the service is back.
+            # Left pending in the stream: reclaimed once the service is back.
             log.warning("step on %s left pending: %s", agent, exc)
         except Exception:
             log.exception("unexpected error handling %s entry %r", agent, entry.id)
@@ -136,8 +198,7 @@ class Worker:
             if envelope.agent != agent:
                 raise InvalidInput(f"envelope for agent {envelope.agent!r} on {agent!r} stream")
         except InvalidInput as exc:
-            log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, exc)
-            await streams.dead_letter(rt.redis, rt.keys, agent, entry, str(exc))
+            await self._poison(agent, entry, str(exc))
             return
         lock = Lock(
             rt.redis,
@@ -145,8 +206,8 @@ class Worker:
             int(rt.settings.lease_seconds * 1000),
         )
         if not await self._take_lease(envelope, lock):
-            # Another worker holds this step's lease: this delivery is a duplicate.
-            await self._hand_off(envelope, entry, [], None, None)
+            # Another worker holds this step's lease. Not acknowledged: if that
+            # worker dies, this entry is reclaimed once idle past the lease.
             return
         async with rt.pool.acquire() as conn:
             opened = await steps.open_step(conn, envelope)
@@ -154,7 +215,17 @@ class Worker:
             log.info("skipping %s step %s: %s", agent, envelope.step_id, opened.reason)
             await self._hand_off(envelope, entry, [], None, lock)
             return
+        rt.crash.reached("after_claim")
         await self._run_step(envelope, entry, lock, opened)
+
+    async def _poison(self, agent: str, entry: streams.Entry, reason: str) -> None:
+        """Record an unreadable entry durably, park it on the dead-letter stream, ack it."""
+        log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, reason)
+        raw = entry.fields.get(streams.FIELD, b"")
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
+        async with self.rt.pool.acquire() as conn:
+            await dead_letters.add(conn, agent=agent, reason=reason, envelope=text)
+        await streams.dead_letter(self.rt.redis, self.rt.keys, agent, entry, reason)
 
     async def _take_lease(self, envelope: TaskEnvelope, lock: Lock) -> bool:
         """Take the step's lock and show the agent as running, in one round trip."""
@@ -187,28 +258,76 @@ class Worker:
         ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools)
         started = datetime.now(UTC)
         try:
-            outcome = await self._execute(cls, ctx, envelope, started)
-            async with rt.pool.acquire() as conn:
-                nxt = await steps.complete(conn, envelope, outcome)
-        except FenceRejected as exc:
-            log.info("%s", exc)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
-        except INFRA_ERRORS:
-            await lock.release()
+            try:
+                outcome = await self._execute_beating(cls, ctx, envelope, entry, lock, started)
+                async with rt.pool.acquire() as conn:
+                    nxt = await steps.complete(conn, envelope, outcome)
+            except FenceRejected as exc:
+                log.info("%s", exc)
+                await self._hand_off(envelope, entry, [], None, lock)
+                return
+            except INFRA_ERRORS:
+                raise
+            except Exception as exc:
+                await self._fail(envelope, entry, lock, ctx, started, exc)
+                return
+        except BaseException:
+            # Infrastructure error or shutdown: free the lease at once (best effort);
+            # the entry stays pending and is reclaimed.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                try:
+                    await lock.release()
+                except (RedisError, OSError):
+                    pass
             raise
-        except Exception as exc:
-            await self._fail(envelope, entry, lock, ctx, started, exc)
-            return
+        rt.crash.reached("after_commit")
         self.processed += 1
         done = WorkflowStatus.RUNNING if nxt else WorkflowStatus.COMPLETED
-        await self._hand_off(
-            envelope,
-            entry,
-            nxt,
-            Signal(workflow_id=envelope.workflow_id, status=done, seq=envelope.seq),
-            lock,
-        )
+        signal = Signal(workflow_id=envelope.workflow_id, status=done, seq=envelope.seq)
+        await self._hand_off(envelope, entry, nxt, signal, lock)
+
+    async def _execute_beating(
+        self,
+        cls: Any,
+        ctx: StepContext,
+        envelope: TaskEnvelope,
+        entry: streams.Entry,
+        lock: Lock,
+        started: datetime,
+    ) -> steps.Outcome:
+        """Run the agent with a heartbeat beside it; the agent's own error comes out unwrapped."""
+        failure: Exception | None = None
+        async with anyio.create_task_group() as beats:
+            beats.start_soon(self._heartbeat, envelope, entry, lock)
+            try:
+                outcome = await self._execute(cls, ctx, envelope, started)
+            except Exception as exc:  # re-raised below, outside the task group
+                failure = exc
+            beats.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return outcome
+
+    async def _heartbeat(self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock) -> None:
+        """For long steps: extend the lock, reset the entry's idle time, refresh the PG lease."""
+        rt = self.rt
+        while True:
+            await anyio.sleep(rt.settings.lease_seconds / 3)
+            try:
+                await lock.extend()
+                await streams.touch(rt.redis, rt.keys, envelope.agent, self.consumer, entry.id)
+                async with rt.pool.acquire() as conn:
+                    alive = await recovery.heartbeat(conn, envelope.step_id, envelope.attempt)
+            except (RedisError, OSError, asyncpg.PostgresError, ServiceUnavailable) as exc:
+                log.warning("heartbeat of step %s failed: %s", envelope.step_id, exc)
+                continue
+            if not alive:
+                log.info(
+                    "step %s attempt %d was fenced out while running",
+                    envelope.step_id,
+                    envelope.attempt,
+                )
+                return
 
     async def _execute(
         self, cls: Any, ctx: StepContext, envelope: TaskEnvelope, started: datetime
@@ -263,27 +382,36 @@ class Worker:
         started: datetime,
         exc: Exception,
     ) -> None:
+        """Record the failure; retry later with backoff, or fail and dead-letter."""
         rt = self.rt
         cls = rt.app.agents[envelope.agent]
         max_attempts = cls.max_attempts or rt.settings.max_attempts
         non_retryable = isinstance(exc, StepError) and exc.non_retryable
-        retry = not non_retryable and envelope.attempt < max_attempts
+        retry_after = (
+            None
+            if non_retryable or envelope.attempt >= max_attempts
+            else backoff(
+                envelope.attempt,
+                base=rt.settings.retry_base_seconds,
+                cap=rt.settings.retry_cap_seconds,
+            )
+        )
         error = f"{type(exc).__name__}: {exc}"[:2000]
         log.warning(
             "%s step %s attempt %d failed (%s): %s",
             envelope.agent,
             envelope.step_id,
             envelope.attempt,
-            "retrying" if retry else "giving up",
+            "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
             error,
         )
         try:
             async with rt.pool.acquire() as conn:
-                again = await steps.fail(
+                failure = await steps.fail(
                     conn,
                     envelope,
                     error=error,
-                    retry=retry,
+                    retry_after=retry_after,
                     recorded=ctx.tool_runs,
                     worker=self.consumer,
                     started_at=started,
@@ -292,14 +420,15 @@ class Worker:
             log.info("%s", fence)
             await self._hand_off(envelope, entry, [], None, lock)
             return
-        signal = (
-            None
-            if again
-            else Signal(
-                workflow_id=envelope.workflow_id, status=WorkflowStatus.FAILED, seq=envelope.seq
-            )
+        if failure.retry is not None:
+            await delayed.schedule(rt.redis, rt.keys, failure.retry, failure.delay)
+            await self._hand_off(envelope, entry, [], None, lock)
+            return
+        await streams.dead_letter_envelope(rt.redis, rt.keys, envelope, error)
+        signal = Signal(
+            workflow_id=envelope.workflow_id, status=WorkflowStatus.FAILED, seq=envelope.seq
         )
-        await self._hand_off(envelope, entry, [again] if again else [], signal, lock)
+        await self._hand_off(envelope, entry, [], signal, lock)
 
     async def _hand_off(
         self,
@@ -310,6 +439,12 @@ class Worker:
         lock: Lock | None,
     ) -> None:
         rt = self.rt
+        if nxt and rt.crash.at == "after_xadd":
+            # Fault injection only: split the round trip to die between XADD and XACK.
+            for envelope_next in nxt:
+                await streams.enqueue(rt.redis, rt.keys, envelope_next)
+            rt.crash.reached("after_xadd")
+            nxt = []
         await streams.hand_off(
             rt.redis,
             rt.keys,

@@ -53,6 +53,8 @@ def settings(server_urls: dict[str, str], tmp_path: Path) -> Settings:
         home=tmp_path,
         block_ms=50,
         lease_seconds=5,
+        retry_base_seconds=0.01,
+        retry_cap_seconds=0.02,
     )
 
 

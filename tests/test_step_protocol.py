@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from orchestrator import streams
+from orchestrator import delayed, streams
 from orchestrator.client import Client
 from orchestrator.errors import FenceRejected
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
-from orchestrator.store import steps
+from orchestrator.store import recovery, steps
 from orchestrator.worker import Worker
 from schemas import WorkflowStatus
 from tests.apps import TICKET, Probe, build_app
@@ -34,6 +34,8 @@ async def rt(settings: Settings, probe: Probe) -> AsyncIterator[Runtime]:
 
 async def _next_entry(rt: Runtime, worker: Worker, agent: str) -> streams.Entry:
     await streams.ensure_group(rt.redis, rt.keys, agent)
+    await anyio.sleep(0.05)  # let a scheduled retry (backoff 10-20 ms here) come due
+    await delayed.move_due(rt.redis, rt.keys)
     entries = await streams.read(rt.redis, rt.keys, agent, worker.consumer, count=1, block_ms=2000)
     assert len(entries) == 1
     return entries[0]
@@ -68,7 +70,7 @@ async def test_fenced_completion_loses_to_a_newer_attempt(rt: Runtime, probe: Pr
         await probe.entered.wait()  # the first worker is inside the agent, attempt 1
         async with rt.pool.acquire() as conn:
             step = (await client.get(wid)).steps[0]
-            newer = await steps.requeue(conn, step.id)  # e.g. the lease expired
+            newer = await recovery.requeue(conn, step.id)  # e.g. the lease expired
         assert newer is not None and newer.attempt == 2
         probe.gate.set()  # attempt 1 now tries to complete, and must lose
 
@@ -89,7 +91,7 @@ async def test_stale_completion_is_rejected_by_the_store(rt: Runtime, probe: Pro
     wid = await client.submit(TICKET, pipeline="gated")
     envelope = streams.decode(await _next_entry(rt, worker, "gated"))
     async with rt.pool.acquire() as conn:
-        await steps.requeue(conn, envelope.step_id)
+        await recovery.requeue(conn, envelope.step_id)
         outcome = steps.Outcome(
             output={"value": "x"},
             state=envelope.payload,

@@ -128,7 +128,26 @@ CREATE TABLE memories (
 CREATE INDEX memories_embedding ON memories USING hnsw (embedding public.vector_cosine_ops);
 """
 
-MIGRATIONS: tuple[str, ...] = (V1_CORE,)
+V2_RECOVERY = """
+-- A retry waits until not_before: the durable schedule (Redis only speeds it up).
+ALTER TABLE steps ADD COLUMN not_before timestamptz;
+CREATE INDEX steps_stalled ON steps (updated_at) WHERE status = 'queued';
+DROP INDEX steps_open;
+
+CREATE TABLE dead_letters (
+    id          bigserial PRIMARY KEY,
+    workflow_id uuid REFERENCES workflows (id),
+    step_id     uuid REFERENCES steps (id),
+    agent       text NOT NULL,
+    reason      text NOT NULL,
+    envelope    text NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    retried_at  timestamptz
+);
+CREATE INDEX dead_letters_open ON dead_letters (created_at) WHERE retried_at IS NULL;
+"""
+
+MIGRATIONS: tuple[str, ...] = (V1_CORE, V2_RECOVERY)
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -12,10 +12,10 @@ import json
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import uuid4
 
 from orchestrator.errors import FenceRejected
-from orchestrator.store import Conn, tool_runs
+from orchestrator.store import Conn, dead_letters, tool_runs
 from orchestrator.store.tool_runs import ToolRun
 from schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
 
@@ -34,16 +34,10 @@ WHERE id = $1 AND attempt = $2 AND status = 'queued'
 RETURNING id
 """
 RETRY_STEP = """
-UPDATE steps SET attempt = attempt + 1, error = $3, updated_at = now()
+UPDATE steps SET attempt = attempt + 1, error = $3, updated_at = now(),
+                 not_before = now() + make_interval(secs => $4)
 WHERE id = $1 AND attempt = $2 AND status = 'queued'
 RETURNING attempt
-"""
-REQUEUE_STEP = """
-UPDATE steps SET attempt = attempt + 1, updated_at = now()
-WHERE id = $1 AND status = 'queued'
-RETURNING id, workflow_id, seq, agent, assigned_by, attempt, input,
-          (SELECT tenant_id FROM workflows w WHERE w.id = steps.workflow_id) AS tenant_id,
-          (SELECT pipeline FROM workflows w WHERE w.id = steps.workflow_id) AS pipeline
 """
 # The whole completion as ONE statement (one round trip, atomic by itself): every
 # write hangs off the fenced UPDATE, so a rejected fence writes nothing at all.
@@ -219,20 +213,35 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
     return nxt
 
 
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """What the failure path committed: a retry to schedule, or a dead letter."""
+
+    retry: TaskEnvelope | None
+    delay: float
+    dead_letter_id: int | None
+
+
 async def fail(
     conn: Conn,
     envelope: TaskEnvelope,
     *,
     error: str,
-    retry: bool,
+    retry_after: float | None,
     recorded: list[ToolRun],
     worker: str,
     started_at: datetime,
-) -> TaskEnvelope | None:
-    """Record a failed attempt (keeping its tool results); return the retry envelope, if any."""
+) -> Failure:
+    """Record a failed attempt (keeping its tool results) in one transaction.
+
+    With ``retry_after`` the step stays open with the next attempt and a durable
+    not-before time; without it the step and workflow fail and a dead letter is kept.
+    """
     async with conn.transaction():
-        if retry:
-            new_attempt = await conn.fetchval(RETRY_STEP, envelope.step_id, envelope.attempt, error)
+        if retry_after is not None:
+            new_attempt = await conn.fetchval(
+                RETRY_STEP, envelope.step_id, envelope.attempt, error, retry_after
+            )
             closed = new_attempt is not None
         else:
             closed = (
@@ -260,9 +269,11 @@ async def fail(
             conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded
         )
         data = {"agent": envelope.agent, "attempt": envelope.attempt, "error": error}
-        if retry:
-            await _events(conn, envelope, [(EventType.STEP_RETRIED, data)])
-            return envelope.model_copy(update={"attempt": new_attempt})
+        if retry_after is not None:
+            await _events(
+                conn, envelope, [(EventType.STEP_RETRIED, {**data, "retry_after": retry_after})]
+            )
+            return Failure(envelope.model_copy(update={"attempt": new_attempt}), retry_after, None)
         await conn.execute(
             UPDATE_WORKFLOW,
             envelope.workflow_id,
@@ -270,33 +281,24 @@ async def fail(
             WorkflowStatus.FAILED.value,
             f"{envelope.agent}: {error}",
         )
+        letter = await dead_letters.add(
+            conn,
+            agent=envelope.agent,
+            reason=error,
+            envelope=envelope.model_dump_json(),
+            workflow_id=envelope.workflow_id,
+            step_id=envelope.step_id,
+        )
         await _events(
             conn,
             envelope,
-            [(EventType.STEP_FAILED, data), (EventType.WORKFLOW_FAILED, {"error": error})],
+            [
+                (EventType.STEP_FAILED, data),
+                (EventType.STEP_DEAD_LETTERED, {"id": letter}),
+                (EventType.WORKFLOW_FAILED, {"error": error}),
+            ],
         )
-    return None
-
-
-async def requeue(conn: Conn, step_id: UUID) -> TaskEnvelope | None:
-    """Bump an open step's attempt (fencing out whoever runs it now); return its new envelope."""
-    async with conn.transaction():
-        row = await conn.fetchrow(REQUEUE_STEP, step_id)
-        if row is None:
-            return None
-        envelope = TaskEnvelope(
-            workflow_id=row["workflow_id"],
-            step_id=row["id"],
-            seq=row["seq"],
-            agent=row["agent"],
-            attempt=row["attempt"],
-            tenant_id=row["tenant_id"],
-            pipeline=row["pipeline"],
-            assigned_by=row["assigned_by"],
-            payload=row["input"],
-        )
-        await _events(conn, envelope, [(EventType.STEP_REQUEUED, {"attempt": row["attempt"]})])
-    return envelope
+    return Failure(None, 0.0, letter)
 
 
 async def _events(

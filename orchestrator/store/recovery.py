@@ -1,0 +1,148 @@
+"""Recovery in Postgres: find stalled steps, re-enqueue, heartbeat, cancel and resume.
+
+Every re-enqueue bumps the step's attempt, so whoever still runs the old
+attempt is fenced out and an old envelope still in a stream is skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from uuid import UUID
+
+from orchestrator.errors import InvalidInput, WorkflowNotFound
+from orchestrator.store import Conn, dead_letters
+from schemas import EventType, TaskEnvelope, WorkflowStatus
+
+# Open steps with no progress for a while (or whose retry time has come):
+# their envelope may be lost with Redis, or their worker dead.
+SELECT_STALLED = """
+SELECT s.id FROM steps s JOIN workflows w ON w.id = s.workflow_id
+WHERE s.status = 'queued' AND w.status = 'running'
+  AND s.updated_at < now() - make_interval(secs => $1)
+  AND (s.not_before IS NULL OR s.not_before <= now())
+ORDER BY s.updated_at
+LIMIT $2
+"""
+REQUEUE_STEP = """
+UPDATE steps s SET attempt = s.attempt + 1, updated_at = now(), not_before = NULL
+FROM workflows w
+WHERE s.id = $1 AND s.status = 'queued' AND w.id = s.workflow_id AND w.status = 'running'
+RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
+          w.tenant_id, w.pipeline
+"""
+# A long step proves it is alive: the lease lives in Postgres as updated_at.
+HEARTBEAT = """
+UPDATE steps SET updated_at = now()
+WHERE id = $1 AND attempt = $2 AND status = 'queued'
+RETURNING id
+"""
+WORKFLOW_STATUS = "SELECT status FROM workflows WHERE id = $1"
+CANCEL_WORKFLOW = """
+UPDATE workflows SET status = 'cancelled', updated_at = now(), completed_at = now()
+WHERE id = $1 AND status = 'running'
+RETURNING id
+"""
+CANCEL_STEPS = """
+UPDATE steps SET status = 'cancelled', updated_at = now(), completed_at = now()
+WHERE workflow_id = $1 AND status = 'queued'
+"""
+REOPEN_FAILED_STEP = """
+UPDATE steps SET status = 'queued', attempt = attempt + 1, error = NULL, not_before = NULL,
+                 completed_at = NULL, updated_at = now()
+WHERE id = (SELECT id FROM steps WHERE workflow_id = $1 AND status = 'failed'
+            ORDER BY seq DESC LIMIT 1)
+RETURNING id
+"""
+REOPEN_WORKFLOW = """
+UPDATE workflows SET status = 'running', error = NULL, completed_at = NULL, updated_at = now()
+WHERE id = $1
+"""
+OPEN_STEP_IDS = "SELECT id FROM steps WHERE workflow_id = $1 AND status = 'queued' ORDER BY seq"
+INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1, $2, $3, $4)"
+
+
+async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[UUID]:
+    return [r["id"] for r in await conn.fetch(SELECT_STALLED, older_than, limit)]
+
+
+async def requeue(conn: Conn, step_id: UUID, *, reason: str = "requeued") -> TaskEnvelope | None:
+    """Bump an open step's attempt (fencing out whoever runs it now); return its new envelope."""
+    async with conn.transaction():
+        row = await conn.fetchrow(REQUEUE_STEP, step_id)
+        if row is None:
+            return None
+        await conn.execute(
+            INSERT_EVENT,
+            row["workflow_id"],
+            row["id"],
+            EventType.STEP_REQUEUED.value,
+            {"attempt": row["attempt"], "reason": reason},
+        )
+    return _envelope(row)
+
+
+async def heartbeat(conn: Conn, step_id: UUID, attempt: int) -> bool:
+    """Refresh a running step's lease; False when the attempt was fenced out meanwhile."""
+    return await conn.fetchval(HEARTBEAT, step_id, attempt) is not None
+
+
+async def workflow_status(conn: Conn, workflow_id: UUID) -> WorkflowStatus:
+    status = await conn.fetchval(WORKFLOW_STATUS, workflow_id)
+    if status is None:
+        raise WorkflowNotFound(workflow_id)
+    return WorkflowStatus(status)
+
+
+async def cancel(conn: Conn, workflow_id: UUID) -> bool:
+    """Cancel a running workflow; its running step sees it at the next boundary."""
+    async with conn.transaction():
+        if await conn.fetchval(CANCEL_WORKFLOW, workflow_id) is None:
+            await workflow_status(conn, workflow_id)  # raises if unknown
+            return False
+        await conn.execute(CANCEL_STEPS, workflow_id)
+        await conn.execute(INSERT_EVENT, workflow_id, None, EventType.WORKFLOW_CANCELLED.value, {})
+    return True
+
+
+async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
+    """Re-open a failed workflow at its failed step, or re-enqueue a stuck one's open steps.
+
+    Tool results recorded by earlier attempts stay in the ledger and are reused.
+    """
+    async with conn.transaction():
+        status = await workflow_status(conn, workflow_id)
+        if status in (WorkflowStatus.COMPLETED, WorkflowStatus.CANCELLED):
+            raise InvalidInput(f"workflow {workflow_id} is {status.value}; nothing to resume")
+        if status is WorkflowStatus.FAILED:
+            if await conn.fetchval(REOPEN_FAILED_STEP, workflow_id) is None:
+                raise InvalidInput(f"workflow {workflow_id} failed without a failed step")
+            await conn.execute(REOPEN_WORKFLOW, workflow_id)
+            await dead_letters.mark_workflow_retried(conn, workflow_id)
+        await conn.execute(
+            INSERT_EVENT,
+            workflow_id,
+            None,
+            EventType.WORKFLOW_RESUMED.value,
+            {"from": status.value},
+        )
+        step_ids = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
+        envelopes = []
+        for step_id in step_ids:
+            row = await conn.fetchrow(REQUEUE_STEP, step_id)
+            if row is not None:
+                envelopes.append(_envelope(row))
+    return envelopes
+
+
+def _envelope(row: Any) -> TaskEnvelope:
+    return TaskEnvelope(
+        workflow_id=row["workflow_id"],
+        step_id=row["id"],
+        seq=row["seq"],
+        agent=row["agent"],
+        attempt=row["attempt"],
+        tenant_id=row["tenant_id"],
+        pipeline=row["pipeline"],
+        assigned_by=row["assigned_by"],
+        payload=row["input"],
+    )

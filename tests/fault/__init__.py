@@ -1,0 +1,1 @@
+"""Fault-injection harness: private Redis/Postgres servers and a counting tool server."""
