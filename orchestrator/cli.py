@@ -18,6 +18,7 @@ import anyio
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.table import Table
 
 from orchestrator.app import App, load_app
 from orchestrator.client import Client
@@ -229,10 +230,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show a workflow, its steps and its result."""
-    try:
-        wid = UUID(workflow)
-    except ValueError:
-        raise InvalidInput(f"not a workflow id: {workflow!r}") from None
+    wid = _workflow_id(workflow)
 
     async def body(runtime: Runtime) -> None:
         record = await Client(runtime).get(wid)
@@ -243,6 +241,106 @@ def status(
         out.print(steps_table(record))
 
     _run(ctx.obj, body, migrate=False)
+
+
+def _workflow_id(value: str) -> UUID:
+    try:
+        return UUID(value)
+    except ValueError:
+        raise InvalidInput(f"not a workflow id: {value!r}") from None
+
+
+@cli.command()
+@guard
+def cancel(
+    ctx: typer.Context, workflow: Annotated[str, typer.Argument(help="workflow id")]
+) -> None:
+    """Cancel a workflow: no further step starts; a running step can see it."""
+    wid = _workflow_id(workflow)
+
+    async def body(runtime: Runtime) -> None:
+        if await Client(runtime).cancel(wid):
+            out.print(f"cancelled {wid}")
+        else:
+            raise InvalidInput(f"workflow {wid} is not running; nothing to cancel")
+
+    _run(ctx.obj, body, migrate=False)
+
+
+@cli.command()
+@guard
+def resume(
+    ctx: typer.Context, workflow: Annotated[str, typer.Argument(help="workflow id")]
+) -> None:
+    """Re-run a failed or stuck workflow from its last checkpoint (recorded tools reused)."""
+    wid = _workflow_id(workflow)
+
+    async def body(runtime: Runtime) -> None:
+        count = await Client(runtime).resume(wid)
+        out.print(f"resumed {wid}: {count} step(s) enqueued")
+
+    _run(ctx.obj, body, migrate=False)
+
+
+dlq = typer.Typer(help="Dead letters: steps out of attempts, in-doubt calls, bad entries.")
+cli.add_typer(dlq, name="dlq")
+
+
+@dlq.command("list")
+@guard
+def dlq_list(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="include retried ones")] = False,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+) -> None:
+    """List dead letters, newest first."""
+
+    async def body(runtime: Runtime) -> None:
+        letters = await Client(runtime).dead_letters(include_retried=all_, limit=limit)
+        table = Table("id", "workflow", "agent", "reason", "created", "retried")
+        for d in letters:
+            table.add_row(
+                str(d.id),
+                str(d.workflow_id or "-"),
+                d.agent,
+                d.reason[:80],
+                d.created_at.isoformat(timespec="seconds"),
+                d.retried_at.isoformat(timespec="seconds") if d.retried_at else "",
+            )
+        out.print(table)
+
+    _run(ctx.find_root().obj, body, migrate=False)
+
+
+@dlq.command("show")
+@guard
+def dlq_show(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id")]) -> None:
+    """Show one dead letter with its envelope."""
+
+    async def body(runtime: Runtime) -> None:
+        d = await Client(runtime).dead_letter(letter)
+        out.print(
+            f"id: {d.id}\nworkflow: {d.workflow_id}\nstep: {d.step_id}\n"
+            f"agent: {d.agent}\nreason: {d.reason}\ncreated: {d.created_at}\n"
+            f"retried: {d.retried_at}",
+            markup=False,
+            highlight=False,
+        )
+        out.print_json(d.envelope) if d.envelope.startswith("{") else out.print(d.envelope)
+
+    _run(ctx.find_root().obj, body, migrate=False)
+
+
+@dlq.command("retry")
+@guard
+def dlq_retry(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id")]) -> None:
+    """Retry a dead-lettered step: its workflow resumes from the last checkpoint."""
+
+    async def body(runtime: Runtime) -> None:
+        wid = await Client(runtime).retry_dead_letter(letter)
+        out.print(f"dead letter {letter}: workflow {wid} resumed")
+
+    _run(ctx.find_root().obj, body, migrate=False)
 
 
 def main() -> None:

@@ -11,8 +11,11 @@ import anyio
 from pydantic import ValidationError
 
 from orchestrator import streams
+from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
-from orchestrator.store import workflows
+from orchestrator.store import dead_letters as letters
+from orchestrator.store import recovery, workflows
+from orchestrator.store.dead_letters import DeadLetter
 from schemas import Signal, Ticket, WorkflowRecord, WorkflowStatus
 
 
@@ -33,6 +36,50 @@ class Client:
             )
         await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
         return envelope.workflow_id
+
+    async def cancel(self, workflow_id: UUID) -> bool:
+        """Cancel a running workflow (False if it had already finished).
+
+        No new step starts; a running step sees it through ``ctx.cancelled()``
+        and its completion hands off to nobody.
+        """
+        async with self.rt.pool.acquire() as conn:
+            return await recovery.cancel(conn, workflow_id)
+
+    async def resume(self, workflow_id: UUID) -> int:
+        """Re-run a failed or stuck workflow from its last checkpoint; return steps enqueued."""
+        async with self.rt.pool.acquire() as conn:
+            envelopes = await recovery.resume(conn, workflow_id)
+        for envelope in envelopes:
+            await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
+        return len(envelopes)
+
+    async def dead_letters(
+        self, *, include_retried: bool = False, limit: int = 50
+    ) -> list[DeadLetter]:
+        async with self.rt.pool.acquire() as conn:
+            return await letters.list_letters(conn, include_retried=include_retried, limit=limit)
+
+    async def dead_letter(self, letter_id: int) -> DeadLetter:
+        async with self.rt.pool.acquire() as conn:
+            letter = await letters.get(conn, letter_id)
+        if letter is None:
+            raise InvalidInput(f"no dead letter {letter_id}")
+        return letter
+
+    async def retry_dead_letter(self, letter_id: int) -> UUID:
+        """Retry a dead-lettered step by resuming its workflow; return the workflow id."""
+        letter = await self.dead_letter(letter_id)
+        if letter.retried_at is not None:
+            raise InvalidInput(f"dead letter {letter_id} was already retried")
+        if letter.workflow_id is None:
+            raise InvalidInput(
+                f"dead letter {letter_id} is an unreadable entry with no workflow; "
+                "fix its producer and submit again"
+            )
+        workflow_id: UUID = letter.workflow_id
+        await self.resume(workflow_id)
+        return workflow_id
 
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
         async with self.rt.pool.acquire() as conn:

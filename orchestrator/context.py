@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from orchestrator.errors import NonDeterminismError, OrchestratorError, ToolError
-from orchestrator.store import memory, tool_runs
+from orchestrator.store import memory, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
+from schemas import WorkflowStatus
 
 if TYPE_CHECKING:
     from orchestrator.app import ToolSpec
@@ -63,6 +64,12 @@ class StepContext:
     @property
     def model(self) -> LanguageModel:
         return self._runtime.model
+
+    async def cancelled(self) -> bool:
+        """Whether the workflow was cancelled meanwhile (check it in long steps)."""
+        async with self._runtime.pool.acquire() as conn:
+            status = await recovery.workflow_status(conn, self.info.workflow_id)
+        return status is WorkflowStatus.CANCELLED
 
     def say(self, text: str) -> None:
         """Append an agent message to the session transcript (committed with the step)."""

@@ -19,12 +19,12 @@ from orchestrator.app import App
 from orchestrator.connections import connect_redis, create_pool, redact
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.embeddings import Embedder, HashingEmbedder
-from orchestrator.errors import ServiceUnavailable
+from orchestrator.errors import ConfigurationError, ServiceUnavailable
 from orchestrator.faults import CrashPoints
 from orchestrator.keys import Keys
 from orchestrator.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.settings import Settings
-from orchestrator.store.migrations import migrate, pgvector_available
+from orchestrator.store.migrations import MIGRATIONS, migrate, pgvector_available, schema_version
 
 # Postgres quotes the identifier itself (%I): no schema name is ever formatted by Python.
 CREATE_SCHEMA_SQL = "SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text)"
@@ -63,7 +63,9 @@ async def open_runtime(
         database_url = settings.database_url or servers.enter_context(
             embedded_postgres(settings.home / "pg")
         )
-        await _prepare_database(database_url, settings.db_schema, apply_migrations)
+        # The embedded database is private to this user: keep it migrated without asking.
+        migrate_now = apply_migrations or settings.database_url is None
+        await _prepare_database(database_url, settings.db_schema, migrate_now)
         redis = await connect_redis(redis_url)
         try:
             pool = await create_pool(
@@ -109,5 +111,12 @@ async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> No
         if apply_migrations:
             await conn.execute(await conn.fetchval(CREATE_SCHEMA_SQL, schema))
             await migrate(conn)
+        else:
+            version = await schema_version(conn)
+            if version < len(MIGRATIONS):
+                raise ConfigurationError(
+                    f"database schema {schema!r} is at version {version}, this code needs "
+                    f"{len(MIGRATIONS)}: run `orchestrator migrate`"
+                )
     finally:
         await conn.close()

@@ -28,6 +28,9 @@ class Probe:
         self.gate = anyio.Event()
         self.entered = anyio.Event()
         self.failures_left = 0
+        self.cancel_seen: bool | None = None
+        # What the refund tool's reconcile check answers for an in-doubt call.
+        self.refund_found: dict[str, object] | None = None
 
 
 def build_app(probe: Probe) -> App:
@@ -43,6 +46,27 @@ def build_app(probe: Probe) -> App:
         probe.calls["charge"] += 1
         return {"charged": amount, "key": idempotency_key}
 
+    async def refund_applied(amount: int, idempotency_key: str) -> dict[str, object] | None:
+        probe.calls["refund_check"] += 1
+        return probe.refund_found
+
+    @app.tool(idempotent=False, reconcile=refund_applied)
+    async def refund(amount: int, idempotency_key: str) -> dict[str, object]:
+        probe.calls["refund"] += 1
+        return {"refunded": amount}
+
+    @app.agent
+    class Refunder(Agent[TicketIn, Done]):
+        name = "refunder"
+        input_model = TicketIn
+        output_model = Done
+        tools = ("charge", "refund")
+
+        async def run(self, ctx: StepContext, data: TicketIn) -> Done:
+            paid = await ctx.tool("charge", amount=7)
+            back = await ctx.tool("refund", amount=7)
+            return Done(value=f"{paid['charged']}-{back['refunded']}")
+
     @app.agent
     class Gated(Agent[TicketIn, Done]):
         name = "gated"
@@ -52,6 +76,7 @@ def build_app(probe: Probe) -> App:
         async def run(self, ctx: StepContext, data: TicketIn) -> Done:
             probe.entered.set()
             await probe.gate.wait()
+            probe.cancel_seen = await ctx.cancelled()
             return Done(value=data.ticket.subject)
 
     @app.agent
@@ -72,6 +97,8 @@ def build_app(probe: Probe) -> App:
             return Done(value=f"{found['looked_up']}:{paid['charged']}")
 
     app.pipeline("gated", ["gated"])
+    app.pipeline("two_steps", ["gated", "flaky"])
+    app.pipeline("refunder", ["refunder"])
     app.pipeline("flaky", ["flaky"])
     app.validate()
     return app

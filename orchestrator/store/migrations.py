@@ -159,6 +159,7 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 LOCK = "SELECT pg_advisory_xact_lock(hashtext('orchestrator.migrate:' || current_schema()))"
 CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM schema_migrations"
 RECORD_VERSION = "INSERT INTO schema_migrations (version) VALUES ($1)"
+VERSION_TABLE_EXISTS = "SELECT to_regclass('schema_migrations') IS NOT NULL"
 PGVECTOR_AVAILABLE = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
 
 
@@ -176,6 +177,15 @@ async def migrate(conn: Conn) -> list[int]:
             await conn.execute(RECORD_VERSION, version)
             applied.append(version)
     return applied
+
+
+async def schema_version(conn: Conn) -> int:
+    """The applied version, 0 when the schema has never been migrated."""
+    exists = await conn.fetchval(VERSION_TABLE_EXISTS)
+    if not exists:
+        return 0
+    version: int = await conn.fetchval(CURRENT_VERSION)
+    return version
 
 
 async def pgvector_available(conn: Conn) -> bool:

@@ -47,7 +47,7 @@ UPDATE steps SET status = 'cancelled', updated_at = now(), completed_at = now()
 WHERE workflow_id = $1 AND status = 'queued'
 """
 REOPEN_FAILED_STEP = """
-UPDATE steps SET status = 'queued', attempt = attempt + 1, error = NULL, not_before = NULL,
+UPDATE steps SET status = 'queued', error = NULL, not_before = NULL,
                  completed_at = NULL, updated_at = now()
 WHERE id = (SELECT id FROM steps WHERE workflow_id = $1 AND status = 'failed'
             ORDER BY seq DESC LIMIT 1)

@@ -66,7 +66,9 @@ WITH closed AS (
 ), next_steps AS (
     INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
     SELECT i, c.workflow_id, q, a, $14, 'queued', $15
-    FROM closed c, unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
+    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running',
+         unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
+    RETURNING id
 ), transcript AS (
     INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
     SELECT w.session_id, w.tenant_id, w.id, 'agent', $14, m
@@ -81,7 +83,7 @@ WITH closed AS (
     SELECT c.workflow_id, c.id, t, d::jsonb
     FROM closed c, unnest($21::text[], $22::text[]) AS x(t, d)
 )
-SELECT count(*) FROM closed
+SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps) AS handed
 """
 INSERT_ATTEMPT = """
 INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at)
@@ -178,7 +180,7 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
     if done:
         events.append((EventType.WORKFLOW_COMPLETED, {}))
     runs = outcome.tool_runs
-    closed = await conn.fetchval(
+    row = await conn.fetchrow(
         COMPLETE_STEP,
         envelope.step_id,
         envelope.attempt,
@@ -203,14 +205,15 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
         [t.value for t, _ in events],
         [json.dumps(d) for _, d in events],
     )
-    if not closed:
+    if row is None or not row["closed"]:
         raise FenceRejected(
             f"completion of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
             workflow_id=envelope.workflow_id,
             step_id=envelope.step_id,
             agent=envelope.agent,
         )
-    return nxt
+    # Next steps are only created while the workflow runs (not after a cancel).
+    return nxt if row["handed"] == len(nxt) else []
 
 
 @dataclass(frozen=True, slots=True)

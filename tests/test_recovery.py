@@ -1,0 +1,198 @@
+"""Retries, dead letters, reclaim, the reconciler, in-doubt tools, cancel and resume."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+
+from orchestrator import delayed, streams
+from orchestrator.client import Client
+from orchestrator.reconciler import Reconciler
+from orchestrator.runtime import Runtime
+from orchestrator.settings import Settings
+from orchestrator.store import tool_runs
+from orchestrator.store.tool_runs import ToolRun
+from orchestrator.worker import Worker
+from schemas import WorkflowStatus
+from tests.apps import TICKET, Probe, build_app
+from tests.conftest import fetch, runtime_for
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def probe() -> Probe:
+    return Probe()
+
+
+@pytest.fixture
+async def rt(settings: Settings, probe: Probe) -> AsyncIterator[Runtime]:
+    fast = settings.model_copy(update={"lease_seconds": 0.3, "stall_seconds": 0.2})
+    async with runtime_for(fast, build_app(probe)) as runtime:
+        yield runtime
+
+
+async def _one(rt: Runtime, worker: Worker, agent: str) -> None:
+    """Deliver the next entry of ``agent`` (moving due retries first) to ``worker``."""
+    await streams.ensure_group(rt.redis, rt.keys, agent)
+    await anyio.sleep(0.05)
+    await delayed.move_due(rt.redis, rt.keys)
+    entries = await streams.read(rt.redis, rt.keys, agent, worker.consumer, count=1, block_ms=2000)
+    assert len(entries) == 1
+    await worker.process(agent, entries[0])
+
+
+async def test_retry_is_scheduled_durably_with_backoff(rt: Runtime, probe: Probe) -> None:
+    probe.failures_left = 1
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="flaky")
+    await _one(rt, worker, "flaky")
+    rows = await fetch(rt, "SELECT attempt, not_before > updated_at AS later FROM steps")
+    assert [(r["attempt"], r["later"]) for r in rows] == [(2, True)]
+    assert await rt.redis.zcard(rt.keys.delayed()) == 1
+    await _one(rt, worker, "flaky")
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+
+async def test_out_of_attempts_dead_letters_then_retry_resumes(rt: Runtime, probe: Probe) -> None:
+    probe.failures_left = rt.settings.max_attempts
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="flaky")
+    for _ in range(rt.settings.max_attempts):
+        await _one(rt, worker, "flaky")
+    assert (await client.get(wid)).status is WorkflowStatus.FAILED
+    [letter] = await client.dead_letters()
+    assert letter.workflow_id == wid and "transient failure" in letter.reason
+    dead_stream = await rt.redis.xrange(rt.keys.dead_letter_stream())
+    assert len(dead_stream) == 1 and dead_stream[0][1][b"agent"] == b"flaky"
+
+    probe.failures_left = 0
+    assert await client.retry_dead_letter(letter.id) == wid
+    await _one(rt, worker, "flaky")
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.COMPLETED
+    assert record.steps[0].attempt == rt.settings.max_attempts + 1
+    assert probe.calls == {"lookup": 1, "charge": 1}  # resumed from the recorded tool results
+    assert await client.dead_letters() == []
+
+
+async def test_reclaim_takes_over_an_entry_whose_worker_died(rt: Runtime, probe: Probe) -> None:
+    probe.gate.set()
+    client = Client(rt)
+    dead, alive = Worker(rt, concurrency=1), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="gated")
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    taken = await streams.read(rt.redis, rt.keys, "gated", dead.consumer, count=1, block_ms=1000)
+    assert len(taken) == 1  # delivered to a worker that then "dies" without acknowledging
+
+    await anyio.sleep(rt.settings.lease_seconds + 0.05)
+    reclaimed = await streams.reclaim(
+        rt.redis,
+        rt.keys,
+        "gated",
+        alive.consumer,
+        min_idle_ms=int(rt.settings.lease_seconds * 1000),
+        count=5,
+    )
+    assert [e.id for e in reclaimed] == [taken[0].id]
+    await alive.process("gated", reclaimed[0])
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+    pending = await rt.redis.xpending_range(rt.keys.stream("gated"), "gated", "-", "+", 10)
+    assert pending == []
+
+
+async def test_reconciler_rebuilds_work_when_redis_loses_everything(
+    rt: Runtime, probe: Probe
+) -> None:
+    probe.gate.set()
+    client = Client(rt)
+    ids = [await client.submit(TICKET, pipeline="gated") for _ in range(5)]
+    # Redis loses every key of this deployment (the same as FLUSHALL for us).
+    keys = [k async for k in rt.redis.scan_iter(match=f"{rt.keys.prefix}:*")]
+    await rt.redis.delete(*keys)
+
+    await anyio.sleep(rt.settings.stall_after + 0.05)
+    report = await Reconciler(rt).pass_once()
+    assert report.requeued == 5
+    worker = Worker(rt, concurrency=5, reconcile=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        statuses = await client.wait(ids, timeout=20)
+        worker.stop()
+    assert set(statuses.values()) == {WorkflowStatus.COMPLETED}
+    attempts = await fetch(rt, "SELECT attempt FROM steps")
+    assert {a["attempt"] for a in attempts} == {2}  # the requeue fenced attempt 1 out
+
+
+async def test_in_doubt_call_without_reconcile_is_dead_lettered(rt: Runtime, probe: Probe) -> None:
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="refunder")
+    step = (await client.get(wid)).steps[0]
+    async with rt.pool.acquire() as conn:  # a worker died after charging, before recording
+        await tool_runs.start(
+            conn, wid, step.id, 1, ToolRun(f"{wid}:0:0", 0, "charge", "started", {"amount": 7})
+        )
+    await _one(rt, worker, "refunder")
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.FAILED
+    assert probe.calls["charge"] == 0  # never re-run blindly
+    [letter] = await client.dead_letters()
+    assert letter.reason.startswith("ToolError: in doubt: tool 'charge'")
+
+
+@pytest.mark.parametrize("found", [None, {"refunded": 7}])
+async def test_in_doubt_call_is_settled_by_reconcile(
+    rt: Runtime, probe: Probe, found: dict[str, object] | None
+) -> None:
+    probe.refund_found = found
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="refunder")
+    step = (await client.get(wid)).steps[0]
+    async with rt.pool.acquire() as conn:
+        await tool_runs.start(
+            conn, wid, step.id, 1, ToolRun(f"{wid}:0:0", 0, "charge", "started", {"amount": 7})
+        )
+        await conn.execute(
+            "UPDATE tool_runs SET status = 'succeeded', result = $1",
+            {"charged": 7, "key": f"{wid}:0:0"},
+        )
+        await tool_runs.start(
+            conn, wid, step.id, 1, ToolRun(f"{wid}:0:1", 1, "refund", "started", {"amount": 7})
+        )
+    await _one(rt, worker, "refunder")
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.COMPLETED
+    assert probe.calls["refund_check"] == 1
+    assert probe.calls["refund"] == (1 if found is None else 0)
+    assert probe.calls["charge"] == 0
+
+
+async def test_cancel_takes_effect_at_the_next_step_boundary(rt: Runtime, probe: Probe) -> None:
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="two_steps")
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    [entry] = await streams.read(
+        rt.redis, rt.keys, "gated", worker.consumer, count=1, block_ms=1000
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.process, "gated", entry)
+        await probe.entered.wait()
+        assert await client.cancel(wid)
+        probe.gate.set()
+    assert probe.cancel_seen is True  # the running step could see it
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.CANCELLED
+    assert [s.agent for s in record.steps] == ["gated"]  # no handoff after the cancel
+    assert not await client.cancel(wid)
+
+
+async def test_poison_entry_is_recorded_in_postgres(rt: Runtime, probe: Probe) -> None:
+    worker = Worker(rt, concurrency=1)
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    await rt.redis.xadd(rt.keys.stream("gated"), {b"e": b"not json at all"})
+    await _one(rt, worker, "gated")
+    [letter] = await Client(rt).dead_letters()
+    assert letter.workflow_id is None and letter.envelope == "not json at all"
+    assert letter.reason.startswith("malformed envelope")
