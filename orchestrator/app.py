@@ -10,7 +10,7 @@ import importlib
 import inspect
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 from orchestrator.errors import ConfigurationError
 from orchestrator.llm import OfflineRule
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 ToolFn = Callable[..., Awaitable[Any]]
 SetupHook = Callable[["Runtime"], Awaitable[None]]
 A = TypeVar("A", bound="type[Agent[Any, Any]]")
+F = TypeVar("F", bound=ToolFn)
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,14 +60,26 @@ class App:
         self.agents[name] = cls
         return cls
 
+    @overload
+    def tool(self, fn: F, /) -> F: ...
+
+    @overload
     def tool(
         self,
-        fn: ToolFn | None = None,
         *,
         name: str | None = None,
         idempotent: bool = True,
         reconcile: ToolFn | None = None,
-    ) -> Any:
+    ) -> Callable[[F], F]: ...
+
+    def tool(
+        self,
+        fn: F | None = None,
+        *,
+        name: str | None = None,
+        idempotent: bool = True,
+        reconcile: ToolFn | None = None,
+    ) -> F | Callable[[F], F]:
         """Register an async tool: ``@app.tool`` or ``@app.tool(idempotent=False)``.
 
         A call of a non-idempotent tool that started but has no recorded result
@@ -74,9 +87,10 @@ class App:
         checked, otherwise the step is dead-lettered as in doubt.
         """
 
-        def register(f: ToolFn) -> ToolFn:
+        def register(f: F) -> F:
             tool_name = name or f.__name__
-            if not inspect.iscoroutinefunction(f):
+            probe: Any = f  # keeps mypy from narrowing f away from F
+            if not inspect.iscoroutinefunction(probe):
                 raise ConfigurationError(f"tool {tool_name!r} must be an async function")
             if tool_name in self.tools:
                 raise ConfigurationError(f"tool {tool_name!r} is registered twice")
@@ -88,7 +102,9 @@ class App:
             self.tools[tool_name] = ToolSpec(tool_name, f, idempotent, takes_key, reconcile)
             return f
 
-        return register(fn) if fn is not None else register
+        if fn is not None:
+            return register(fn)
+        return register
 
     def pipeline(self, name: str, agents: Sequence[str], *, default: bool = False) -> None:
         if not agents:

@@ -1,0 +1,276 @@
+"""Runs worker subprocesses against private servers and measures the invariants."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import anyio
+import asyncpg
+
+from orchestrator.client import Client
+from orchestrator.runtime import Runtime, open_runtime
+from orchestrator.settings import Settings
+from orchestrator.store import workflows
+from schemas import Ticket, WorkflowStatus
+from tests.fault import toolserver
+from tests.fault.app import app as fault_app
+from tests.fault.servers import PostgresServer, RedisServer
+from tests.fault.toolserver import REPO_ROOT
+
+FAST = {
+    "ORCHESTRATOR_LEASE_SECONDS": "1",
+    "ORCHESTRATOR_STALL_SECONDS": "2",
+    "ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS": "0.5",
+    "ORCHESTRATOR_RETRY_BASE_SECONDS": "0.05",
+    "ORCHESTRATOR_RETRY_CAP_SECONDS": "0.2",
+    "ORCHESTRATOR_BLOCK_MS": "100",
+    "ORCHESTRATOR_SHUTDOWN_GRACE_SECONDS": "2",
+}
+
+
+@dataclass
+class Row:
+    scenario: str
+    workflows: int
+    completed: int
+    dead_lettered: int
+    duplicate_effects: int
+    lost: int
+    seconds: float
+    crashes: int = 0
+    unfinished_at_disturbance: int | None = None
+
+
+class Fleet:
+    """Worker subprocesses; a dead one is replaced, with the crash point while crashes last."""
+
+    def __init__(self, env: dict[str, str], logs: Path, *, size: int, crashes: int) -> None:
+        self.env = env
+        self.logs = logs
+        self.size = size
+        self.crashes_left = crashes
+        self.crashes = 0
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self._n = 0
+
+    def spawn(self, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        env = {**self.env, **(extra or {})}
+        if self.crashes_left <= 0:
+            env.pop("ORCHESTRATOR_CRASH_AT", None)
+        self._n += 1
+        log = (self.logs / f"worker-{self._n}.log").open("wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "orchestrator.cli",
+                "--app",
+                "tests.fault.app:app",
+                "worker",
+                "--concurrency",
+                "8",
+            ],
+            env=env,
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        for _ in range(self.size):
+            self.spawn()
+
+    def keep_alive(self) -> None:
+        for proc in list(self.procs):
+            code = proc.poll()
+            if code is None:
+                continue
+            self.procs.remove(proc)
+            if code == -signal.SIGKILL:
+                self.crashes += 1
+                self.crashes_left -= 1
+            self.spawn()
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.procs.clear()
+
+
+def scenario_settings(redis: RedisServer, pg: PostgresServer) -> Settings:
+    suffix = secrets.token_hex(3)
+    return Settings(
+        REDIS_URL=redis.url,
+        DATABASE_URL=pg.url,
+        OPENAI_API_KEY="",
+        key_prefix=f"fault-{suffix}",
+        db_schema=f"fault_{suffix}",
+    )
+
+
+def worker_env(settings: Settings, tool_url: str, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
+    env.update(FAST)
+    env.update(
+        {
+            "REDIS_URL": settings.redis_url or "",
+            "DATABASE_URL": settings.database_url or "",
+            "ORCHESTRATOR_KEY_PREFIX": settings.key_prefix,
+            "ORCHESTRATOR_DB_SCHEMA": settings.db_schema,
+            "ORCHESTRATOR_LOG_LEVEL": "INFO",
+            "FAULT_TOOLSERVER_URL": tool_url,
+            "PYTHONPATH": str(REPO_ROOT),
+        }
+    )
+    env.update(extra)
+    return env
+
+
+Disturb = Callable[[Runtime, Fleet], Awaitable[None]]
+
+
+async def run_scenario(
+    name: str,
+    *,
+    redis: RedisServer,
+    pg: PostgresServer,
+    tool_url: str,
+    logs: Path,
+    pipelines: dict[str, int],
+    extra_env: dict[str, str] | None = None,
+    workers: int = 2,
+    crashes: int = 0,
+    disturb: Disturb | None = None,
+    timeout: float = 120.0,
+) -> tuple[Row, dict[str, Any]]:
+    """Submit the workflows, run the fleet (and the disturbance), then measure."""
+    settings = scenario_settings(redis, pg)
+    toolserver.reset(tool_url)
+    logs.mkdir(parents=True, exist_ok=True)
+    fleet = Fleet(
+        worker_env(settings, tool_url, extra_env or {}), logs, size=workers, crashes=crashes
+    )
+    start = time.monotonic()
+    async with open_runtime(settings, fault_app) as rt:
+        client = Client(rt)
+        ids: list[UUID] = []
+        for pipeline, count in pipelines.items():
+            for i in range(count):
+                ticket = Ticket(tenant_id="t", customer_id=f"c{i}", subject=name, body=pipeline)
+                ids.append(await client.submit(ticket, pipeline=pipeline))
+        fleet.start()
+        try:
+            unfinished = await _drive(rt, fleet, ids, disturb, start + timeout)
+        finally:
+            fleet.stop()
+        seconds = time.monotonic() - start
+        facts = await _measure(rt, ids, tool_url)
+    row = Row(
+        name,
+        len(ids),
+        facts["completed"],
+        facts["dead_lettered"],
+        facts["duplicate_effects"],
+        facts["lost"],
+        round(seconds, 1),
+        fleet.crashes,
+        unfinished,
+    )
+    return row, facts
+
+
+async def _drive(
+    rt: Runtime, fleet: Fleet, ids: list[UUID], disturb: Disturb | None, deadline: float
+) -> int | None:
+    """Keep the fleet alive until every workflow is terminal; disturb once, early.
+
+    Returns how many workflows were unfinished when the disturbance hit.
+    """
+    disturbed = disturb is None
+    unfinished = None
+    while time.monotonic() < deadline:
+        fleet.keep_alive()
+        try:
+            async with rt.pool.acquire() as conn:
+                done = await workflows.terminal_statuses(conn, ids)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await anyio.sleep(0.3)  # our own Postgres may be restarting
+            continue
+        if len(done) == len(ids):
+            return unfinished
+        if not disturbed and len(done) >= 1:
+            disturbed, unfinished = True, len(ids) - len(done)
+            assert disturb is not None
+            await disturb(rt, fleet)
+        await anyio.sleep(0.05)
+    return unfinished
+
+
+MEASURE_STEPS = """
+SELECT count(*) FILTER (WHERE n > 1) AS twice
+FROM (SELECT step_id, count(*) AS n FROM step_attempts WHERE outcome = 'completed'
+      GROUP BY step_id) x
+"""
+MEASURE_WORKFLOWS = """
+SELECT w.id, w.status, (SELECT count(*) FROM dead_letters d WHERE d.workflow_id = w.id) AS dl,
+       (SELECT string_agg(d.reason, ' | ') FROM dead_letters d WHERE d.workflow_id = w.id)
+           AS reasons
+FROM workflows w WHERE w.id = ANY($1::uuid[])
+"""
+MEASURE_EFFECT_KEYS = """
+SELECT t.idempotency_key, t.tool FROM tool_runs t JOIN steps s ON s.id = t.step_id
+WHERE t.workflow_id = ANY($1::uuid[]) AND s.status = 'completed'
+"""
+
+
+async def _measure(rt: Runtime, ids: list[UUID], tool_url: str) -> dict[str, Any]:
+    for _ in range(50):
+        try:
+            async with rt.pool.acquire() as conn:
+                rows = await conn.fetch(MEASURE_WORKFLOWS, ids)
+                twice = await conn.fetchval(MEASURE_STEPS)
+                keys = await conn.fetch(MEASURE_EFFECT_KEYS, ids)
+            break
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            await anyio.sleep(0.2)
+    stats = toolserver.stats(tool_url)
+    ours = {k: v for k, v in stats["by_key"].items() if k.split(":")[0] in {str(i) for i in ids}}
+    completed = sum(r["status"] == WorkflowStatus.COMPLETED for r in rows)
+    dead = sum(r["status"] == WorkflowStatus.FAILED and r["dl"] > 0 for r in rows)
+    return {
+        "completed": completed,
+        "dead_lettered": dead,
+        "lost": len(ids) - completed - dead,
+        "duplicate_effects": sum(max(0, n - 1) for n in ours.values()),
+        "steps_completed_twice": twice,
+        "recorded_keys_without_effect": [
+            k["idempotency_key"] for k in keys if ours.get(k["idempotency_key"], 0) != 1
+        ],
+        "reasons": [r["reasons"] for r in rows if r["reasons"]],
+        "calls": sum(
+            v
+            for k, v in stats.get("calls_by_key", {}).items()
+            if k.split(":")[0] in {str(i) for i in ids}
+        ),
+    }
