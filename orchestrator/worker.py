@@ -15,8 +15,10 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
+from uuid import UUID
 
 import anyio
 import asyncpg
@@ -57,6 +59,14 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class _Running:
+    envelope: TaskEnvelope
+    entry: streams.Entry
+    lock: Lock
+    since: float
+
+
 class Worker:
     def __init__(
         self,
@@ -78,6 +88,7 @@ class Worker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.reconcile = reconcile
         self._stop = anyio.Event()
+        self._running: dict[tuple[UUID, int], _Running] = {}
         self.processed = 0
 
     def stop(self) -> None:
@@ -87,12 +98,16 @@ class Worker:
     async def run(self) -> None:
         for agent in self.agents:
             await self._ensure_group(agent)
-        async with anyio.create_task_group() as tg:
-            for agent in self.agents:
-                tg.start_soon(self._consume, agent)
-            tg.start_soon(self._move_delayed)
+        async with anyio.create_task_group() as background:
+            background.start_soon(self._move_delayed)
+            background.start_soon(self._heartbeats)
             if self.reconcile:
-                tg.start_soon(Reconciler(self.rt).run, self._stop)
+                background.start_soon(Reconciler(self.rt).run, self._stop)
+            async with anyio.create_task_group() as consumers:
+                for agent in self.agents:
+                    consumers.start_soon(self._consume, agent)
+            # Every step has finished (or was abandoned after the grace period).
+            background.cancel_scope.cancel()
 
     async def _ensure_group(self, agent: str) -> None:
         backoff_s = 0.1
@@ -259,7 +274,12 @@ class Worker:
         started = datetime.now(UTC)
         try:
             try:
-                outcome = await self._execute_beating(cls, ctx, envelope, entry, lock, started)
+                key = (envelope.step_id, envelope.attempt)
+                self._running[key] = _Running(envelope, entry, lock, anyio.current_time())
+                try:
+                    outcome = await self._execute(cls, ctx, envelope, started)
+                finally:
+                    self._running.pop(key, None)
                 async with rt.pool.acquire() as conn:
                     nxt = await steps.complete(conn, envelope, outcome)
             except FenceRejected as exc:
@@ -286,48 +306,37 @@ class Worker:
         signal = Signal(workflow_id=envelope.workflow_id, status=done, seq=envelope.seq)
         await self._hand_off(envelope, entry, nxt, signal, lock)
 
-    async def _execute_beating(
-        self,
-        cls: Any,
-        ctx: StepContext,
-        envelope: TaskEnvelope,
-        entry: streams.Entry,
-        lock: Lock,
-        started: datetime,
-    ) -> steps.Outcome:
-        """Run the agent with a heartbeat beside it; the agent's own error comes out unwrapped."""
-        failure: Exception | None = None
-        async with anyio.create_task_group() as beats:
-            beats.start_soon(self._heartbeat, envelope, entry, lock)
-            try:
-                outcome = await self._execute(cls, ctx, envelope, started)
-            except Exception as exc:  # re-raised below, outside the task group
-                failure = exc
-            beats.cancel_scope.cancel()
-        if failure is not None:
-            raise failure
-        return outcome
+    async def _heartbeats(self) -> None:
+        """Keep long steps alive: one loop for the whole worker, so short steps never pay.
 
-    async def _heartbeat(self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock) -> None:
-        """For long steps: extend the lock, reset the entry's idle time, refresh the PG lease."""
+        A step running for more than a third of the lease gets its lock extended,
+        its stream entry's idle time reset, and its Postgres lease refreshed.
+        """
         rt = self.rt
+        every = rt.settings.lease_seconds / 3
         while True:
-            await anyio.sleep(rt.settings.lease_seconds / 3)
-            try:
-                await lock.extend()
-                await streams.touch(rt.redis, rt.keys, envelope.agent, self.consumer, entry.id)
-                async with rt.pool.acquire() as conn:
-                    alive = await recovery.heartbeat(conn, envelope.step_id, envelope.attempt)
-            except (RedisError, OSError, asyncpg.PostgresError, ServiceUnavailable) as exc:
-                log.warning("heartbeat of step %s failed: %s", envelope.step_id, exc)
-                continue
-            if not alive:
-                log.info(
-                    "step %s attempt %d was fenced out while running",
-                    envelope.step_id,
-                    envelope.attempt,
-                )
-                return
+            await anyio.sleep(every)
+            now = anyio.current_time()
+            for running in [r for r in self._running.values() if now - r.since >= every]:
+                await self._beat(running)
+
+    async def _beat(self, running: _Running) -> None:
+        rt, envelope = self.rt, running.envelope
+        try:
+            await running.lock.extend()
+            await streams.touch(rt.redis, rt.keys, envelope.agent, self.consumer, running.entry.id)
+            async with rt.pool.acquire() as conn:
+                alive = await recovery.heartbeat(conn, envelope.step_id, envelope.attempt)
+        except (RedisError, OSError, asyncpg.PostgresError, ServiceUnavailable) as exc:
+            log.warning("heartbeat of step %s failed: %s", envelope.step_id, exc)
+            return
+        if not alive:
+            # Fenced out (requeued meanwhile): its completion will be rejected.
+            log.info(
+                "step %s attempt %d was fenced out while running",
+                envelope.step_id,
+                envelope.attempt,
+            )
 
     async def _execute(
         self, cls: Any, ctx: StepContext, envelope: TaskEnvelope, started: datetime

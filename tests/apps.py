@@ -9,6 +9,7 @@ import anyio
 from agents.base import Agent, AgentInput, AgentOutput
 from orchestrator.app import App
 from orchestrator.context import StepContext
+from orchestrator.errors import AgentError
 from schemas import Ticket
 
 
@@ -96,7 +97,18 @@ def build_app(probe: Probe) -> App:
                 raise RuntimeError("transient failure after the tools ran")
             return Done(value=f"{found['looked_up']}:{paid['charged']}")
 
+    @app.agent
+    class Refuses(Agent[TicketIn, Done]):
+        name = "refuses"
+        input_model = TicketIn
+        output_model = Done
+
+        async def run(self, ctx: StepContext, data: TicketIn) -> Done:
+            probe.calls["refuses"] += 1
+            raise AgentError("the ticket is spam", non_retryable=True)
+
     app.pipeline("gated", ["gated"])
+    app.pipeline("refuses", ["refuses"])
     app.pipeline("two_steps", ["gated", "flaky"])
     app.pipeline("refunder", ["refunder"])
     app.pipeline("flaky", ["flaky"])

@@ -196,3 +196,26 @@ async def test_poison_entry_is_recorded_in_postgres(rt: Runtime, probe: Probe) -
     [letter] = await Client(rt).dead_letters()
     assert letter.workflow_id is None and letter.envelope == "not json at all"
     assert letter.reason.startswith("malformed envelope")
+
+
+async def test_non_retryable_error_dead_letters_at_once(rt: Runtime, probe: Probe) -> None:
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit(TICKET, pipeline="refuses")
+    await _one(rt, worker, "refuses")
+    assert (await client.get(wid)).status is WorkflowStatus.FAILED
+    assert probe.calls["refuses"] == 1
+    [letter] = await client.dead_letters()
+    assert letter.reason == "AgentError: the ticket is spam"
+
+
+async def test_worker_stops_after_running_steps_finish(rt: Runtime, probe: Probe) -> None:
+    client, worker = Client(rt), Worker(rt, concurrency=2)
+    wid = await client.submit(TICKET, pipeline="gated")
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(worker.run)
+            await probe.entered.wait()
+            worker.stop()  # as on SIGTERM: no new reads, the running step may finish
+            await anyio.sleep(0.2)
+            probe.gate.set()
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
