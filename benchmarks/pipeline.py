@@ -1,9 +1,10 @@
 """Benchmark: N tickets through triage → research → response with the offline model.
 
 Prints workflows/s, p50/p99 end-to-end latency (Postgres timestamps: submit
-commit to final completion commit) and Postgres commits per workflow
-(pg_stat_database.xact_commit delta, which also counts the benchmark's own
-status polls, so it is an upper bound).
+commit to final completion commit) and Postgres transactions per workflow:
+``pg_writes`` counts committed writing transactions exactly (transaction ids
+assigned), ``pg_xacts`` every transaction including autocommit reads and the
+benchmark's own status polls (pg_stat_database.xact_commit).
 
     python benchmarks/pipeline.py --tickets 2000 --concurrency 32
 """
@@ -55,6 +56,8 @@ SELECT extract(epoch FROM completed_at - created_at) * 1000 AS ms
 FROM workflows WHERE status = 'completed' ORDER BY ms
 """
 COMMITS = "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+# Only writing transactions get a transaction id: the delta counts write commits exactly.
+XID = "SELECT txid_current()"
 DROP = "SELECT format('DROP SCHEMA IF EXISTS %I CASCADE', $1::text)"
 
 
@@ -63,6 +66,12 @@ async def commits(runtime: Runtime) -> int:
         # pg_stat counters are cached per transaction; clear for a fresh read.
         await conn.execute("SELECT pg_stat_clear_snapshot()")
         value: int = await conn.fetchval(COMMITS)
+        return value
+
+
+async def xid(runtime: Runtime) -> int:
+    async with runtime.pool.acquire() as conn:
+        value: int = await conn.fetchval(XID)
         return value
 
 
@@ -81,7 +90,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(worker.run)
                 await anyio.sleep(0.2)  # let the consumer groups exist
-                before = await commits(runtime)
+                before, xid_before = await commits(runtime), await xid(runtime)
                 start = time.perf_counter()
                 limiter = anyio.CapacityLimiter(args.submitters)
                 ids: list[Any] = []
@@ -91,11 +100,14 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         ids.append(await client.submit(ticket))
 
                 async with anyio.create_task_group() as submitters:
-                    for ticket in tickets:
+                    for i, ticket in enumerate(tickets):
+                        if args.rate:
+                            # Open loop at a fixed offered load: latency without a backlog.
+                            await anyio.sleep(max(0.0, start + i / args.rate - time.perf_counter()))
                         submitters.start_soon(submit, ticket)
                 statuses = await client.wait(ids, timeout=600)
                 seconds = time.perf_counter() - start
-                after = await commits(runtime)
+                after, xid_after = await commits(runtime), await xid(runtime)
                 worker.stop()
             async with runtime.pool.acquire() as conn:
                 latencies = [float(r["ms"]) for r in await conn.fetch(LATENCIES)]
@@ -107,11 +119,13 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "tickets": len(tickets),
         "completed": completed,
         "concurrency": args.concurrency,
+        "rate": args.rate,
         "seconds": seconds,
         "workflows_per_s": completed / seconds,
         "p50_ms": statistics.median(latencies),
         "p99_ms": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "commits_per_workflow": (after - before) / len(tickets),
+        "writes_per_workflow": (xid_after - xid_before - 1) / len(tickets),
     }
 
 
@@ -121,6 +135,12 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32, help="steps in flight per agent")
     parser.add_argument("--submitters", type=int, default=16, help="concurrent submits")
     parser.add_argument("--pool", type=int, default=20, help="Postgres pool size")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="submit at this many tickets/s (default: all at once)",
+    )
     parser.add_argument(
         "--app",
         choices=["support", "noop"],
@@ -132,9 +152,11 @@ def main() -> None:
     print(
         f"app={args.app} tickets={result['tickets']} "
         f"completed={result['completed']} "
-        f"concurrency={result['concurrency']} wall={result['seconds']:.2f}s "
+        f"concurrency={result['concurrency']} rate={result['rate'] or 'all-at-once'} "
+        f"wall={result['seconds']:.2f}s "
         f"workflows/s={result['workflows_per_s']:.1f} p50={result['p50_ms']:.1f}ms "
-        f"p99={result['p99_ms']:.1f}ms pg_commits/workflow={result['commits_per_workflow']:.2f}"
+        f"p99={result['p99_ms']:.1f}ms pg_writes/workflow={result['writes_per_workflow']:.2f} "
+        f"pg_xacts/workflow={result['commits_per_workflow']:.2f}"
     )
 
 
