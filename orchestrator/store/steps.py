@@ -179,7 +179,6 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
     events = [(EventType.STEP_COMPLETED, {"agent": envelope.agent, "attempt": envelope.attempt})]
     if done:
         events.append((EventType.WORKFLOW_COMPLETED, {}))
-    runs = outcome.tool_runs
     row = await conn.fetchrow(
         COMPLETE_STEP,
         envelope.step_id,
@@ -187,13 +186,7 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
         outcome.output,
         outcome.worker,
         outcome.started_at,
-        [r.key for r in runs],
-        [r.ordinal for r in runs],
-        [r.tool for r in runs],
-        [r.status for r in runs],
-        [json.dumps(r.args) for r in runs],
-        [json.dumps(r.result) for r in runs],
-        [r.error for r in runs],
+        *tool_runs.columns(outcome.tool_runs),
         envelope.seq,
         envelope.agent,
         outcome.state,

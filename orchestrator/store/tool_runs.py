@@ -57,6 +57,19 @@ class ToolRun:
     error: str | None = None
 
 
+def columns(runs: list[ToolRun]) -> tuple[list[Any], ...]:
+    """Finished runs as the parallel arrays the unnest() inserts take (JSON as text)."""
+    return (
+        [r.key for r in runs],
+        [r.ordinal for r in runs],
+        [r.tool for r in runs],
+        [r.status for r in runs],
+        [json.dumps(r.args) for r in runs],
+        [json.dumps(r.result) for r in runs],
+        [r.error for r in runs],
+    )
+
+
 async def insert_finished(
     conn: Conn, workflow_id: UUID, step_id: UUID, attempt: int, runs: list[ToolRun]
 ) -> None:
@@ -67,13 +80,7 @@ async def insert_finished(
         workflow_id,
         step_id,
         attempt,
-        [r.key for r in runs],
-        [r.ordinal for r in runs],
-        [r.tool for r in runs],
-        [r.status for r in runs],
-        [json.dumps(r.args) for r in runs],
-        [json.dumps(r.result) for r in runs],
-        [r.error for r in runs],
+        *columns(runs),
     )
 
 
