@@ -38,6 +38,7 @@ class Agent(Generic[InT, OutT]):
     input_model: ClassVar[type[BaseModel]]
     output_model: ClassVar[type[BaseModel]]
     tools: ClassVar[tuple[str, ...]] = ()  # the only tools this agent may call
+    routes: ClassVar[tuple[str, ...]] = ()  # agents route() may name besides the pipeline's
     max_attempts: ClassVar[int | None] = None  # None: the runtime's default
     timeout_seconds: ClassVar[float] = 120.0
 
@@ -45,7 +46,11 @@ class Agent(Generic[InT, OutT]):
         raise NotImplementedError
 
     def route(self, output: OutT) -> Sequence[str] | None:
-        """Agents to run next; None follows the pipeline, an empty list ends the workflow."""
+        """Agents to run next; None follows the pipeline, an empty list ends the workflow.
+
+        Name only agents of the pipeline or of ``routes`` (checked when the app
+        loads); anything else fails the step with a non-retryable error.
+        """
         return None
 
     def state_update(self, output: OutT) -> dict[str, Any]:

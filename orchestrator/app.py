@@ -135,6 +135,11 @@ class App:
             for tool in cls.tools:
                 if tool not in self.tools:
                     raise ConfigurationError(f"agent {agent_name!r} uses unknown tool {tool!r}")
+            for target in cls.routes:
+                if target not in self.agents:
+                    raise ConfigurationError(
+                        f"agent {agent_name!r} routes to unknown agent {target!r}"
+                    )
 
     def resolve_pipeline(self, name: str | None) -> tuple[str, tuple[str, ...]]:
         chosen = name or self.default_pipeline

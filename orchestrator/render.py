@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from rich.console import Console, Group
@@ -38,6 +39,9 @@ def workflow_panel(record: WorkflowRecord) -> Panel:
         parts.append(Text("research: " + ("; ".join(found) or "nothing found")))
     elif triage:
         parts.append(Text("research: skipped (triage found nothing to look up)"))
+    for name, value in state.items():
+        if name not in {"ticket", "triage", "research", "response"}:  # a custom agent's output
+            parts.append(Text(f"{name + ':':<9} {json.dumps(value)[:300]}"))
     response = state.get("response")
     if response:
         parts.append(Text("reply:", style="bold"))
