@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from orchestrator.errors import NonDeterminismError, OrchestratorError, ToolError
+from orchestrator.llm import LanguageModel, ModelRequest, T
 from orchestrator.store import memory, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
 from schemas import WorkflowStatus
 
 if TYPE_CHECKING:
     from orchestrator.app import ToolSpec
-    from orchestrator.llm import LanguageModel
+    from orchestrator.ratelimit import RateLimiter
     from orchestrator.runtime import Runtime
 
 _current: ContextVar[StepContext] = ContextVar("orchestrator_step_context")
@@ -63,7 +64,11 @@ class StepContext:
 
     @property
     def model(self) -> LanguageModel:
-        return self._runtime.model
+        """The model, behind this tenant's rate limit when one is configured."""
+        limiter = self._runtime.model_limiter
+        if limiter is None:
+            return self._runtime.model
+        return RateLimitedModel(self._runtime.model, limiter, self.info.tenant_id)
 
     async def cancelled(self) -> bool:
         """Whether the workflow was cancelled meanwhile (check it in long steps)."""
@@ -175,6 +180,20 @@ class StepContext:
             return await memory.search(
                 conn, tenant_id=self.info.tenant_id, kind=kind, embedding=embedding, limit=limit
             )
+
+
+class RateLimitedModel:
+    """Takes a token from the tenant's bucket before every call (waits, or raises retryable)."""
+
+    def __init__(self, inner: LanguageModel, limiter: RateLimiter, tenant: str) -> None:
+        self.name = inner.name
+        self._inner = inner
+        self._limiter = limiter
+        self._tenant = tenant
+
+    async def parse(self, request: ModelRequest, output: type[T]) -> T:
+        await self._limiter.take(self._tenant)
+        return await self._inner.parse(request, output)
 
 
 def current() -> StepContext:

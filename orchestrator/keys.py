@@ -31,6 +31,10 @@ class Keys:
         """Held by the one reconciler leader."""
         return f"{self.prefix}:lock:reconciler"
 
+    def rate_bucket(self, tenant: str) -> str:
+        """Token bucket limiting one tenant's model calls."""
+        return f"{self.prefix}:rate:model:{{{tenant}}}"
+
     def agent_status(self, agent: str, consumer: str) -> str:
         """Live status hash of one agent instance (a worker consumer)."""
         return f"{self.prefix}:agent:{agent}:{consumer}"

@@ -23,6 +23,7 @@ from orchestrator.errors import ConfigurationError, ServiceUnavailable
 from orchestrator.faults import CrashPoints
 from orchestrator.keys import Keys
 from orchestrator.llm import LanguageModel, OfflineModel, OpenAIModel
+from orchestrator.ratelimit import RateLimiter
 from orchestrator.settings import Settings
 from orchestrator.store.migrations import MIGRATIONS, migrate, pgvector_available, schema_version
 
@@ -40,6 +41,7 @@ class Runtime:
     model: LanguageModel
     embedder: Embedder
     crash: CrashPoints
+    model_limiter: RateLimiter | None = None
 
 
 def build_model(settings: Settings, app: App) -> LanguageModel:
@@ -84,6 +86,7 @@ async def open_runtime(
                 build_model(settings, app),
                 HashingEmbedder(),
                 CrashPoints(settings.crash_at, settings.crash_after),
+                _limiter(settings, redis),
             )
             if apply_migrations:
                 for hook in app.setup_hooks:
@@ -120,3 +123,15 @@ async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> No
                 )
     finally:
         await conn.close()
+
+
+def _limiter(settings: Settings, redis: aioredis.Redis) -> RateLimiter | None:
+    if settings.model_rate_per_second is None:
+        return None
+    return RateLimiter(
+        redis,
+        Keys(settings.key_prefix),
+        rate=settings.model_rate_per_second,
+        burst=settings.model_burst,
+        max_wait=settings.model_rate_max_wait_seconds,
+    )

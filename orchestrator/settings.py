@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     stall_seconds: float | None = Field(default=None, gt=0)
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
+    # Per-tenant model-call rate limit (token bucket); unset means unlimited.
+    model_rate_per_second: float | None = Field(default=None, gt=0)
+    model_burst: float = Field(default=10.0, ge=1)
+    model_rate_max_wait_seconds: float = Field(default=10.0, ge=0)
     # Fault injection for tests (orchestrator.faults); never set in production.
     crash_at: str | None = None
     crash_after: int = Field(default=3, ge=1)
