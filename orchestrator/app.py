@@ -12,8 +12,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from pydantic import create_model
+
 from orchestrator.errors import ConfigurationError
-from orchestrator.llm import OfflineRule
+from orchestrator.llm import OfflineRule, ToolDef
 
 if TYPE_CHECKING:
     from agents.base import Agent
@@ -35,6 +37,24 @@ class ToolSpec:
     # For a non-idempotent tool: given the call's key and arguments, says whether an
     # in-doubt call took effect (its result) or not (None: safe to call again).
     reconcile: ToolFn | None = None
+
+    def definition(self) -> ToolDef:
+        """How the tool is offered to a model: JSON schema of its parameters, its docstring."""
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(self.fn).parameters.values():
+            if param.name == "idempotency_key":
+                continue  # supplied by the runtime, never by the model
+            annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[param.name] = (annotation, default)
+        schema = create_model(f"{self.name}_args", **fields).model_json_schema()
+        # Strict function calling (what structured-output parsing requires): every
+        # parameter listed as required, no others allowed, no defaults.
+        properties = schema.get("properties", {})
+        for prop in properties.values():
+            prop.pop("default", None)
+        schema.update(required=list(properties), additionalProperties=False)
+        return ToolDef(self.name, inspect.getdoc(self.fn) or self.name, schema)
 
 
 class App:

@@ -7,21 +7,20 @@ Temporal's activity API does; outside a step it fails clearly.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from orchestrator.errors import NonDeterminismError, OrchestratorError, ToolError
-from orchestrator.llm import LanguageModel, ModelRequest, T
+from orchestrator.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
 from orchestrator.store import memory, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
 from schemas import WorkflowStatus
 
 if TYPE_CHECKING:
     from orchestrator.app import ToolSpec
-    from orchestrator.ratelimit import RateLimiter
     from orchestrator.runtime import Runtime
 
 _current: ContextVar[StepContext] = ContextVar("orchestrator_step_context")
@@ -61,14 +60,13 @@ class StepContext:
         self._ordinal = 0
         self.tool_runs: list[ToolRun] = []  # finished idempotent calls, committed with the step
         self.messages: list[str] = []  # transcript lines, committed with the step
+        self.usage = Usage()  # tokens of this step's model calls, recorded with its attempt
+        self.model_calls = 0
 
     @property
-    def model(self) -> LanguageModel:
-        """The model, behind this tenant's rate limit when one is configured."""
-        limiter = self._runtime.model_limiter
-        if limiter is None:
-            return self._runtime.model
-        return RateLimitedModel(self._runtime.model, limiter, self.info.tenant_id)
+    def model(self) -> StepModel:
+        """The model, behind this tenant's rate limit, recording this step's usage."""
+        return StepModel(self)
 
     async def cancelled(self) -> bool:
         """Whether the workflow was cancelled meanwhile (check it in long steps)."""
@@ -182,18 +180,51 @@ class StepContext:
             )
 
 
-class RateLimitedModel:
-    """Takes a token from the tenant's bucket before every call (waits, or raises retryable)."""
+class StepModel:
+    """``ctx.model``: the runtime's model behind the tenant's rate limit, with the step's
+    token usage recorded, and tool calls the model chooses routed through the ledger."""
 
-    def __init__(self, inner: LanguageModel, limiter: RateLimiter, tenant: str) -> None:
-        self.name = inner.name
-        self._inner = inner
-        self._limiter = limiter
-        self._tenant = tenant
+    def __init__(self, ctx: StepContext) -> None:
+        self._ctx = ctx
+        self.name = ctx._runtime.model.name
 
     async def parse(self, request: ModelRequest, output: type[T]) -> T:
-        await self._limiter.take(self._tenant)
-        return await self._inner.parse(request, output)
+        """Ask for a structured answer of type ``output``."""
+        return await self._complete(request, output)
+
+    async def parse_with_tools(
+        self, request: ModelRequest, output: type[T], tools: Sequence[str], *, max_turns: int = 6
+    ) -> T:
+        """Let the model call ``tools`` (each call recorded under its idempotency key)."""
+        app_tools = self._ctx._runtime.app.tools
+        unknown = [t for t in tools if t not in app_tools]
+        if unknown:
+            raise ToolError(f"unknown tool(s) {unknown}", tool=unknown[0], non_retryable=True)
+        offered = set(tools)
+
+        async def run_tool(name: str, args: dict[str, Any]) -> Any:
+            if name not in offered:
+                raise ToolError(f"model chose tool {name!r}, which was not offered", tool=name)
+            return await self._ctx.tool(name, **args)
+
+        defs = [app_tools[name].definition() for name in tools]
+        return await self._complete(request, output, defs, run_tool, max_turns)
+
+    async def _complete(
+        self,
+        request: ModelRequest,
+        output: type[T],
+        tools: Sequence[ToolDef] = (),
+        run_tool: ToolRunner | None = None,
+        max_turns: int = 6,
+    ) -> T:
+        runtime, ctx = self._ctx._runtime, self._ctx
+        if runtime.model_limiter is not None:
+            await runtime.model_limiter.take(ctx.info.tenant_id)
+        completion = await runtime.model.complete(request, output, tools, run_tool, max_turns)
+        ctx.usage = ctx.usage + completion.usage
+        ctx.model_calls += 1
+        return completion.value
 
 
 def current() -> StepContext:

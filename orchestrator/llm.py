@@ -3,15 +3,18 @@
 ``OfflineModel`` is deterministic and needs no network or key: each request
 ``purpose`` maps to a rule function (keywords, templates) registered by the
 app. ``OpenAIModel`` asks any OpenAI-compatible server for structured output
-parsed straight into the agent's pydantic model.
+parsed straight into the agent's pydantic model, and can run a tool-calling
+loop in which the model picks tools that run through the step's tool ledger.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
+import openai
 from openai import AsyncOpenAI
 from pydantic import BaseModel, ValidationError
 
@@ -30,10 +33,48 @@ class ModelRequest:
     context: Mapping[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(
+            self.prompt_tokens + other.prompt_tokens,
+            self.completion_tokens + other.completion_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Completion(Generic[T]):
+    value: T
+    usage: Usage
+
+
+@dataclass(frozen=True, slots=True)
+class ToolDef:
+    """A tool offered to the model: its name, what it does, and its JSON-schema parameters."""
+
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+
+# Runs one tool the model chose (through the ledger) and returns its JSON-able result.
+ToolRunner = Callable[[str, dict[str, Any]], Awaitable[Any]]
+
+
 class LanguageModel(Protocol):
     name: str
 
-    async def parse(self, request: ModelRequest, output: type[T]) -> T: ...
+    async def complete(
+        self,
+        request: ModelRequest,
+        output: type[T],
+        tools: Sequence[ToolDef] = (),
+        run_tool: ToolRunner | None = None,
+        max_turns: int = 6,
+    ) -> Completion[T]: ...
 
 
 OfflineRule = Callable[[ModelRequest], Mapping[str, Any]]
@@ -44,7 +85,19 @@ class OfflineModel:
         self.name = OFFLINE_MODEL_NAME
         self._rules = dict(rules)
 
-    async def parse(self, request: ModelRequest, output: type[T]) -> T:
+    async def complete(
+        self,
+        request: ModelRequest,
+        output: type[T],
+        tools: Sequence[ToolDef] = (),
+        run_tool: ToolRunner | None = None,
+        max_turns: int = 6,
+    ) -> Completion[T]:
+        if tools:
+            raise ConfigurationError(
+                "the offline model cannot choose tools; call them from the agent, "
+                "or set OPENAI_API_KEY for a real model"
+            )
         rule = self._rules.get(request.purpose)
         if rule is None:
             raise ConfigurationError(
@@ -52,7 +105,7 @@ class OfflineModel:
                 "register one with App.offline_rule or set OPENAI_API_KEY"
             )
         try:
-            return output.model_validate(rule(request))
+            return Completion(output.model_validate(rule(request)), Usage())
         except ValidationError as exc:
             raise AgentError(
                 f"offline rule {request.purpose!r} gave invalid output: {exc}", non_retryable=True
@@ -60,21 +113,106 @@ class OfflineModel:
 
 
 class OpenAIModel:
+    """Structured outputs from any OpenAI-compatible server.
+
+    The client retries 429 and 5xx itself, honouring Retry-After, up to its
+    ``max_retries``; what still fails becomes a retryable step error.
+    """
+
     def __init__(self, client: AsyncOpenAI, model: str) -> None:
         self.name = model
         self._client = client
         self._model = model
 
-    async def parse(self, request: ModelRequest, output: type[T]) -> T:
-        completion = await self._client.chat.completions.parse(
-            model=self._model,
-            messages=[
-                {"role": "system", "content": request.instructions},
-                {"role": "user", "content": request.content},
-            ],
-            response_format=output,
+    async def aclose(self) -> None:
+        await self._client.close()
+
+    async def complete(
+        self,
+        request: ModelRequest,
+        output: type[T],
+        tools: Sequence[ToolDef] = (),
+        run_tool: ToolRunner | None = None,
+        max_turns: int = 6,
+    ) -> Completion[T]:
+        messages: list[Any] = [
+            {"role": "system", "content": request.instructions},
+            {"role": "user", "content": request.content},
+        ]
+        usage = Usage()
+        for _ in range(max_turns):
+            message, turn_usage = await self._turn(messages, output, tools)
+            usage = usage + turn_usage
+            if not message.tool_calls:
+                if message.parsed is None:
+                    raise AgentError(
+                        f"model {self._model} returned no {output.__name__}"
+                        f" (refusal: {message.refusal!r})"
+                    )
+                return Completion(message.parsed, usage)
+            if run_tool is None:
+                raise AgentError(f"model {self._model} asked for tools none were offered")
+            messages.append(
+                message.model_dump(include={"role", "content", "tool_calls"}, exclude_none=True)
+            )
+            for call in message.tool_calls:
+                result = await run_tool(call.function.name, _arguments(call.function.arguments))
+                messages.append(
+                    {"role": "tool", "tool_call_id": call.id, "content": json.dumps(result)}
+                )
+        raise AgentError(f"model {self._model} still calling tools after {max_turns} turns")
+
+    async def _turn(
+        self, messages: list[Any], output: type[T], tools: Sequence[ToolDef]
+    ) -> tuple[Any, Usage]:
+        extra: dict[str, Any] = {}
+        if tools:
+            extra["tools"] = [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": t.name,
+                        "description": t.description,
+                        "parameters": t.parameters,
+                        "strict": True,
+                    },
+                }
+                for t in tools
+            ]
+        try:
+            completion = await self._client.chat.completions.parse(
+                model=self._model,
+                messages=messages,
+                response_format=output,
+                **extra,
+            )
+        except ValidationError as exc:
+            raise AgentError(
+                f"model {self._model} returned malformed {output.__name__}: "
+                f"{exc.errors()[0]['msg']}"
+            ) from exc
+        except (
+            openai.RateLimitError,
+            openai.InternalServerError,
+            openai.APIConnectionError,
+            openai.APITimeoutError,
+        ) as exc:
+            raise AgentError(f"model {self._model} unavailable: {exc}") from exc
+        except openai.APIStatusError as exc:
+            raise AgentError(
+                f"model {self._model} refused the request: {exc}", non_retryable=True
+            ) from exc
+        usage = completion.usage
+        return completion.choices[0].message, Usage(
+            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0
         )
-        parsed = completion.choices[0].message.parsed
-        if parsed is None:
-            raise AgentError(f"model {self._model} returned no parsable {output.__name__}")
-        return parsed
+
+
+def _arguments(raw: str) -> dict[str, Any]:
+    try:
+        value = json.loads(raw or "{}")
+    except json.JSONDecodeError as exc:
+        raise AgentError(f"model sent tool arguments that are not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise AgentError("model sent tool arguments that are not an object")
+    return value

@@ -47,7 +47,10 @@ class Runtime:
 def build_model(settings: Settings, app: App) -> LanguageModel:
     if settings.openai_api_key:
         client = AsyncOpenAI(
-            api_key=settings.openai_api_key, base_url=settings.openai_base_url or None
+            api_key=settings.openai_api_key,
+            base_url=settings.openai_base_url or None,
+            max_retries=settings.openai_max_retries,  # 429/5xx, honouring Retry-After
+            timeout=settings.openai_timeout_seconds,
         )
         return OpenAIModel(client, settings.openai_model)
     return OfflineModel(app.offline_rules)
@@ -76,6 +79,7 @@ async def open_runtime(
         except BaseException:
             await redis.aclose()
             raise
+        model = build_model(settings, app)
         try:
             runtime = Runtime(
                 settings,
@@ -83,7 +87,7 @@ async def open_runtime(
                 Keys(settings.key_prefix),
                 redis,
                 pool,
-                build_model(settings, app),
+                model,
                 HashingEmbedder(),
                 CrashPoints(settings.crash_at, settings.crash_after),
                 _limiter(settings, redis),
@@ -93,6 +97,8 @@ async def open_runtime(
                     await hook(runtime)
             yield runtime
         finally:
+            if isinstance(model, OpenAIModel):
+                await model.aclose()
             await pool.close()
             await redis.aclose()
 

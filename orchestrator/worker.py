@@ -369,6 +369,7 @@ class Worker:
             messages=ctx.messages,
             worker=self.consumer,
             started_at=started,
+            usage=_usage(self.rt, ctx),
         )
 
     def _route(self, agent: Any, envelope: TaskEnvelope, output: BaseModel) -> tuple[str, ...]:
@@ -424,6 +425,7 @@ class Worker:
                     recorded=ctx.tool_runs,
                     worker=self.consumer,
                     started_at=started,
+                    usage=_usage(rt, ctx),
                 )
         except FenceRejected as fence:
             log.info("%s", fence)
@@ -468,3 +470,9 @@ class Worker:
                 status_ttl=rt.settings.status_ttl_seconds,
             ),
         )
+
+
+def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:
+    return steps.ModelUse(
+        runtime.model.name, ctx.model_calls, ctx.usage.prompt_tokens, ctx.usage.completion_tokens
+    )

@@ -10,6 +10,7 @@ from agents.base import Agent, AgentInput, AgentOutput
 from orchestrator.app import App
 from orchestrator.context import StepContext
 from orchestrator.errors import AgentError
+from orchestrator.llm import ModelRequest
 from schemas import Ticket
 
 
@@ -36,6 +37,19 @@ class Probe:
 
 def build_app(probe: Probe) -> App:
     app = App("protocol-test", version="test")
+    _tools(app, probe)
+    _agents(app, probe)
+    app.pipeline("gated", ["gated"])
+    app.pipeline("chooser", ["chooser"])
+    app.pipeline("refuses", ["refuses"])
+    app.pipeline("two_steps", ["gated", "flaky"])
+    app.pipeline("flaky", ["flaky"])
+    app.pipeline("refunder", ["refunder"])
+    app.validate()
+    return app
+
+
+def _tools(app: App, probe: Probe) -> None:
 
     @app.tool
     async def lookup(value: str) -> dict[str, str]:
@@ -56,6 +70,8 @@ def build_app(probe: Probe) -> App:
         probe.calls["refund"] += 1
         return {"refunded": amount}
 
+
+def _agents(app: App, probe: Probe) -> None:
     @app.agent
     class Refunder(Agent[TicketIn, Done]):
         name = "refunder"
@@ -107,13 +123,18 @@ def build_app(probe: Probe) -> App:
             probe.calls["refuses"] += 1
             raise AgentError("the ticket is spam", non_retryable=True)
 
-    app.pipeline("gated", ["gated"])
-    app.pipeline("refuses", ["refuses"])
-    app.pipeline("two_steps", ["gated", "flaky"])
-    app.pipeline("refunder", ["refunder"])
-    app.pipeline("flaky", ["flaky"])
-    app.validate()
-    return app
+    @app.agent
+    class Chooser(Agent[TicketIn, Done]):
+        """Lets the model decide which tools to call (a real model path)."""
+
+        name = "chooser"
+        input_model = TicketIn
+        output_model = Done
+        tools = ("lookup",)
+
+        async def run(self, ctx: StepContext, data: TicketIn) -> Done:
+            request = ModelRequest("choose", "Look things up, then answer.", data.ticket.body)
+            return await ctx.model.parse_with_tools(request, Done, ["lookup"])
 
 
 TICKET = Ticket(tenant_id="t1", customer_id="c1", subject="hello", body="a body")

@@ -60,6 +60,9 @@ async def test_pipeline_model_calls_respect_the_tenant_limit(settings: Settings)
         seconds = time.monotonic() - start
     assert {r.status for r in report.records} == {WorkflowStatus.COMPLETED}
     # Up to 8 model calls for one tenant at 20/s after a burst of 2 take >= ~0.2 s.
-    model_calls = sum(len([s for s in r.steps if s.agent in ("triage", "response")])
-                      for r in report.records if r.tenant_id == "acme")
+    model_calls = sum(
+        len([s for s in r.steps if s.agent in ("triage", "response")])
+        for r in report.records
+        if r.tenant_id == "acme"
+    )
     assert model_calls >= 4 and seconds >= (model_calls - 2) / 20 * 0.9

@@ -147,7 +147,16 @@ CREATE TABLE dead_letters (
 CREATE INDEX dead_letters_open ON dead_letters (created_at) WHERE retried_at IS NULL;
 """
 
-MIGRATIONS: tuple[str, ...] = (V1_CORE, V2_RECOVERY)
+V3_MODEL_USAGE = """
+-- Which model a step attempt used, how often, and the tokens it spent.
+ALTER TABLE step_attempts
+    ADD COLUMN model text,
+    ADD COLUMN model_calls integer NOT NULL DEFAULT 0,
+    ADD COLUMN prompt_tokens integer NOT NULL DEFAULT 0,
+    ADD COLUMN completion_tokens integer NOT NULL DEFAULT 0;
+"""
+
+MIGRATIONS: tuple[str, ...] = (V1_CORE, V2_RECOVERY, V3_MODEL_USAGE)
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

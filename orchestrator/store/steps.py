@@ -47,8 +47,9 @@ WITH closed AS (
     WHERE id = $1 AND attempt = $2 AND status = 'queued'
     RETURNING id, workflow_id
 ), attempt_row AS (
-    INSERT INTO step_attempts (step_id, attempt, worker, outcome, started_at)
-    SELECT id, $2, $4, 'completed', $5 FROM closed
+    INSERT INTO step_attempts (step_id, attempt, worker, outcome, started_at, model,
+                               model_calls, prompt_tokens, completion_tokens)
+    SELECT id, $2, $4, 'completed', $5, $23, $24, $25, $26 FROM closed
 ), run_rows AS (
     INSERT INTO tool_runs (idempotency_key, workflow_id, step_id, ordinal, tool, attempt,
                            status, args, result, error, finished_at)
@@ -86,8 +87,9 @@ WITH closed AS (
 SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps) AS handed
 """
 INSERT_ATTEMPT = """
-INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at)
-VALUES ($1, $2, $3, $4, $5, $6)
+INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
+                           model_calls, prompt_tokens, completion_tokens)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 INSERT_CHECKPOINT = """
 INSERT INTO checkpoints (workflow_id, seq, agent, state) VALUES ($1, $2, $3, $4)
@@ -123,6 +125,24 @@ class OpenStep:
 
 
 @dataclass(frozen=True, slots=True)
+class ModelUse:
+    """The model a step attempt used and what it spent (recorded with the attempt)."""
+
+    model: str | None = None
+    calls: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def row(self) -> tuple[str | None, int, int, int]:
+        return (
+            self.model if self.calls else None,
+            self.calls,
+            self.prompt_tokens,
+            self.completion_tokens,
+        )
+
+
+@dataclass(frozen=True, slots=True)
 class Outcome:
     """What the agent produced, ready to be committed in one transaction."""
 
@@ -133,6 +153,7 @@ class Outcome:
     messages: list[str]
     worker: str
     started_at: datetime
+    usage: ModelUse = ModelUse()
 
 
 async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
@@ -197,6 +218,7 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
         (WorkflowStatus.COMPLETED if done else WorkflowStatus.RUNNING).value,
         [t.value for t, _ in events],
         [json.dumps(d) for _, d in events],
+        *outcome.usage.row(),
     )
     if row is None or not row["closed"]:
         raise FenceRejected(
@@ -227,12 +249,14 @@ async def fail(
     recorded: list[ToolRun],
     worker: str,
     started_at: datetime,
+    usage: ModelUse | None = None,
 ) -> Failure:
     """Record a failed attempt (keeping its tool results) in one transaction.
 
     With ``retry_after`` the step stays open with the next attempt and a durable
     not-before time; without it the step and workflow fail and a dead letter is kept.
     """
+    usage = usage or ModelUse()
     async with conn.transaction():
         if retry_after is not None:
             new_attempt = await conn.fetchval(
@@ -259,7 +283,14 @@ async def fail(
                 agent=envelope.agent,
             )
         await conn.execute(
-            INSERT_ATTEMPT, envelope.step_id, envelope.attempt, worker, "failed", error, started_at
+            INSERT_ATTEMPT,
+            envelope.step_id,
+            envelope.attempt,
+            worker,
+            "failed",
+            error,
+            started_at,
+            *usage.row(),
         )
         await tool_runs.insert_finished(
             conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded
