@@ -98,9 +98,13 @@ class StepContext:
         )
         recorded = self._recorded.get(ordinal)
         if recorded is not None:
-            if recorded.tool != name:
+            if recorded.tool != name or recorded.args != run.args:
+                # The code changed under a recorded history: returning the old result
+                # for a different call would be silently wrong, so stop loudly.
                 raise NonDeterminismError(
-                    f"call {ordinal} was {recorded.tool!r} when recorded, now {name!r}",
+                    f"non-determinism: call {ordinal} of this step was {recorded.tool}"
+                    f"({recorded.args}) when recorded, now {name}({run.args}); the code "
+                    f"changed since the workflow started (app version {self._runtime.app.version})",
                     workflow_id=self.info.workflow_id,
                     step_id=self.info.step_id,
                     agent=self.info.agent,

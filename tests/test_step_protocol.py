@@ -9,13 +9,14 @@ import pytest
 
 from orchestrator import delayed, streams
 from orchestrator.client import Client
+from orchestrator.context import StepContext
 from orchestrator.errors import FenceRejected
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.store import recovery, steps
 from orchestrator.worker import Worker
 from schemas import WorkflowStatus
-from tests.apps import TICKET, Probe, build_app
+from tests.apps import TICKET, Done, Probe, TicketIn, build_app
 from tests.conftest import fetch, runtime_for
 
 pytestmark = pytest.mark.anyio
@@ -154,3 +155,35 @@ async def test_malformed_envelope_is_dead_lettered_not_fatal(rt: Runtime, probe:
     dead = await rt.redis.xrange(rt.keys.dead_letter_stream())
     assert len(dead) == 1 and dead[0][1][b"reason"].startswith(b"malformed envelope")
     assert (await rt.redis.xpending(rt.keys.stream("gated"), "gated"))["pending"] == 0
+
+
+async def test_changed_code_on_resume_fails_loudly(settings: Settings) -> None:
+    """Attempt 1 recorded lookup then charge; the new code calls charge first."""
+    from orchestrator.app import App
+    from orchestrator.errors import NonDeterminismError
+
+    probe = Probe()
+    probe.failures_left = 1
+    old = build_app(probe)
+    async with runtime_for(settings, old) as rt:
+        client, worker = Client(rt), Worker(rt, concurrency=1)
+        wid = await client.submit(TICKET, pipeline="flaky")
+        await worker.process("flaky", await _next_entry(rt, worker, "flaky"))  # fails, recorded
+
+        new: App = build_app(Probe())
+        flaky = new.agents["flaky"]
+
+        async def reordered(self: object, ctx: StepContext, data: TicketIn) -> Done:
+            await ctx.tool("charge", amount=5)
+            return Done(value="never")
+
+        flaky.run = reordered  # type: ignore[method-assign]
+        changed = Runtime(**{**{f: getattr(rt, f) for f in rt.__dataclass_fields__}, "app": new})
+        new_worker = Worker(changed, concurrency=1)
+        await new_worker.process("flaky", await _next_entry(rt, new_worker, "flaky"))
+        record = await client.get(wid)
+        assert record.status is WorkflowStatus.FAILED
+        assert record.error is not None and "non-determinism" in record.error
+        assert NonDeterminismError.non_retryable
+        [letter] = await Client(rt).dead_letters()
+        assert "was lookup({'value': 'hello'}) when recorded, now charge" in letter.reason
