@@ -1,9 +1,15 @@
-"""ResponseAgent: drafts the reply from what research found, citing it."""
+"""ResponseAgent: drafts the reply from what research found, citing it.
+
+When the ticket is about an order that research could not identify, it asks
+the customer for the order number and waits (durably) for the answer.
+"""
 
 from __future__ import annotations
 
 from agents.base import Agent
-from agents.models import DraftReply, ResponseInput, ResponseResult
+from agents.models import DraftReply, ResearchFindings, ResponseInput, ResponseResult
+from agents.offline import ORDER_ID
+from agents.research import ORDER_CATEGORIES
 from orchestrator.context import StepContext
 from orchestrator.llm import ModelRequest
 
@@ -11,26 +17,52 @@ INSTRUCTIONS = """You write the reply to a customer-support ticket. Use only the
 the research (orders, help-center articles, similar past tickets); cite each one you use by
 its id in `citations`. Match the customer's tone: apologise to upset customers, be brief.
 If the request is too vague to act on, ask for the missing details."""
+ASK_ORDER = "Could you tell me the order number this is about? It looks like ORD-12345."
 
 
 class ResponseAgent(Agent[ResponseInput, ResponseResult]):
     name = "response"
     input_model = ResponseInput
     output_model = ResponseResult
+    tools = ("lookup_order",)
 
     async def run(self, ctx: StepContext, data: ResponseInput) -> ResponseResult:
-        research = data.research.model_dump_json(indent=1) if data.research else "none"
+        research = await self._with_customer_order(ctx, data)
         draft = await ctx.model.parse(
             ModelRequest(
                 purpose="reply",
                 instructions=INSTRUCTIONS,
                 content=(
                     f"Ticket: {data.ticket.model_dump_json()}\n"
-                    f"Triage: {data.triage.model_dump_json()}\nResearch: {research}"
+                    f"Triage: {data.triage.model_dump_json()}\n"
+                    f"Research: {research.model_dump_json(indent=1) if research else 'none'}"
                 ),
-                context={"ticket": data.ticket, "triage": data.triage, "research": data.research},
+                context={"ticket": data.ticket, "triage": data.triage, "research": research},
             ),
             DraftReply,
         )
         ctx.say(draft.reply)
         return ResponseResult(**draft.model_dump(), model=ctx.model.name)
+
+    async def _with_customer_order(
+        self, ctx: StepContext, data: ResponseInput
+    ) -> ResearchFindings | None:
+        """An order ticket with no order found: ask for the number (the workflow waits)."""
+        research = data.research
+        if (
+            research is None
+            or research.orders
+            or research.missing_orders
+            or data.triage.category not in ORDER_CATEGORIES
+        ):
+            return research
+        answer = ctx.ask(ASK_ORDER)
+        named = ORDER_ID.findall(answer)
+        if not named:
+            return research.model_copy(update={"missing_orders": [answer.strip()[:40]]})
+        order = await ctx.tool(
+            "lookup_order", order_id=named[0].upper(), customer_id=data.ticket.customer_id
+        )
+        if order is None:
+            return research.model_copy(update={"missing_orders": [named[0].upper()]})
+        return research.model_copy(update={"orders": [order]})

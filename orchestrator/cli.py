@@ -282,6 +282,23 @@ def resume(
     _run(ctx.obj, body, migrate=False)
 
 
+@cli.command("input")
+@guard
+def input_(
+    ctx: typer.Context,
+    workflow: Annotated[str, typer.Argument(help="workflow id")],
+    text: Annotated[str, typer.Argument(help="the reply to the question the workflow asked")],
+) -> None:
+    """Answer a workflow that is waiting for input; it resumes at once."""
+    wid = _workflow_id(workflow)
+
+    async def body(runtime: Runtime) -> None:
+        await Client(runtime).provide_input(wid, text)
+        out.print(f"delivered to {wid}; it resumes now")
+
+    _run(ctx.obj, body, migrate=False)
+
+
 dlq = typer.Typer(help="Dead letters: steps out of attempts, in-doubt calls, bad entries.")
 cli.add_typer(dlq, name="dlq")
 

@@ -54,6 +54,19 @@ class Client:
             await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
         return len(envelopes)
 
+    async def provide_input(self, workflow_id: UUID, text: str) -> None:
+        """Deliver a reply to a waiting workflow: recorded in Postgres, then the step resumes.
+
+        If the wake-up is lost (Redis down), the reconciler resumes the step anyway.
+        """
+        if not text.strip():
+            raise InvalidInput("the reply is empty")
+        async with self.rt.pool.acquire() as conn:
+            envelope = await recovery.provide_input(conn, workflow_id, text)
+        await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
+        signal = Signal(workflow_id=workflow_id, status=WorkflowStatus.RUNNING, seq=envelope.seq)
+        await self.rt.redis.publish(self.rt.keys.progress_channel(), signal.model_dump_json())
+
     async def dead_letters(
         self, *, include_retried: bool = False, limit: int = 50
     ) -> list[DeadLetter]:

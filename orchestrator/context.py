@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from orchestrator.errors import NonDeterminismError, OrchestratorError, ToolError
+from orchestrator.errors import InputNeeded, NonDeterminismError, OrchestratorError, ToolError
 from orchestrator.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
 from orchestrator.store import memory, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
@@ -51,6 +51,7 @@ class StepContext:
         state: Mapping[str, Any],
         recorded: Mapping[int, ToolRun],
         allowed_tools: tuple[str, ...],
+        replies: Sequence[str] = (),
     ) -> None:
         self.info = info
         self.state = state
@@ -58,6 +59,8 @@ class StepContext:
         self._recorded = recorded
         self._allowed = allowed_tools
         self._ordinal = 0
+        self._replies = list(replies)
+        self._asked = 0
         self.tool_runs: list[ToolRun] = []  # finished idempotent calls, committed with the step
         self.messages: list[str] = []  # transcript lines, committed with the step
         self.usage = Usage()  # tokens of this step's model calls, recorded with its attempt
@@ -73,6 +76,20 @@ class StepContext:
         async with self._runtime.pool.acquire() as conn:
             status = await recovery.workflow_status(conn, self.info.workflow_id)
         return status is WorkflowStatus.CANCELLED
+
+    def ask(self, question: str) -> str:
+        """Ask the customer; returns the reply once there is one.
+
+        Without a reply yet, the step stops here and the workflow waits, durably,
+        until ``orchestrator input`` (or ``Client.provide_input``) delivers one;
+        then the step runs again from its start, with recorded tool results
+        reused, and this call returns the reply.
+        """
+        index = self._asked
+        self._asked += 1
+        if index < len(self._replies):
+            return self._replies[index]
+        raise InputNeeded(question)
 
     def say(self, text: str) -> None:
         """Append an agent message to the session transcript (committed with the step)."""

@@ -5,6 +5,7 @@ OrchestratorError
 ├── ServiceUnavailable      Redis or Postgres unreachable, pgvector missing
 ├── InvalidInput            a malformed ticket, envelope or cached value
 ├── WorkflowNotFound        no workflow with that id
+├── InputNeeded             control flow: ctx.ask() parks the step until a reply
 └── StepError               raised while running one step (carries ids)
     ├── FenceRejected       the completion lost to a newer attempt or a closed step
     ├── NonDeterminismError a replay asked for a different tool than was recorded
@@ -39,6 +40,14 @@ class WorkflowNotFound(OrchestratorError):
     def __init__(self, workflow_id: UUID | str) -> None:
         super().__init__(f"no workflow {workflow_id}")
         self.workflow_id = workflow_id
+
+
+class InputNeeded(OrchestratorError):
+    """Raised by ``ctx.ask`` when no reply exists yet: the workflow waits for one."""
+
+    def __init__(self, question: str) -> None:
+        super().__init__(f"waiting for input: {question}")
+        self.question = question
 
 
 class StepError(OrchestratorError):

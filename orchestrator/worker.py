@@ -33,6 +33,7 @@ from orchestrator.errors import (
     AgentError,
     ConfigurationError,
     FenceRejected,
+    InputNeeded,
     InvalidInput,
     ServiceUnavailable,
     StepError,
@@ -270,7 +271,7 @@ class Worker:
             envelope.assigned_by,
             envelope.pipeline,
         )
-        ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools)
+        ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools, opened.replies)
         started = datetime.now(UTC)
         try:
             try:
@@ -282,6 +283,9 @@ class Worker:
                     self._running.pop(key, None)
                 async with rt.pool.acquire() as conn:
                     nxt = await steps.complete(conn, envelope, outcome)
+            except InputNeeded as need:
+                await self._park(envelope, entry, lock, ctx, started, need.question)
+                return
             except FenceRejected as exc:
                 log.info("%s", exc)
                 await self._hand_off(envelope, entry, [], None, lock)
@@ -382,6 +386,37 @@ class Worker:
                 f"routes to unknown agent(s): {', '.join(unknown)}", non_retryable=True
             )
         return tuple(chosen)
+
+    async def _park(
+        self,
+        envelope: TaskEnvelope,
+        entry: streams.Entry,
+        lock: Lock,
+        ctx: StepContext,
+        started: datetime,
+        question: str,
+    ) -> None:
+        """The agent asked a person something: the workflow waits, durably, for the reply."""
+        rt = self.rt
+        try:
+            async with rt.pool.acquire() as conn:
+                await steps.park(
+                    conn,
+                    envelope,
+                    question=question,
+                    recorded=ctx.tool_runs,
+                    worker=self.consumer,
+                    started_at=started,
+                    usage=_usage(rt, ctx),
+                )
+        except FenceRejected as fence:
+            log.info("%s", fence)
+            await self._hand_off(envelope, entry, [], None, lock)
+            return
+        signal = Signal(
+            workflow_id=envelope.workflow_id, status=WorkflowStatus.WAITING, seq=envelope.seq
+        )
+        await self._hand_off(envelope, entry, [], signal, lock)
 
     async def _fail(
         self,

@@ -20,6 +20,8 @@ class EventType(StrEnum):
     STEP_DEAD_LETTERED = "step.dead_lettered"
     WORKFLOW_CANCELLED = "workflow.cancelled"
     WORKFLOW_RESUMED = "workflow.resumed"
+    WORKFLOW_WAITING = "workflow.waiting"
+    INPUT_RECEIVED = "workflow.input_received"
 
 
 class Event(Wire):

@@ -156,7 +156,23 @@ ALTER TABLE step_attempts
     ADD COLUMN completion_tokens integer NOT NULL DEFAULT 0;
 """
 
-MIGRATIONS: tuple[str, ...] = (V1_CORE, V2_RECOVERY, V3_MODEL_USAGE)
+V4_HUMAN_INPUT = """
+-- A step can park the workflow until a person answers its question.
+ALTER TABLE workflows DROP CONSTRAINT workflows_status_check;
+ALTER TABLE workflows ADD CONSTRAINT workflows_status_check
+    CHECK (status IN ('running', 'waiting', 'completed', 'failed', 'cancelled'));
+ALTER TABLE steps DROP CONSTRAINT steps_status_check;
+ALTER TABLE steps ADD CONSTRAINT steps_status_check
+    CHECK (status IN ('queued', 'waiting', 'completed', 'failed', 'cancelled'));
+ALTER TABLE step_attempts DROP CONSTRAINT step_attempts_outcome_check;
+ALTER TABLE step_attempts ADD CONSTRAINT step_attempts_outcome_check
+    CHECK (outcome IN ('completed', 'failed', 'waiting'));
+ALTER TABLE steps ADD COLUMN question text;
+ALTER TABLE steps ADD COLUMN replies jsonb NOT NULL DEFAULT '[]';
+CREATE INDEX steps_waiting ON steps (workflow_id) WHERE status = 'waiting';
+"""
+
+MIGRATIONS: tuple[str, ...] = (V1_CORE, V2_RECOVERY, V3_MODEL_USAGE, V4_HUMAN_INPUT)
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

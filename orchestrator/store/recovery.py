@@ -134,6 +134,49 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
     return envelopes
 
 
+# The reply is appended to the waiting step's replies; the step re-runs under a
+# new attempt (recorded tool results are reused) and its ask() now gets the answer.
+ANSWER_STEP = """
+UPDATE steps SET status = 'queued', attempt = attempt + 1, question = NULL,
+                 replies = replies || to_jsonb($2::text), updated_at = now()
+WHERE workflow_id = $1 AND status = 'waiting'
+RETURNING id
+"""
+RESUME_WAITING = """
+UPDATE workflows SET status = 'running', updated_at = now() WHERE id = $1 AND status = 'waiting'
+RETURNING session_id, tenant_id
+"""
+INSERT_REPLY = """
+INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
+VALUES ($1, $2, $3, 'customer', 'customer', $4)
+"""
+SELECT_STEP_ENVELOPE = """
+SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
+       w.tenant_id, w.pipeline
+FROM steps s JOIN workflows w ON w.id = s.workflow_id WHERE s.id = $1
+"""
+
+
+async def provide_input(conn: Conn, workflow_id: UUID, text: str) -> TaskEnvelope:
+    """Deliver a person's reply durably; return the envelope that resumes the step."""
+    async with conn.transaction():
+        woken = await conn.fetchrow(RESUME_WAITING, workflow_id)
+        if woken is None:
+            status = await workflow_status(conn, workflow_id)
+            raise InvalidInput(f"workflow {workflow_id} is {status.value}, not waiting for input")
+        step_id = await conn.fetchval(ANSWER_STEP, workflow_id, text)
+        await conn.execute(INSERT_REPLY, woken["session_id"], woken["tenant_id"], workflow_id, text)
+        await conn.execute(
+            INSERT_EVENT,
+            workflow_id,
+            step_id,
+            EventType.INPUT_RECEIVED.value,
+            {"length": len(text)},
+        )
+        row = await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id)
+    return _envelope(row)
+
+
 def _envelope(row: Any) -> TaskEnvelope:
     return TaskEnvelope(
         workflow_id=row["workflow_id"],

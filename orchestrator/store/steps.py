@@ -20,7 +20,7 @@ from orchestrator.store.tool_runs import ToolRun
 from schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
 
 SELECT_OPEN = """
-SELECT s.status, s.attempt, w.status AS workflow_status,
+SELECT s.status, s.attempt, s.replies, w.status AS workflow_status,
        coalesce((SELECT jsonb_agg(jsonb_build_array(t.idempotency_key, t.ordinal, t.tool,
                                                     t.status, t.args, t.result, t.error))
                  FROM tool_runs t WHERE t.step_id = s.id), '[]'::jsonb) AS runs
@@ -122,6 +122,7 @@ class OpenStep:
     runnable: bool
     reason: str  # why not runnable: "completed", "stale attempt", "workflow cancelled", ...
     recorded: dict[int, ToolRun] = field(default_factory=dict)
+    replies: list[str] = field(default_factory=list)  # answers to this step's questions
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +173,7 @@ async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
         )
         for r in row["runs"]
     }
-    return OpenStep(True, "", recorded)
+    return OpenStep(True, "", recorded, list(row["replies"]))
 
 
 def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelope]:
@@ -326,6 +327,53 @@ async def fail(
             ],
         )
     return Failure(None, 0.0, letter)
+
+
+PARK_STEP = """
+UPDATE steps SET status = 'waiting', question = $3, updated_at = now()
+WHERE id = $1 AND attempt = $2 AND status = 'queued'
+RETURNING id
+"""
+PARK_WORKFLOW = """
+UPDATE workflows SET status = 'waiting', updated_at = now() WHERE id = $1 AND status = 'running'
+"""
+
+
+async def park(
+    conn: Conn,
+    envelope: TaskEnvelope,
+    *,
+    question: str,
+    recorded: list[ToolRun],
+    worker: str,
+    started_at: datetime,
+    usage: ModelUse,
+) -> None:
+    """Park the step and its workflow until a reply arrives (tool results are kept)."""
+    async with conn.transaction():
+        if await conn.fetchval(PARK_STEP, envelope.step_id, envelope.attempt, question) is None:
+            raise FenceRejected(
+                f"parking of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
+                workflow_id=envelope.workflow_id,
+                step_id=envelope.step_id,
+                agent=envelope.agent,
+            )
+        await conn.execute(
+            INSERT_ATTEMPT,
+            envelope.step_id,
+            envelope.attempt,
+            worker,
+            "waiting",
+            None,
+            started_at,
+            *usage.row(),
+        )
+        await tool_runs.insert_finished(
+            conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded
+        )
+        await conn.execute(PARK_WORKFLOW, envelope.workflow_id)
+        await conn.execute(INSERT_MESSAGES, envelope.workflow_id, envelope.agent, [question])
+        await _events(conn, envelope, [(EventType.WORKFLOW_WAITING, {"question": question})])
 
 
 async def _events(

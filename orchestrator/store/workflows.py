@@ -54,7 +54,8 @@ SELECT id, workflow_id, seq, agent, status, attempt, output, error, created_at, 
 FROM steps WHERE workflow_id = $1 ORDER BY seq
 """
 SELECT_TERMINAL = """
-SELECT id, status FROM workflows WHERE id = ANY($1::uuid[]) AND status <> 'running'
+SELECT id, status FROM workflows
+WHERE id = ANY($1::uuid[]) AND status IN ('completed', 'failed', 'cancelled')
 """
 SELECT_TRANSCRIPT = """
 SELECT role, author, content, created_at FROM messages

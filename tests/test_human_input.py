@@ -1,0 +1,110 @@
+"""Human in the loop: a step asks, the workflow waits durably, a reply resumes it."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from orchestrator.client import Client
+from orchestrator.errors import InvalidInput
+from orchestrator.reconciler import Reconciler
+from orchestrator.runtime import Runtime
+from orchestrator.store import recovery
+from orchestrator.worker import Worker
+from schemas import Ticket, WorkflowStatus
+from tests.conftest import fetch
+
+pytestmark = pytest.mark.anyio
+
+# cus_1003 has two open orders, so research cannot tell which one this is about.
+UNCLEAR = Ticket(
+    tenant_id="acme",
+    customer_id="cus_1003",
+    subject="Where is my order?",
+    body="My package still has not shipped and I need it this week.",
+)
+
+
+async def _until(client: Client, wid: object, status: WorkflowStatus) -> None:
+    with anyio.fail_after(20):
+        while (await client.get(wid)).status is not status:  # type: ignore[arg-type]
+            await anyio.sleep(0.05)
+
+
+async def test_the_response_agent_asks_for_the_order_and_resumes(support: Runtime) -> None:
+    client = Client(support)
+    worker = Worker(support, concurrency=2, reconcile=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        wid = await client.submit(UNCLEAR)
+        await _until(client, wid, WorkflowStatus.WAITING)
+        waiting = await client.get(wid)
+        assert [(s.agent, s.status.value) for s in waiting.steps] == [
+            ("triage", "completed"),
+            ("research", "completed"),
+            ("response", "waiting"),
+        ]
+
+        await client.provide_input(wid, "Sorry, it is ord-10022")
+        statuses = await client.wait([wid], timeout=20)
+        worker.stop()
+    assert statuses[wid] is WorkflowStatus.COMPLETED
+    record = await client.get(wid)
+    assert "ORD-10022" in record.state["response"]["citations"]
+    assert "still being prepared" in record.state["response"]["reply"]
+    transcript = await fetch(
+        support,
+        """
+        SELECT m.role, m.content FROM messages m JOIN workflows w ON w.session_id = m.session_id
+        WHERE w.id = $1 ORDER BY m.id""",
+        wid,
+    )
+    assert [m["role"] for m in transcript] == ["customer", "agent", "customer", "agent"]
+    assert transcript[1]["content"].startswith("Could you tell me the order number")
+    outcomes = await fetch(
+        support,
+        """
+        SELECT s.agent, a.outcome FROM step_attempts a JOIN steps s ON s.id = a.step_id
+        WHERE s.workflow_id = $1 ORDER BY s.seq, a.attempt""",
+        wid,
+    )
+    assert [(o["agent"], o["outcome"]) for o in outcomes] == [
+        ("triage", "completed"),
+        ("research", "completed"),
+        ("response", "waiting"),
+        ("response", "completed"),
+    ]
+
+
+async def test_a_lost_wake_up_is_covered_by_the_reconciler(support: Runtime) -> None:
+    client = Client(support)
+    worker = Worker(support, concurrency=2, reconcile=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        wid = await client.submit(UNCLEAR)
+        await _until(client, wid, WorkflowStatus.WAITING)
+        async with support.pool.acquire() as conn:  # the reply is recorded; Redis never hears
+            await recovery.provide_input(conn, wid, "ORD-10010")
+        fast = Reconciler(support)
+        fast.rt = support
+        await anyio.sleep(0.05)
+        async with support.pool.acquire() as conn:
+            await conn.execute(
+                "UPDATE steps SET updated_at = now() - interval '1 hour' "
+                "WHERE workflow_id = $1 AND status = 'queued'",
+                wid,
+            )
+        assert (await fast.pass_once()).requeued == 1
+        statuses = await client.wait([wid], timeout=20)
+        worker.stop()
+    assert statuses[wid] is WorkflowStatus.COMPLETED
+    assert "ORD-10010" in (await client.get(wid)).state["response"]["citations"]
+
+
+async def test_input_for_a_workflow_that_is_not_waiting_is_refused(support: Runtime) -> None:
+    client = Client(support)
+    wid = await client.submit(UNCLEAR)
+    with pytest.raises(InvalidInput, match="is running, not waiting for input"):
+        await client.provide_input(wid, "ORD-10010")
+    with pytest.raises(InvalidInput, match="empty"):
+        await client.provide_input(wid, "  ")
