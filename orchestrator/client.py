@@ -27,24 +27,28 @@ class Client:
         """Record the workflow in Postgres (the commit is the acceptance), then enqueue it."""
         name, agents = self.rt.app.resolve_pipeline(pipeline)
         async with self.rt.pool.acquire() as conn:
-            envelope = await workflows.create(
+            created = await workflows.create(
                 conn,
                 ticket,
                 pipeline=name,
                 first_agent=agents[0],
                 app_version=self.rt.app.version,
             )
-        await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
-        return envelope.workflow_id
+        if not created.queued:  # a queued one is enqueued when its session frees up
+            await streams.enqueue(self.rt.redis, self.rt.keys, created.envelope)
+        return created.envelope.workflow_id
 
     async def cancel(self, workflow_id: UUID) -> bool:
-        """Cancel a running workflow (False if it had already finished).
+        """Cancel an unfinished workflow (False if it had already finished).
 
         No new step starts; a running step sees it through ``ctx.cancelled()``
-        and its completion hands off to nobody.
+        and its completion hands off to nobody. The next ticket of its session starts.
         """
         async with self.rt.pool.acquire() as conn:
-            return await recovery.cancel(conn, workflow_id)
+            promoted = await recovery.cancel(conn, workflow_id)
+        for envelope in promoted or []:
+            await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
+        return promoted is not None
 
     async def resume(self, workflow_id: UUID) -> int:
         """Re-run a failed or stuck workflow from its last checkpoint; return steps enqueued."""

@@ -82,6 +82,16 @@ class Reconciler:
                 scope.cancel()
                 return
 
+    async def _start_stalled_sessions(self) -> int:
+        """Sessions whose active workflow ended without starting the next (a lost promotion)."""
+        rt, started = self.rt, 0
+        async with rt.pool.acquire() as conn:
+            for session_id in await recovery.stalled_sessions(conn):
+                for promoted in await recovery.promote_next(conn, session_id):
+                    await streams.enqueue(rt.redis, rt.keys, promoted)
+                    started += 1
+        return started
+
     async def pass_once(self) -> PassReport:
         """Recreate streams and groups, then re-enqueue every stalled open step."""
         rt = self.rt
@@ -89,7 +99,7 @@ class Reconciler:
             await streams.ensure_group(rt.redis, rt.keys, agent)
         async with rt.pool.acquire() as conn:
             step_ids = await recovery.stalled(conn, older_than=rt.settings.stall_after)
-        requeued = 0
+        requeued = await self._start_stalled_sessions()
         for step_id in step_ids:
             async with rt.pool.acquire() as conn:
                 envelope = await recovery.requeue(conn, step_id, reason="stalled")

@@ -471,6 +471,8 @@ class Worker:
             await self._hand_off(envelope, entry, [], None, lock)
             return
         await streams.dead_letter_envelope(rt.redis, rt.keys, envelope, error)
+        for promoted in failure.promoted:
+            await streams.enqueue(rt.redis, rt.keys, promoted)
         signal = Signal(
             workflow_id=envelope.workflow_id, status=WorkflowStatus.FAILED, seq=envelope.seq
         )

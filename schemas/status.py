@@ -4,6 +4,7 @@ from enum import StrEnum
 
 
 class WorkflowStatus(StrEnum):
+    QUEUED = "queued"  # behind an earlier workflow of the same session
     RUNNING = "running"
     WAITING = "waiting"  # parked until a person answers a step's question
     COMPLETED = "completed"

@@ -172,7 +172,24 @@ ALTER TABLE steps ADD COLUMN replies jsonb NOT NULL DEFAULT '[]';
 CREATE INDEX steps_waiting ON steps (workflow_id) WHERE status = 'waiting';
 """
 
-MIGRATIONS: tuple[str, ...] = (V1_CORE, V2_RECOVERY, V3_MODEL_USAGE, V4_HUMAN_INPUT)
+V5_SESSION_ORDER = """
+-- One active workflow per customer session; later tickets queue behind it (FIFO).
+ALTER TABLE workflows DROP CONSTRAINT workflows_status_check;
+ALTER TABLE workflows ADD CONSTRAINT workflows_status_check
+    CHECK (status IN ('queued', 'running', 'waiting', 'completed', 'failed', 'cancelled'));
+CREATE UNIQUE INDEX workflows_one_active_per_session ON workflows (session_id)
+    WHERE status IN ('running', 'waiting');
+CREATE INDEX workflows_session_queue ON workflows (session_id, created_at)
+    WHERE status = 'queued';
+"""
+
+MIGRATIONS: tuple[str, ...] = (
+    V1_CORE,
+    V2_RECOVERY,
+    V3_MODEL_USAGE,
+    V4_HUMAN_INPUT,
+    V5_SESSION_ORDER,
+)
 
 CREATE_VERSION_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_migrations (

@@ -39,12 +39,12 @@ RETURNING id
 WORKFLOW_STATUS = "SELECT status FROM workflows WHERE id = $1"
 CANCEL_WORKFLOW = """
 UPDATE workflows SET status = 'cancelled', updated_at = now(), completed_at = now()
-WHERE id = $1 AND status = 'running'
+WHERE id = $1 AND status IN ('queued', 'running', 'waiting')
 RETURNING id
 """
 CANCEL_STEPS = """
 UPDATE steps SET status = 'cancelled', updated_at = now(), completed_at = now()
-WHERE workflow_id = $1 AND status = 'queued'
+WHERE workflow_id = $1 AND status IN ('queued', 'waiting')
 """
 REOPEN_FAILED_STEP = """
 UPDATE steps SET status = 'queued', error = NULL, not_before = NULL,
@@ -93,15 +93,16 @@ async def workflow_status(conn: Conn, workflow_id: UUID) -> WorkflowStatus:
     return WorkflowStatus(status)
 
 
-async def cancel(conn: Conn, workflow_id: UUID) -> bool:
-    """Cancel a running workflow; its running step sees it at the next boundary."""
+async def cancel(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope] | None:
+    """Cancel an unfinished workflow (None if it had finished); its running step sees it
+    at the next boundary. Returns what starts next in its session, to enqueue."""
     async with conn.transaction():
         if await conn.fetchval(CANCEL_WORKFLOW, workflow_id) is None:
             await workflow_status(conn, workflow_id)  # raises if unknown
-            return False
+            return None
         await conn.execute(CANCEL_STEPS, workflow_id)
         await conn.execute(INSERT_EVENT, workflow_id, None, EventType.WORKFLOW_CANCELLED.value, {})
-    return True
+        return await promote_after(conn, workflow_id)
 
 
 async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
@@ -175,6 +176,47 @@ async def provide_input(conn: Conn, workflow_id: UUID, text: str) -> TaskEnvelop
         )
         row = await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id)
     return _envelope(row)
+
+
+# Start the session's oldest queued workflow, if none of it is active any more.
+PROMOTE_NEXT = """
+WITH next AS (
+    UPDATE workflows SET status = 'running', updated_at = now()
+    WHERE id = (SELECT id FROM workflows WHERE session_id = $1 AND status = 'queued'
+                ORDER BY created_at, id LIMIT 1)
+      AND NOT EXISTS (SELECT 1 FROM workflows
+                      WHERE session_id = $1 AND status IN ('running', 'waiting'))
+    RETURNING id
+)
+UPDATE steps SET updated_at = now()
+WHERE workflow_id = (SELECT id FROM next) AND status = 'queued'
+RETURNING id
+"""
+SESSION_OF = "SELECT session_id FROM workflows WHERE id = $1"
+# Sessions whose queue stalled (their active workflow finished, the promotion was lost).
+STALLED_SESSIONS = """
+SELECT DISTINCT q.session_id FROM workflows q
+WHERE q.status = 'queued'
+  AND NOT EXISTS (SELECT 1 FROM workflows a
+                  WHERE a.session_id = q.session_id AND a.status IN ('running', 'waiting'))
+LIMIT $1
+"""
+
+
+async def promote_next(conn: Conn, session_id: str) -> list[TaskEnvelope]:
+    """Start the next queued workflow of a session; return its envelopes to enqueue."""
+    step_ids = [r["id"] for r in await conn.fetch(PROMOTE_NEXT, session_id)]
+    return [_envelope(await conn.fetchrow(SELECT_STEP_ENVELOPE, s)) for s in step_ids]
+
+
+async def promote_after(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
+    """After ``workflow_id`` finished: start whatever waited behind it in its session."""
+    session_id = await conn.fetchval(SESSION_OF, workflow_id)
+    return await promote_next(conn, session_id) if session_id else []
+
+
+async def stalled_sessions(conn: Conn, limit: int = 100) -> list[str]:
+    return [r["session_id"] for r in await conn.fetch(STALLED_SESSIONS, limit)]
 
 
 def _envelope(row: Any) -> TaskEnvelope:

@@ -15,7 +15,7 @@ from typing import Any
 from uuid import uuid4
 
 from orchestrator.errors import FenceRejected
-from orchestrator.store import Conn, dead_letters, tool_runs
+from orchestrator.store import Conn, dead_letters, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
 from schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
 
@@ -79,12 +79,14 @@ WITH closed AS (
     SET state = $15, status = $20::text, updated_at = now(),
         completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END
     WHERE id = (SELECT workflow_id FROM closed) AND status = 'running'
+    RETURNING session_id, status
 ), event_rows AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT c.workflow_id, c.id, t, d::jsonb
     FROM closed c, unnest($21::text[], $22::text[]) AS x(t, d)
 )
-SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps) AS handed
+SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps) AS handed,
+       (SELECT session_id FROM workflow_row WHERE status <> 'running') AS finished_session
 """
 INSERT_ATTEMPT = """
 INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
@@ -229,7 +231,11 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
             agent=envelope.agent,
         )
     # Next steps are only created while the workflow runs (not after a cancel).
-    return nxt if row["handed"] == len(nxt) else []
+    handed = nxt if row["handed"] == len(nxt) else []
+    if row["finished_session"] is not None:
+        # The workflow finished: the next ticket of its session may start.
+        handed = handed + await recovery.promote_next(conn, row["finished_session"])
+    return handed
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +245,7 @@ class Failure:
     retry: TaskEnvelope | None
     delay: float
     dead_letter_id: int | None
+    promoted: list[TaskEnvelope] = field(default_factory=list)  # next in the session
 
 
 async def fail(
@@ -326,7 +333,8 @@ async def fail(
                 (EventType.WORKFLOW_FAILED, {"error": error}),
             ],
         )
-    return Failure(None, 0.0, letter)
+        promoted = await recovery.promote_after(conn, envelope.workflow_id)
+    return Failure(None, 0.0, letter, promoted)
 
 
 PARK_STEP = """

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
+
+import asyncpg
 
 from orchestrator.errors import InvalidInput, WorkflowNotFound
 from orchestrator.store import Conn
@@ -19,19 +22,22 @@ from schemas import (
 # The whole submission as ONE statement: session, workflow, first message,
 # first step and event, or nothing when the session belongs to another tenant.
 CREATE_WORKFLOW = """
-WITH new_session AS (
+WITH owner AS (
+    -- DO UPDATE (a no-op) rather than DO NOTHING: it returns the row even when a
+    -- concurrent submission created the session after this statement's snapshot.
     INSERT INTO sessions (id, tenant_id, customer_id) VALUES ($3, $4, $5)
-    ON CONFLICT (id) DO NOTHING
+    ON CONFLICT (id) DO UPDATE SET tenant_id = sessions.tenant_id
     RETURNING tenant_id
-), owner AS (
-    SELECT tenant_id FROM new_session
-    UNION ALL
-    SELECT tenant_id FROM sessions WHERE id = $3
-    LIMIT 1
 ), workflow_row AS (
     INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, app_version)
-    SELECT $1, $4, $3, $6, 'running', $7, $7, $8 FROM owner WHERE tenant_id = $4
-    RETURNING id
+    SELECT $1, $4, $3, $6,
+           CASE WHEN EXISTS (SELECT 1 FROM workflows
+                             WHERE session_id = $3
+                               AND status IN ('queued', 'running', 'waiting'))
+                THEN 'queued' ELSE 'running' END,
+           $7, $7, $8
+    FROM owner WHERE tenant_id = $4
+    RETURNING id, status
 ), message_row AS (
     INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
     SELECT $3, $4, id, 'customer', $5, $9 FROM workflow_row
@@ -42,7 +48,7 @@ WITH new_session AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT id, NULL, 'workflow.submitted', $11 FROM workflow_row
 )
-SELECT count(*) FROM workflow_row
+SELECT status FROM workflow_row
 """
 SELECT_WORKFLOW = """
 SELECT id, tenant_id, session_id, pipeline, status, input, state, error, app_version,
@@ -63,6 +69,12 @@ WHERE session_id = $1 ORDER BY id
 """
 
 
+@dataclass(frozen=True, slots=True)
+class Created:
+    queued: bool  # True: behind another workflow of its session, not to be enqueued yet
+    envelope: TaskEnvelope
+
+
 async def create(
     conn: Conn,
     ticket: Ticket,
@@ -71,13 +83,17 @@ async def create(
     first_agent: str,
     app_version: str,
     traceparent: str | None = None,
-) -> TaskEnvelope:
-    """Record a submitted ticket; return the first step's envelope for the caller to XADD."""
+) -> Created:
+    """Record a submitted ticket; return the first step's envelope for the caller to XADD.
+
+    A ticket whose session already has a workflow under way is recorded as
+    ``queued``: it starts (in order) when the earlier one finishes.
+    """
     workflow_id, step_id = uuid4(), uuid4()
     session_id = ticket.session_id or f"session-{workflow_id}"
     state: dict[str, Any] = {"ticket": ticket.model_dump(mode="json")}
-    created = await conn.fetchval(
-        CREATE_WORKFLOW,
+    status = await _insert(
+        conn,
         workflow_id,
         step_id,
         session_id,
@@ -90,20 +106,35 @@ async def create(
         first_agent,
         {"pipeline": pipeline, "first_agent": first_agent},
     )
-    if not created:
+    if status is None:
         raise InvalidInput(f"session {session_id} belongs to another tenant")
-    return TaskEnvelope(
-        workflow_id=workflow_id,
-        step_id=step_id,
-        seq=0,
-        pipeline=pipeline,
-        agent=first_agent,
-        attempt=1,
-        tenant_id=ticket.tenant_id,
-        assigned_by="submit",
-        payload=state,
-        traceparent=traceparent,
+    return Created(
+        status == WorkflowStatus.QUEUED,
+        TaskEnvelope(
+            workflow_id=workflow_id,
+            step_id=step_id,
+            seq=0,
+            pipeline=pipeline,
+            agent=first_agent,
+            attempt=1,
+            tenant_id=ticket.tenant_id,
+            assigned_by="submit",
+            payload=state,
+            traceparent=traceparent,
+        ),
     )
+
+
+async def _insert(conn: Conn, *args: Any) -> str | None:
+    """Insert the submission; a concurrent first ticket of the same session wins the race
+    for 'running' (unique index), so try once more and queue behind it."""
+    for _ in range(3):
+        try:
+            status: str | None = await conn.fetchval(CREATE_WORKFLOW, *args)
+            return status
+        except asyncpg.UniqueViolationError:
+            continue
+    raise InvalidInput("too much contention on this session; submit again")
 
 
 async def get(conn: Conn, workflow_id: UUID) -> WorkflowRecord:
