@@ -5,80 +5,30 @@ Every failure is one line on stderr and a non-zero exit; ``--debug`` adds the tr
 
 from __future__ import annotations
 
-import functools
 import logging
-import sys
-import traceback
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
-from uuid import UUID
+from typing import Annotated
 
 import anyio
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.table import Table
 
-from orchestrator.app import App, load_app
+from orchestrator.cli_dlq import dlq
+from orchestrator.cli_support import Options, err, guard, out, run_body, workflow_id_arg
 from orchestrator.client import Client
 from orchestrator.demo import load_tickets, run_local
-from orchestrator.errors import ConfigurationError, InvalidInput, OrchestratorError
+from orchestrator.errors import ConfigurationError, InvalidInput
 from orchestrator.render import print_summary, steps_table, workflow_panel
-from orchestrator.runtime import Runtime, open_runtime
-from orchestrator.settings import Settings
+from orchestrator.runtime import Runtime
 from orchestrator.worker import Worker
-from schemas import Ticket
+from schemas import Ticket, WorkflowStatus
 
-T = TypeVar("T")
 cli = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="Durable multi-agent workflows on Redis and Postgres.",
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-
-def guard(command: Callable[..., None]) -> Callable[..., None]:
-    """Turn any failure into one line on stderr and exit 1 (traceback only with --debug)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> None:
-        try:
-            command(*args, **kwargs)
-        except (typer.Exit, typer.Abort):
-            raise
-        except Exception as exc:
-            if "--debug" in sys.argv:
-                traceback.print_exc()
-            if isinstance(exc, OrchestratorError):
-                err.print(f"orchestrator: error: {exc}", markup=False, highlight=False)
-            else:
-                err.print(
-                    f"orchestrator: unexpected error: {type(exc).__name__}: {exc} "
-                    "(run with --debug for the traceback)",
-                    markup=False,
-                    highlight=False,
-                )
-            raise typer.Exit(1) from None
-
-    return wrapper
-
-
-class Options:
-    def __init__(self, app_path: str | None) -> None:
-        try:
-            self.settings = Settings()
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ConfigurationError(
-                f"bad setting {'.'.join(str(p) for p in first['loc'])}: {first['msg']}"
-            ) from exc
-        self.app_path = app_path or self.settings.app
-
-    def app(self) -> App:
-        return load_app(self.app_path)
 
 
 @cli.callback()
@@ -96,16 +46,6 @@ def root(
     )
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     ctx.obj = opts
-
-
-def _run(opts: Options, body: Callable[[Runtime], Awaitable[T]], *, migrate: bool = True) -> T:
-    app = opts.app()
-
-    async def main() -> T:
-        async with open_runtime(opts.settings, app, apply_migrations=migrate) as runtime:
-            return await body(runtime)
-
-    return anyio.run(main)
 
 
 @cli.command()
@@ -127,7 +67,7 @@ def demo(
         if report.failed:
             raise typer.Exit(1)
 
-    _run(ctx.obj, body)
+    run_body(ctx.obj, body)
 
 
 @cli.command()
@@ -138,7 +78,7 @@ def migrate(ctx: typer.Context) -> None:
     async def body(runtime: Runtime) -> None:
         out.print(f"database schema {runtime.settings.db_schema!r} is up to date")
 
-    _run(ctx.obj, body)
+    run_body(ctx.obj, body)
 
 
 @cli.command()
@@ -174,7 +114,7 @@ def worker(
             await w.run()
             tg.cancel_scope.cancel()
 
-    _run(ctx.obj, body, migrate=False)
+    run_body(ctx.obj, body, migrate=False)
 
 
 @cli.command()
@@ -209,7 +149,7 @@ def submit(
         for wid in ids:
             out.print(workflow_panel(await client.get(wid)))
 
-    _run(opts, body, migrate=False)
+    run_body(opts, body, migrate=False)
 
 
 def _ticket_arg(value: str, customer: str, tenant: str) -> list[Ticket]:
@@ -230,7 +170,7 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
     """Show a workflow, its steps and its result."""
-    wid = _workflow_id(workflow)
+    wid = workflow_id_arg(workflow)
 
     async def body(runtime: Runtime) -> None:
         record = await Client(runtime).get(wid)
@@ -240,14 +180,7 @@ def status(
         out.print(workflow_panel(record))
         out.print(steps_table(record))
 
-    _run(ctx.obj, body, migrate=False)
-
-
-def _workflow_id(value: str) -> UUID:
-    try:
-        return UUID(value)
-    except ValueError:
-        raise InvalidInput(f"not a workflow id: {value!r}") from None
+    run_body(ctx.obj, body, migrate=False)
 
 
 @cli.command()
@@ -256,7 +189,7 @@ def cancel(
     ctx: typer.Context, workflow: Annotated[str, typer.Argument(help="workflow id")]
 ) -> None:
     """Cancel a workflow: no further step starts; a running step can see it."""
-    wid = _workflow_id(workflow)
+    wid = workflow_id_arg(workflow)
 
     async def body(runtime: Runtime) -> None:
         if await Client(runtime).cancel(wid):
@@ -264,7 +197,7 @@ def cancel(
         else:
             raise InvalidInput(f"workflow {wid} is not running; nothing to cancel")
 
-    _run(ctx.obj, body, migrate=False)
+    run_body(ctx.obj, body, migrate=False)
 
 
 @cli.command()
@@ -273,13 +206,62 @@ def resume(
     ctx: typer.Context, workflow: Annotated[str, typer.Argument(help="workflow id")]
 ) -> None:
     """Re-run a failed or stuck workflow from its last checkpoint (recorded tools reused)."""
-    wid = _workflow_id(workflow)
+    wid = workflow_id_arg(workflow)
 
     async def body(runtime: Runtime) -> None:
         count = await Client(runtime).resume(wid)
         out.print(f"resumed {wid}: {count} step(s) enqueued")
 
-    _run(ctx.obj, body, migrate=False)
+    run_body(ctx.obj, body, migrate=False)
+
+
+@cli.command()
+@guard
+def runs(
+    ctx: typer.Context,
+    status: Annotated[WorkflowStatus | None, typer.Option(help="only this status")] = None,
+    tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+) -> None:
+    """List recent workflows, newest first."""
+
+    async def body(runtime: Runtime) -> None:
+        rows = await Client(runtime).runs(status=status, tenant=tenant, limit=limit)
+        table = Table("workflow", "tenant", "pipeline", "status", "created", "error")
+        for r in rows:
+            table.add_row(
+                str(r["id"]),
+                r["tenant_id"],
+                r["pipeline"],
+                r["status"],
+                r["created_at"].isoformat(timespec="seconds"),
+                (r["error"] or "")[:60],
+            )
+        out.print(table)
+
+    run_body(ctx.obj, body, migrate=False)
+
+
+@cli.command()
+@guard
+def watch(
+    ctx: typer.Context,
+    workflow: Annotated[str | None, typer.Argument(help="only this workflow")] = None,
+) -> None:
+    """Print live step handoffs and completions until Ctrl-C (or the workflow ends)."""
+    wid = workflow_id_arg(workflow) if workflow else None
+
+    async def body(runtime: Runtime) -> None:
+        async for signal in Client(runtime).watch():
+            if wid is not None and signal.workflow_id != wid:
+                continue
+            out.print(
+                f"{signal.workflow_id}  step {signal.seq}  {signal.status.value}", highlight=False
+            )
+            if wid is not None and signal.status.terminal:
+                return
+
+    run_body(ctx.obj, body, migrate=False)
 
 
 @cli.command("input")
@@ -290,74 +272,16 @@ def input_(
     text: Annotated[str, typer.Argument(help="the reply to the question the workflow asked")],
 ) -> None:
     """Answer a workflow that is waiting for input; it resumes at once."""
-    wid = _workflow_id(workflow)
+    wid = workflow_id_arg(workflow)
 
     async def body(runtime: Runtime) -> None:
         await Client(runtime).provide_input(wid, text)
         out.print(f"delivered to {wid}; it resumes now")
 
-    _run(ctx.obj, body, migrate=False)
+    run_body(ctx.obj, body, migrate=False)
 
 
-dlq = typer.Typer(help="Dead letters: steps out of attempts, in-doubt calls, bad entries.")
 cli.add_typer(dlq, name="dlq")
-
-
-@dlq.command("list")
-@guard
-def dlq_list(
-    ctx: typer.Context,
-    all_: Annotated[bool, typer.Option("--all", help="include retried ones")] = False,
-    limit: Annotated[int, typer.Option(min=1)] = 50,
-) -> None:
-    """List dead letters, newest first."""
-
-    async def body(runtime: Runtime) -> None:
-        letters = await Client(runtime).dead_letters(include_retried=all_, limit=limit)
-        table = Table("id", "workflow", "agent", "reason", "created", "retried")
-        for d in letters:
-            table.add_row(
-                str(d.id),
-                str(d.workflow_id or "-"),
-                d.agent,
-                d.reason[:80],
-                d.created_at.isoformat(timespec="seconds"),
-                d.retried_at.isoformat(timespec="seconds") if d.retried_at else "",
-            )
-        out.print(table)
-
-    _run(ctx.find_root().obj, body, migrate=False)
-
-
-@dlq.command("show")
-@guard
-def dlq_show(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id")]) -> None:
-    """Show one dead letter with its envelope."""
-
-    async def body(runtime: Runtime) -> None:
-        d = await Client(runtime).dead_letter(letter)
-        out.print(
-            f"id: {d.id}\nworkflow: {d.workflow_id}\nstep: {d.step_id}\n"
-            f"agent: {d.agent}\nreason: {d.reason}\ncreated: {d.created_at}\n"
-            f"retried: {d.retried_at}",
-            markup=False,
-            highlight=False,
-        )
-        out.print_json(d.envelope) if d.envelope.startswith("{") else out.print(d.envelope)
-
-    _run(ctx.find_root().obj, body, migrate=False)
-
-
-@dlq.command("retry")
-@guard
-def dlq_retry(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id")]) -> None:
-    """Retry a dead-lettered step: its workflow resumes from the last checkpoint."""
-
-    async def body(runtime: Runtime) -> None:
-        wid = await Client(runtime).retry_dead_letter(letter)
-        out.print(f"dead letter {letter}: workflow {wid} resumed")
-
-    _run(ctx.find_root().obj, body, migrate=False)
 
 
 def main() -> None:

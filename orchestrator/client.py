@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 from uuid import UUID
 
@@ -97,6 +97,31 @@ class Client:
         workflow_id: UUID = letter.workflow_id
         await self.resume(workflow_id)
         return workflow_id
+
+    async def runs(
+        self, *, status: WorkflowStatus | None = None, tenant: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        """The most recent workflows, newest first."""
+        async with self.rt.pool.acquire() as conn:
+            return await workflows.recent(
+                conn, status=status.value if status else None, tenant=tenant, limit=limit
+            )
+
+    async def watch(self) -> AsyncIterator[Signal]:
+        """Live progress and completion signals (Pub/Sub: a view, not a durable feed)."""
+        pubsub = self.rt.redis.pubsub(ignore_subscribe_messages=True)
+        await pubsub.subscribe(self.rt.keys.progress_channel(), self.rt.keys.signal_channel())
+        try:
+            while True:
+                message = await pubsub.get_message(timeout=1.0)
+                if message is None:
+                    continue
+                try:
+                    yield Signal.model_validate_json(message["data"])
+                except ValidationError:
+                    continue  # not ours or garbled: a view can skip it
+        finally:
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
         async with self.rt.pool.acquire() as conn:

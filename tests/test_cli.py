@@ -129,3 +129,16 @@ def test_unknown_workflow(cli_env: dict[str, str]) -> None:
     assert_one_line_error(
         run_cli("status", "00000000-0000-0000-0000-000000000000", env=env), "no workflow 00000000"
     )
+
+
+def test_runs_dlq_and_input_verbs(cli_env: dict[str, str]) -> None:
+    assert run_cli("migrate", env=cli_env).returncode == 0
+    listed = run_cli("runs", "--limit", "5", env=cli_env)
+    assert listed.returncode == 0 and "workflow" in listed.stdout
+    assert run_cli("dlq", "list", env=cli_env).returncode == 0
+    assert_one_line_error(run_cli("dlq", "show", "999", env=cli_env), "no dead letter 999")
+    assert_one_line_error(
+        run_cli("input", "00000000-0000-0000-0000-000000000000", "ORD-1", env=cli_env),
+        "no workflow 00000000",
+    )
+    assert run_cli("runs", "--status", "bogus", env=cli_env).returncode == 2  # usage error

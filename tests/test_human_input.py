@@ -108,3 +108,28 @@ async def test_input_for_a_workflow_that_is_not_waiting_is_refused(support: Runt
         await client.provide_input(wid, "ORD-10010")
     with pytest.raises(InvalidInput, match="empty"):
         await client.provide_input(wid, "  ")
+
+
+async def test_watch_sees_progress_and_the_end(support: Runtime) -> None:
+    client = Client(support)
+    worker = Worker(support, concurrency=2, reconcile=False)
+    seen: list[tuple[int, WorkflowStatus]] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+
+        async def follow() -> None:
+            async for signal in client.watch():
+                seen.append((signal.seq, signal.status))
+                if signal.status.terminal:
+                    return
+
+        tg.start_soon(follow)
+        await anyio.sleep(0.2)  # subscribed before the first handoff
+        vague = Ticket(tenant_id="acme", customer_id="c9", subject="help", body="it doesn't work")
+        wid = await client.submit(vague)
+        with anyio.fail_after(20):
+            while not seen or not seen[-1][1].terminal:
+                await anyio.sleep(0.05)
+        worker.stop()
+    assert seen == [(0, WorkflowStatus.RUNNING), (1, WorkflowStatus.COMPLETED)]
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED

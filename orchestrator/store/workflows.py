@@ -63,6 +63,11 @@ SELECT_TERMINAL = """
 SELECT id, status FROM workflows
 WHERE id = ANY($1::uuid[]) AND status IN ('completed', 'failed', 'cancelled')
 """
+LIST_RECENT = """
+SELECT id, tenant_id, pipeline, status, error, created_at, completed_at FROM workflows
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR tenant_id = $2)
+ORDER BY created_at DESC LIMIT $3
+"""
 SELECT_TRANSCRIPT = """
 SELECT role, author, content, created_at FROM messages
 WHERE session_id = $1 ORDER BY id
@@ -152,6 +157,12 @@ async def terminal_statuses(conn: Conn, workflow_ids: list[UUID]) -> dict[UUID, 
     """Statuses of those of ``workflow_ids`` that have finished."""
     rows = await conn.fetch(SELECT_TERMINAL, workflow_ids)
     return {r["id"]: WorkflowStatus(r["status"]) for r in rows}
+
+
+async def recent(
+    conn: Conn, *, status: str | None, tenant: str | None, limit: int
+) -> list[dict[str, Any]]:
+    return [dict(r) for r in await conn.fetch(LIST_RECENT, status, tenant, limit)]
 
 
 async def transcript(conn: Conn, session_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,71 @@
+"""``orchestrator dlq``: list, show and retry dead letters."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from orchestrator.cli_support import guard, out, run_body
+from orchestrator.client import Client
+from orchestrator.runtime import Runtime
+
+dlq = typer.Typer(help="Dead letters: steps out of attempts, in-doubt calls, bad entries.")
+
+
+@dlq.command("list")
+@guard
+def dlq_list(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="include retried ones")] = False,
+    limit: Annotated[int, typer.Option(min=1)] = 50,
+) -> None:
+    """List dead letters, newest first."""
+
+    async def body(runtime: Runtime) -> None:
+        letters = await Client(runtime).dead_letters(include_retried=all_, limit=limit)
+        table = Table("id", "workflow", "agent", "reason", "created", "retried")
+        for d in letters:
+            table.add_row(
+                str(d.id),
+                str(d.workflow_id or "-"),
+                d.agent,
+                d.reason[:80],
+                d.created_at.isoformat(timespec="seconds"),
+                d.retried_at.isoformat(timespec="seconds") if d.retried_at else "",
+            )
+        out.print(table)
+
+    run_body(ctx.find_root().obj, body, migrate=False)
+
+
+@dlq.command("show")
+@guard
+def dlq_show(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id")]) -> None:
+    """Show one dead letter with its envelope."""
+
+    async def body(runtime: Runtime) -> None:
+        d = await Client(runtime).dead_letter(letter)
+        out.print(
+            f"id: {d.id}\nworkflow: {d.workflow_id}\nstep: {d.step_id}\n"
+            f"agent: {d.agent}\nreason: {d.reason}\ncreated: {d.created_at}\n"
+            f"retried: {d.retried_at}",
+            markup=False,
+            highlight=False,
+        )
+        out.print_json(d.envelope) if d.envelope.startswith("{") else out.print(d.envelope)
+
+    run_body(ctx.find_root().obj, body, migrate=False)
+
+
+@dlq.command("retry")
+@guard
+def dlq_retry(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id")]) -> None:
+    """Retry a dead-lettered step: its workflow resumes from the last checkpoint."""
+
+    async def body(runtime: Runtime) -> None:
+        wid = await Client(runtime).retry_dead_letter(letter)
+        out.print(f"dead letter {letter}: workflow {wid} resumed")
+
+    run_body(ctx.find_root().obj, body, migrate=False)
