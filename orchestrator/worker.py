@@ -1,11 +1,9 @@
-"""The worker: reads envelopes from agent streams and runs the step protocol.
+"""The worker: feeds stream entries to the step protocol (``orchestrator.protocol``).
 
-Per step: one Redis round trip to take the step's lease (a lock), one
-Postgres read to check the step is open, the agent run (heartbeating when
-long), ONE Postgres statement that completes the step fenced on its attempt,
-and one Redis round trip for the handoff (XADD next, XACK, status, PUBLISH,
-unlock). Alongside: reclaiming idle pending entries (XAUTOCLAIM), moving due
-retries, and the reconciler (one leader per deployment).
+Per agent, one reader fills up to ``concurrency`` slots with XREADGROUP and,
+every half lease, takes over entries idle past the lease (XAUTOCLAIM). Beside
+the readers: moving due retries, heartbeating long steps, and the reconciler
+(one leader per deployment).
 """
 
 from __future__ import annotations
@@ -15,57 +13,19 @@ import os
 import secrets
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
-from uuid import UUID
 
 import anyio
-import asyncpg
-from pydantic import BaseModel, ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestrator import delayed, status, streams
-from orchestrator.context import StepContext, StepInfo, bind
+from orchestrator import delayed, streams
 from orchestrator.errors import (
-    AgentError,
     ConfigurationError,
-    FenceRejected,
-    InputNeeded,
-    InvalidInput,
-    ServiceUnavailable,
-    StepError,
 )
-from orchestrator.locks import Lock
+from orchestrator.protocol import INFRA_ERRORS, StepRunner
 from orchestrator.reconciler import Reconciler
-from orchestrator.retry import backoff
 from orchestrator.runtime import Runtime
-from orchestrator.store import dead_letters, recovery, steps
-from schemas import Signal, TaskEnvelope, WorkflowStatus
 
 log = logging.getLogger("orchestrator.worker")
-
-# Errors of the infrastructure, not of the step: the entry stays pending and is
-# retried or reclaimed later, without burning one of the step's attempts.
-INFRA_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    RedisConnectionError,
-    RedisTimeoutError,
-    ServiceUnavailable,
-    ConnectionError,
-)
-
-
-@dataclass(frozen=True, slots=True)
-class _Running:
-    envelope: TaskEnvelope
-    entry: streams.Entry
-    lock: Lock
-    since: float
 
 
 class Worker:
@@ -89,8 +49,7 @@ class Worker:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.reconcile = reconcile
         self._stop = anyio.Event()
-        self._running: dict[tuple[UUID, int], _Running] = {}
-        self.processed = 0
+        self.runner = StepRunner(runtime, self.consumer)
 
     def stop(self) -> None:
         """Stop reading; running steps get ``shutdown_grace_seconds`` to finish."""
@@ -208,107 +167,7 @@ class Worker:
 
     async def process(self, agent: str, entry: streams.Entry) -> None:
         """Run one stream entry through the step protocol."""
-        rt = self.rt
-        try:
-            envelope = streams.decode(entry)
-            if envelope.agent != agent:
-                raise InvalidInput(f"envelope for agent {envelope.agent!r} on {agent!r} stream")
-        except InvalidInput as exc:
-            await self._poison(agent, entry, str(exc))
-            return
-        lock = Lock(
-            rt.redis,
-            rt.keys.step_lock(envelope.workflow_id, envelope.seq),
-            int(rt.settings.lease_seconds * 1000),
-        )
-        if not await self._take_lease(envelope, lock):
-            # Another worker holds this step's lease. Not acknowledged: if that
-            # worker dies, this entry is reclaimed once idle past the lease.
-            return
-        async with rt.pool.acquire() as conn:
-            opened = await steps.open_step(conn, envelope)
-        if not opened.runnable:
-            log.info("skipping %s step %s: %s", agent, envelope.step_id, opened.reason)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
-        rt.crash.reached("after_claim")
-        await self._run_step(envelope, entry, lock, opened)
-
-    async def _poison(self, agent: str, entry: streams.Entry, reason: str) -> None:
-        """Record an unreadable entry durably, park it on the dead-letter stream, ack it."""
-        log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, reason)
-        raw = entry.fields.get(streams.FIELD, b"")
-        text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        async with self.rt.pool.acquire() as conn:
-            await dead_letters.add(conn, agent=agent, reason=reason, envelope=text)
-        await streams.dead_letter(self.rt.redis, self.rt.keys, agent, entry, reason)
-
-    async def _take_lease(self, envelope: TaskEnvelope, lock: Lock) -> bool:
-        """Take the step's lock and show the agent as running, in one round trip."""
-        pipe = self.rt.redis.pipeline(transaction=False)
-        lock.acquire_in(pipe)
-        status.mark_in(
-            pipe,
-            self.rt.keys.agent_status(envelope.agent, self.consumer),
-            status.running(envelope),
-            self.rt.settings.status_ttl_seconds,
-        )
-        won, *_ = await pipe.execute()
-        return bool(won)
-
-    async def _run_step(
-        self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock, opened: steps.OpenStep
-    ) -> None:
-        rt = self.rt
-        cls = rt.app.agents[envelope.agent]
-        info = StepInfo(
-            envelope.workflow_id,
-            envelope.step_id,
-            envelope.seq,
-            envelope.agent,
-            envelope.attempt,
-            envelope.tenant_id,
-            envelope.assigned_by,
-            envelope.pipeline,
-        )
-        ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools, opened.replies)
-        started = datetime.now(UTC)
-        try:
-            try:
-                key = (envelope.step_id, envelope.attempt)
-                self._running[key] = _Running(envelope, entry, lock, anyio.current_time())
-                try:
-                    outcome = await self._execute(cls, ctx, envelope, started)
-                finally:
-                    self._running.pop(key, None)
-                async with rt.pool.acquire() as conn:
-                    nxt = await steps.complete(conn, envelope, outcome)
-            except InputNeeded as need:
-                await self._park(envelope, entry, lock, ctx, started, need.question)
-                return
-            except FenceRejected as exc:
-                log.info("%s", exc)
-                await self._hand_off(envelope, entry, [], None, lock)
-                return
-            except INFRA_ERRORS:
-                raise
-            except Exception as exc:
-                await self._fail(envelope, entry, lock, ctx, started, exc)
-                return
-        except BaseException:
-            # Infrastructure error or shutdown: free the lease at once (best effort);
-            # the entry stays pending and is reclaimed.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                try:
-                    await lock.release()
-                except (RedisError, OSError):
-                    pass
-            raise
-        rt.crash.reached("after_commit")
-        self.processed += 1
-        done = WorkflowStatus.RUNNING if nxt else WorkflowStatus.COMPLETED
-        signal = Signal(workflow_id=envelope.workflow_id, status=done, seq=envelope.seq)
-        await self._hand_off(envelope, entry, nxt, signal, lock)
+        await self.runner.process(agent, entry)
 
     async def _heartbeats(self) -> None:
         """Keep long steps alive: one loop for the whole worker, so short steps never pay.
@@ -321,195 +180,5 @@ class Worker:
         while True:
             await anyio.sleep(every)
             now = anyio.current_time()
-            for running in [r for r in self._running.values() if now - r.since >= every]:
-                await self._beat(running)
-
-    async def _beat(self, running: _Running) -> None:
-        rt, envelope = self.rt, running.envelope
-        try:
-            await running.lock.extend()
-            await streams.touch(rt.redis, rt.keys, envelope.agent, self.consumer, running.entry.id)
-            async with rt.pool.acquire() as conn:
-                alive = await recovery.heartbeat(conn, envelope.step_id, envelope.attempt)
-        except (RedisError, OSError, asyncpg.PostgresError, ServiceUnavailable) as exc:
-            log.warning("heartbeat of step %s failed: %s", envelope.step_id, exc)
-            return
-        if not alive:
-            # Fenced out (requeued meanwhile): its completion will be rejected.
-            log.info(
-                "step %s attempt %d was fenced out while running",
-                envelope.step_id,
-                envelope.attempt,
-            )
-
-    async def _execute(
-        self, cls: Any, ctx: StepContext, envelope: TaskEnvelope, started: datetime
-    ) -> steps.Outcome:
-        agent = cls()
-        try:
-            data = cls.input_model.model_validate(envelope.payload)
-        except ValidationError as exc:
-            raise AgentError(
-                f"input does not fit {cls.input_model.__name__}: {exc}", non_retryable=True
-            ) from exc
-        token = bind(ctx)
-        try:
-            with anyio.fail_after(cls.timeout_seconds):
-                output = await agent.run(ctx, data)
-        except TimeoutError as exc:
-            raise AgentError(f"timed out after {cls.timeout_seconds}s") from exc
-        finally:
-            token.var.reset(token)
-        if not isinstance(output, cls.output_model):
-            raise AgentError(
-                f"run() returned {type(output).__name__}, expected {cls.output_model.__name__}",
-                non_retryable=True,
-            )
-        return steps.Outcome(
-            output=output.model_dump(mode="json"),
-            state={**envelope.payload, **agent.state_update(output)},
-            next_agents=self._route(agent, envelope, output),
-            tool_runs=ctx.tool_runs,
-            messages=ctx.messages,
-            worker=self.consumer,
-            started_at=started,
-            usage=_usage(self.rt, ctx),
-        )
-
-    def _route(self, agent: Any, envelope: TaskEnvelope, output: BaseModel) -> tuple[str, ...]:
-        chosen = agent.route(output)
-        if chosen is None:
-            return self.rt.app.default_next(envelope.pipeline, envelope.agent)
-        unknown = [a for a in chosen if a not in self.rt.app.agents]
-        if unknown:
-            raise AgentError(
-                f"routes to unknown agent(s): {', '.join(unknown)}", non_retryable=True
-            )
-        return tuple(chosen)
-
-    async def _park(
-        self,
-        envelope: TaskEnvelope,
-        entry: streams.Entry,
-        lock: Lock,
-        ctx: StepContext,
-        started: datetime,
-        question: str,
-    ) -> None:
-        """The agent asked a person something: the workflow waits, durably, for the reply."""
-        rt = self.rt
-        try:
-            async with rt.pool.acquire() as conn:
-                await steps.park(
-                    conn,
-                    envelope,
-                    question=question,
-                    recorded=ctx.tool_runs,
-                    worker=self.consumer,
-                    started_at=started,
-                    usage=_usage(rt, ctx),
-                )
-        except FenceRejected as fence:
-            log.info("%s", fence)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
-        signal = Signal(
-            workflow_id=envelope.workflow_id, status=WorkflowStatus.WAITING, seq=envelope.seq
-        )
-        await self._hand_off(envelope, entry, [], signal, lock)
-
-    async def _fail(
-        self,
-        envelope: TaskEnvelope,
-        entry: streams.Entry,
-        lock: Lock,
-        ctx: StepContext,
-        started: datetime,
-        exc: Exception,
-    ) -> None:
-        """Record the failure; retry later with backoff, or fail and dead-letter."""
-        rt = self.rt
-        cls = rt.app.agents[envelope.agent]
-        max_attempts = cls.max_attempts or rt.settings.max_attempts
-        non_retryable = isinstance(exc, StepError) and exc.non_retryable
-        retry_after = (
-            None
-            if non_retryable or envelope.attempt >= max_attempts
-            else backoff(
-                envelope.attempt,
-                base=rt.settings.retry_base_seconds,
-                cap=rt.settings.retry_cap_seconds,
-            )
-        )
-        error = f"{type(exc).__name__}: {exc}"[:2000]
-        log.warning(
-            "%s step %s attempt %d failed (%s): %s",
-            envelope.agent,
-            envelope.step_id,
-            envelope.attempt,
-            "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
-            error,
-        )
-        try:
-            async with rt.pool.acquire() as conn:
-                failure = await steps.fail(
-                    conn,
-                    envelope,
-                    error=error,
-                    retry_after=retry_after,
-                    recorded=ctx.tool_runs,
-                    worker=self.consumer,
-                    started_at=started,
-                    usage=_usage(rt, ctx),
-                )
-        except FenceRejected as fence:
-            log.info("%s", fence)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
-        if failure.retry is not None:
-            await delayed.schedule(rt.redis, rt.keys, failure.retry, failure.delay)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
-        await streams.dead_letter_envelope(rt.redis, rt.keys, envelope, error)
-        for promoted in failure.promoted:
-            await streams.enqueue(rt.redis, rt.keys, promoted)
-        signal = Signal(
-            workflow_id=envelope.workflow_id, status=WorkflowStatus.FAILED, seq=envelope.seq
-        )
-        await self._hand_off(envelope, entry, [], signal, lock)
-
-    async def _hand_off(
-        self,
-        envelope: TaskEnvelope,
-        entry: streams.Entry,
-        nxt: Sequence[TaskEnvelope],
-        signal: Signal | None,
-        lock: Lock | None,
-    ) -> None:
-        rt = self.rt
-        if nxt and rt.crash.at == "after_xadd":
-            # Fault injection only: split the round trip to die between XADD and XACK.
-            for envelope_next in nxt:
-                await streams.enqueue(rt.redis, rt.keys, envelope_next)
-            rt.crash.reached("after_xadd")
-            nxt = []
-        await streams.hand_off(
-            rt.redis,
-            rt.keys,
-            streams.Handoff(
-                done=envelope,
-                entry_id=entry.id,
-                next=nxt,
-                signal=signal,
-                lock=lock,
-                status_key=rt.keys.agent_status(envelope.agent, self.consumer),
-                status=status.idle(envelope),
-                status_ttl=rt.settings.status_ttl_seconds,
-            ),
-        )
-
-
-def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:
-    return steps.ModelUse(
-        runtime.model.name, ctx.model_calls, ctx.usage.prompt_tokens, ctx.usage.completion_tokens
-    )
+            for running in [r for r in self.runner.running.values() if now - r.since >= every]:
+                await self.runner.beat(running)
