@@ -224,12 +224,7 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
         *outcome.usage.row(),
     )
     if row is None or not row["closed"]:
-        raise FenceRejected(
-            f"completion of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
-            workflow_id=envelope.workflow_id,
-            step_id=envelope.step_id,
-            agent=envelope.agent,
-        )
+        raise _rejected("completion", envelope)
     # Next steps are only created while the workflow runs (not after a cancel).
     handed = nxt if row["handed"] == len(nxt) else []
     if row["finished_session"] is not None:
@@ -284,25 +279,8 @@ async def fail(
                 is not None
             )
         if not closed:
-            raise FenceRejected(
-                f"failure of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
-                workflow_id=envelope.workflow_id,
-                step_id=envelope.step_id,
-                agent=envelope.agent,
-            )
-        await conn.execute(
-            INSERT_ATTEMPT,
-            envelope.step_id,
-            envelope.attempt,
-            worker,
-            "failed",
-            error,
-            started_at,
-            *usage.row(),
-        )
-        await tool_runs.insert_finished(
-            conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded
-        )
+            raise _rejected("failure", envelope)
+        await _record_attempt(conn, envelope, "failed", error, worker, started_at, usage, recorded)
         data = {"agent": envelope.agent, "attempt": envelope.attempt, "error": error}
         if retry_after is not None:
             await _events(
@@ -360,28 +338,46 @@ async def park(
     """Park the step and its workflow until a reply arrives (tool results are kept)."""
     async with conn.transaction():
         if await conn.fetchval(PARK_STEP, envelope.step_id, envelope.attempt, question) is None:
-            raise FenceRejected(
-                f"parking of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
-                workflow_id=envelope.workflow_id,
-                step_id=envelope.step_id,
-                agent=envelope.agent,
-            )
-        await conn.execute(
-            INSERT_ATTEMPT,
-            envelope.step_id,
-            envelope.attempt,
-            worker,
-            "waiting",
-            None,
-            started_at,
-            *usage.row(),
-        )
-        await tool_runs.insert_finished(
-            conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded
-        )
+            raise _rejected("parking", envelope)
+        await _record_attempt(conn, envelope, "waiting", None, worker, started_at, usage, recorded)
         await conn.execute(PARK_WORKFLOW, envelope.workflow_id)
         await conn.execute(INSERT_MESSAGES, envelope.workflow_id, envelope.agent, [question])
         await _events(conn, envelope, [(EventType.WORKFLOW_WAITING, {"question": question})])
+
+
+def _rejected(what: str, envelope: TaskEnvelope) -> FenceRejected:
+    return FenceRejected(
+        f"{what} of attempt {envelope.attempt} rejected: step is closed or re-enqueued",
+        workflow_id=envelope.workflow_id,
+        step_id=envelope.step_id,
+        agent=envelope.agent,
+    )
+
+
+async def _record_attempt(
+    conn: Conn,
+    envelope: TaskEnvelope,
+    outcome: str,
+    error: str | None,
+    worker: str,
+    started_at: datetime,
+    usage: ModelUse,
+    recorded: list[ToolRun],
+) -> None:
+    """The attempt row and the tool results it produced (reused by the next attempt)."""
+    await conn.execute(
+        INSERT_ATTEMPT,
+        envelope.step_id,
+        envelope.attempt,
+        worker,
+        outcome,
+        error,
+        started_at,
+        *usage.row(),
+    )
+    await tool_runs.insert_finished(
+        conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded
+    )
 
 
 async def _events(
