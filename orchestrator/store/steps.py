@@ -86,7 +86,11 @@ WITH closed AS (
     FROM closed c, unnest($21::text[], $22::text[]) AS x(t, d)
 )
 SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps) AS handed,
-       (SELECT session_id FROM workflow_row WHERE status <> 'running') AS finished_session
+       (SELECT wr.session_id FROM workflow_row wr
+        WHERE wr.status <> 'running'
+          AND EXISTS (SELECT 1 FROM workflows q
+                      WHERE q.session_id = wr.session_id AND q.status = 'queued'))
+           AS session_with_queue
 """
 INSERT_ATTEMPT = """
 INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
@@ -227,9 +231,9 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
         raise _rejected("completion", envelope)
     # Next steps are only created while the workflow runs (not after a cancel).
     handed = nxt if row["handed"] == len(nxt) else []
-    if row["finished_session"] is not None:
-        # The workflow finished: the next ticket of its session may start.
-        handed = handed + await recovery.promote_next(conn, row["finished_session"])
+    if row["session_with_queue"] is not None:
+        # The workflow finished and tickets wait behind it in its session: start the next.
+        handed = handed + await recovery.promote_next(conn, row["session_with_queue"])
     return handed
 
 
