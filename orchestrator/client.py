@@ -10,7 +10,7 @@ from uuid import UUID
 import anyio
 from pydantic import ValidationError
 
-from orchestrator import streams
+from orchestrator import streams, tracing
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.store import dead_letters as letters
@@ -26,14 +26,19 @@ class Client:
     async def submit(self, ticket: Ticket, *, pipeline: str | None = None) -> UUID:
         """Record the workflow in Postgres (the commit is the acceptance), then enqueue it."""
         name, agents = self.rt.app.resolve_pipeline(pipeline)
-        async with self.rt.pool.acquire() as conn:
-            created = await workflows.create(
-                conn,
-                ticket,
-                pipeline=name,
-                first_agent=agents[0],
-                app_version=self.rt.app.version,
-            )
+        with tracing.span(
+            self.rt.tracer, "workflow.submit", pipeline=name, tenant=ticket.tenant_id
+        ) as submit_span:
+            async with self.rt.pool.acquire() as conn:
+                created = await workflows.create(
+                    conn,
+                    ticket,
+                    pipeline=name,
+                    first_agent=agents[0],
+                    app_version=self.rt.app.version,
+                    traceparent=tracing.traceparent_of(submit_span),
+                )
+            submit_span.set_attribute("workflow.id", str(created.envelope.workflow_id))
         if not created.queued:  # a queued one is enqueued when its session frees up
             await streams.enqueue(self.rt.redis, self.rt.keys, created.envelope)
         return created.envelope.workflow_id

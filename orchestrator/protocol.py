@@ -19,12 +19,13 @@ from uuid import UUID
 
 import anyio
 import asyncpg
+from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestrator import delayed, status, streams
+from orchestrator import delayed, status, streams, tracing
 from orchestrator.context import StepContext, StepInfo, bind
 from orchestrator.errors import (
     AgentError,
@@ -98,7 +99,17 @@ class StepRunner:
             await self._hand_off(envelope, entry, [], None, lock)
             return
         rt.crash.reached("after_claim")
-        await self._run_step(envelope, entry, lock, opened)
+        with tracing.span(
+            rt.tracer,
+            f"step {agent}",
+            parent=envelope.traceparent,
+            **{
+                "workflow.id": str(envelope.workflow_id),
+                "step.seq": envelope.seq,
+                "step.attempt": envelope.attempt,
+            },
+        ):
+            await self._run_step(envelope, entry, lock, opened)
 
     async def _poison(self, agent: str, entry: streams.Entry, reason: str) -> None:
         """Record an unreadable entry durably, park it on the dead-letter stream, ack it."""
@@ -226,6 +237,7 @@ class StepRunner:
             worker=self.consumer,
             started_at=started,
             usage=_usage(self.rt, ctx),
+            traceparent=tracing.traceparent_of(trace.get_current_span()),
         )
 
     def _route(self, agent: Any, envelope: TaskEnvelope, output: BaseModel) -> tuple[str, ...]:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
 from openai import AsyncOpenAI
+from opentelemetry.trace import Tracer, TracerProvider
 
+from orchestrator import tracing
 from orchestrator.app import App
 from orchestrator.connections import connect_redis, create_pool, redact
 from orchestrator.embedded import embedded_postgres, embedded_redis
@@ -42,6 +44,7 @@ class Runtime:
     embedder: Embedder
     crash: CrashPoints
     model_limiter: RateLimiter | None = None
+    tracer: Tracer = field(default_factory=tracing.tracer)
 
 
 def build_model(settings: Settings, app: App) -> LanguageModel:
@@ -58,7 +61,11 @@ def build_model(settings: Settings, app: App) -> LanguageModel:
 
 @contextlib.asynccontextmanager
 async def open_runtime(
-    settings: Settings, app: App, *, apply_migrations: bool = True
+    settings: Settings,
+    app: App,
+    *,
+    apply_migrations: bool = True,
+    tracer_provider: TracerProvider | None = None,
 ) -> AsyncIterator[Runtime]:
     """Connect (starting embedded servers for unset URLs), check pgvector, migrate."""
     with contextlib.ExitStack() as servers:
@@ -91,6 +98,7 @@ async def open_runtime(
                 HashingEmbedder(),
                 CrashPoints(settings.crash_at, settings.crash_after),
                 _limiter(settings, redis),
+                tracing.tracer(tracer_provider),
             )
             if apply_migrations:
                 for hook in app.setup_hooks:

@@ -161,6 +161,7 @@ class Outcome:
     worker: str
     started_at: datetime
     usage: ModelUse = ModelUse()
+    traceparent: str | None = None  # the step's span, parent of the next steps' spans
 
 
 async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
@@ -194,7 +195,7 @@ def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelo
             tenant_id=envelope.tenant_id,
             assigned_by=envelope.agent,
             payload=outcome.state,
-            traceparent=envelope.traceparent,
+            traceparent=outcome.traceparent or envelope.traceparent,
         )
         for i, agent in enumerate(outcome.next_agents)
     ]

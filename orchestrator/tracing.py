@@ -1,0 +1,46 @@
+"""OpenTelemetry tracing: one trace follows a ticket across processes.
+
+The submit span's W3C ``traceparent`` rides on the first envelope; each step
+runs in a span that is a child of it and hands its own ``traceparent`` to the
+next envelopes, so submit → triage → research → response form one trace even
+when different workers run them. Spans go to whatever TracerProvider the
+application configured (the OpenTelemetry SDK's, or none: then they cost
+next to nothing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Tracer, TracerProvider
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def tracer(provider: TracerProvider | None = None) -> Tracer:
+    return trace.get_tracer("orchestrator", tracer_provider=provider)
+
+
+def traceparent_of(span: Span) -> str | None:
+    """The W3C traceparent of ``span``, to carry on an envelope."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent")
+
+
+def parent_context(traceparent: str | None) -> Context | None:
+    return _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+
+
+@contextmanager
+def span(t: Tracer, name: str, *, parent: str | None = None, **attributes: Any) -> Iterator[Span]:
+    """A span under the envelope's ``parent`` traceparent (a new trace when there is none)."""
+    with t.start_as_current_span(
+        name, context=parent_context(parent), attributes=attributes
+    ) as current:
+        yield current

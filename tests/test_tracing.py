@@ -1,0 +1,50 @@
+"""One OpenTelemetry trace follows a ticket from submit through every step and tool."""
+
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from orchestrator.demo import load_tickets, run_local
+from orchestrator.runtime import open_runtime
+from orchestrator.settings import Settings
+from tests.conftest import drop_test_data
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_ticket_is_one_trace_across_steps_and_tools(settings: Settings) -> None:
+    from agents.support import app
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    ticket = next(t for t in load_tickets() if "ORD-10007" in t.body)
+    try:
+        async with open_runtime(settings, app, tracer_provider=provider) as runtime:
+            report = await run_local(runtime, [ticket], timeout=30)
+    finally:
+        await drop_test_data(settings)
+        provider.shutdown()
+    assert report.completed == 1
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert {
+        "workflow.submit",
+        "step triage",
+        "step research",
+        "step response",
+        "tool lookup_order",
+    } <= set(spans)
+    assert len({s.context.trace_id for s in exporter.get_finished_spans()}) == 1
+
+    def parent(name: str) -> str:
+        parent_id = spans[name].parent.span_id  # type: ignore[union-attr]
+        return next(n for n, s in spans.items() if s.context.span_id == parent_id)
+
+    assert parent("step triage") == "workflow.submit"
+    assert parent("step research") == "step triage"
+    assert parent("step response") == "step research"
+    assert parent("tool lookup_order") == "step research"
+    assert spans["tool lookup_order"].attributes["tool.idempotency_key"].endswith(":1:0")
