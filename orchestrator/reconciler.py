@@ -98,11 +98,20 @@ class Reconciler:
         for agent in rt.app.agents:
             await streams.ensure_group(rt.redis, rt.keys, agent)
         async with rt.pool.acquire() as conn:
-            step_ids = await recovery.stalled(conn, older_than=rt.settings.stall_after)
+            stalled = await recovery.stalled(conn, older_than=rt.settings.stall_after)
+        backlog = {
+            agent: await streams.undelivered_since(rt.redis, rt.keys, agent)
+            for agent in {s.agent for s in stalled}
+        }
         requeued = await self._start_stalled_sessions()
-        for step_id in step_ids:
+        for step in stalled:
+            since = backlog.get(step.agent)
+            if since is not None and step.updated_ms > since:
+                # Enqueued after the last delivered entry: its envelope is most likely
+                # still waiting in a backlog. Re-enqueuing it would only add duplicates.
+                continue
             async with rt.pool.acquire() as conn:
-                envelope = await recovery.requeue(conn, step_id, reason="stalled")
+                envelope = await recovery.requeue(conn, step.step_id, reason="stalled")
             if envelope is None:
                 continue
             await streams.enqueue(rt.redis, rt.keys, envelope)

@@ -68,6 +68,23 @@ async def touch(
     await client.xclaim(keys.stream(agent), keys.group(agent), consumer, 0, [entry_id], justid=True)
 
 
+async def undelivered_since(client: aioredis.Redis, keys: Keys, agent: str) -> int | None:
+    """If the agent's group has entries not yet delivered, the time (ms, Redis clock) of the
+    last one delivered: anything enqueued after it may still be waiting in the backlog.
+    None when nothing waits (or the stream is gone)."""
+    try:
+        stream: Any = await client.xinfo_stream(keys.stream(agent))
+        groups: Any = await client.xinfo_groups(keys.stream(agent))
+    except ResponseError:
+        return None  # no stream: nothing can be waiting in it
+    delivered = next(
+        (g["last-delivered-id"] for g in groups if g["name"] == keys.group(agent).encode()), None
+    )
+    if delivered is None or delivered == stream["last-generated-id"]:
+        return None
+    return int(delivered.split(b"-")[0])
+
+
 def encode(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
     return {FIELD: envelope.model_dump_json().encode()}
 

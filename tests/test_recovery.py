@@ -219,3 +219,24 @@ async def test_worker_stops_after_running_steps_finish(rt: Runtime, probe: Probe
             await anyio.sleep(0.2)
             probe.gate.set()
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+
+async def test_reconciler_leaves_a_live_backlog_alone(rt: Runtime, probe: Probe) -> None:
+    """Steps whose envelopes still wait, undelivered, in their stream are not duplicated."""
+    client = Client(rt)
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    ids = [await client.submit(TICKET, pipeline="gated") for _ in range(3)]
+    await anyio.sleep(rt.settings.stall_after + 0.05)  # old enough to look stalled
+    assert (await Reconciler(rt).pass_once()).requeued == 0
+    assert await rt.redis.xlen(rt.keys.stream("gated")) == 3
+    attempts = await fetch(rt, "SELECT attempt FROM steps WHERE workflow_id = ANY($1::uuid[])",
+                           ids)
+    assert {a["attempt"] for a in attempts} == {1}
+
+    # Once the backlog has been delivered and nobody finished the steps, they are re-enqueued.
+    worker = Worker(rt, concurrency=3)
+    taken = await streams.read(rt.redis, rt.keys, "gated", worker.consumer, count=3,
+                               block_ms=1000)
+    assert len(taken) == 3  # delivered to a worker that then dies
+    await anyio.sleep(rt.settings.stall_after + 0.05)
+    assert (await Reconciler(rt).pass_once()).requeued == 3

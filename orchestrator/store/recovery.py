@@ -6,6 +6,7 @@ attempt is fenced out and an old envelope still in a stream is skipped.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
@@ -16,7 +17,8 @@ from schemas import EventType, TaskEnvelope, WorkflowStatus
 # Open steps with no progress for a while (or whose retry time has come):
 # their envelope may be lost with Redis, or their worker dead.
 SELECT_STALLED = """
-SELECT s.id FROM steps s JOIN workflows w ON w.id = s.workflow_id
+SELECT s.id, s.agent, (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms
+FROM steps s JOIN workflows w ON w.id = s.workflow_id
 WHERE s.status = 'queued' AND w.status = 'running'
   AND s.updated_at < now() - make_interval(secs => $1)
   AND (s.not_before IS NULL OR s.not_before <= now())
@@ -61,8 +63,16 @@ OPEN_STEP_IDS = "SELECT id FROM steps WHERE workflow_id = $1 AND status = 'queue
 INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1, $2, $3, $4)"
 
 
-async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[UUID]:
-    return [r["id"] for r in await conn.fetch(SELECT_STALLED, older_than, limit)]
+@dataclass(frozen=True, slots=True)
+class Stalled:
+    step_id: UUID
+    agent: str
+    updated_ms: int  # when the step was last enqueued or heartbeated (Postgres clock)
+
+
+async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[Stalled]:
+    rows = await conn.fetch(SELECT_STALLED, older_than, limit)
+    return [Stalled(r["id"], r["agent"], r["updated_ms"]) for r in rows]
 
 
 async def requeue(conn: Conn, step_id: UUID, *, reason: str = "requeued") -> TaskEnvelope | None:
