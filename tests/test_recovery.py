@@ -229,14 +229,12 @@ async def test_reconciler_leaves_a_live_backlog_alone(rt: Runtime, probe: Probe)
     await anyio.sleep(rt.settings.stall_after + 0.05)  # old enough to look stalled
     assert (await Reconciler(rt).pass_once()).requeued == 0
     assert await rt.redis.xlen(rt.keys.stream("gated")) == 3
-    attempts = await fetch(rt, "SELECT attempt FROM steps WHERE workflow_id = ANY($1::uuid[])",
-                           ids)
+    attempts = await fetch(rt, "SELECT attempt FROM steps WHERE workflow_id = ANY($1::uuid[])", ids)
     assert {a["attempt"] for a in attempts} == {1}
 
     # Once the backlog has been delivered and nobody finished the steps, they are re-enqueued.
     worker = Worker(rt, concurrency=3)
-    taken = await streams.read(rt.redis, rt.keys, "gated", worker.consumer, count=3,
-                               block_ms=1000)
+    taken = await streams.read(rt.redis, rt.keys, "gated", worker.consumer, count=3, block_ms=1000)
     assert len(taken) == 3  # delivered to a worker that then dies
     await anyio.sleep(rt.settings.stall_after + 0.05)
     assert (await Reconciler(rt).pass_once()).requeued == 3
