@@ -39,11 +39,6 @@ SELECT_ONE = """
 SELECT idempotency_key, ordinal, tool, status, result, error
 FROM tool_runs WHERE idempotency_key = $1
 """
-SELECT_FOR_WORKFLOW = """
-SELECT t.idempotency_key, s.seq, t.ordinal, t.tool, t.status, t.attempt
-FROM tool_runs t JOIN steps s ON s.id = t.step_id
-WHERE t.workflow_id = $1 ORDER BY s.seq, t.ordinal
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,8 +110,3 @@ async def fetch(conn: Conn, key: str) -> ToolRun | None:
         result=row["result"],
         error=row["error"],
     )
-
-
-async def list_for_workflow(conn: Conn, workflow_id: UUID) -> list[dict[str, Any]]:
-    rows = await conn.fetch(SELECT_FOR_WORKFLOW, workflow_id)
-    return [dict(r) for r in rows]
