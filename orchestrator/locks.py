@@ -37,10 +37,6 @@ class Lock:
     async def acquire(self) -> bool:
         return bool(await self.client.set(self.name, self.token, nx=True, px=self.ttl_ms))
 
-    def acquire_in(self, pipe: Any) -> None:
-        """Queue the acquire on a pipeline; its reply (True/None) says whether it was won."""
-        pipe.set(self.name, self.token, nx=True, px=self.ttl_ms)
-
     async def extend(self) -> bool:
         return bool(await self.client.eval(EXTEND, 1, self.name, self.token, self.ttl_ms))
 

@@ -3,9 +3,9 @@
 Per step: one Redis round trip to take the step's lease (a lock), one
 Postgres read to check the step is open, the agent run (heartbeating when
 long), ONE Postgres statement that completes the step fenced on its attempt,
-and one Redis round trip for the handoff (XADD next, XACK, status, PUBLISH,
-unlock). A failure is recorded and retried later or dead-lettered; a question
-to a person parks the workflow; a lost fence is acknowledged and dropped.
+and one Redis round trip for the handoff (XADD next, XACK, PUBLISH, unlock).
+A failure is recorded and retried later or dead-lettered; a question to a
+person parks the workflow; a lost fence is acknowledged and dropped.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestrator import delayed, status, streams, tracing
+from orchestrator import delayed, streams, tracing
 from orchestrator.context import StepContext, StepInfo, bind
 from orchestrator.errors import (
     AgentError,
@@ -71,6 +71,7 @@ class StepRunner:
         self.rt = runtime
         self.consumer = consumer
         self.running: dict[tuple[UUID, int], _Running] = {}
+        self.last: dict[str, TaskEnvelope] = {}  # the latest step taken per agent
         self.processed = 0
 
     async def process(self, agent: str, entry: streams.Entry) -> None:
@@ -121,17 +122,11 @@ class StepRunner:
         await streams.dead_letter(self.rt.redis, self.rt.keys, agent, entry, reason)
 
     async def _take_lease(self, envelope: TaskEnvelope, lock: Lock) -> bool:
-        """Take the step's lock and show the agent as running, in one round trip."""
-        pipe = self.rt.redis.pipeline(transaction=False)
-        lock.acquire_in(pipe)
-        status.mark_in(
-            pipe,
-            self.rt.keys.agent_status(envelope.agent, self.consumer),
-            status.running(envelope),
-            self.rt.settings.status_ttl_seconds,
-        )
-        won, *_ = await pipe.execute()
-        return bool(won)
+        """Take the step's lock (the Redis lease); remember the step for the status view."""
+        won = await lock.acquire()
+        if won:
+            self.last[envelope.agent] = envelope
+        return won
 
     async def _run_step(
         self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock, opened: steps.OpenStep
@@ -366,9 +361,6 @@ class StepRunner:
                 next=nxt,
                 signal=signal,
                 lock=lock,
-                status_key=rt.keys.agent_status(envelope.agent, self.consumer),
-                status=status.idle(envelope),
-                status_ttl=rt.settings.status_ttl_seconds,
             ),
         )
 

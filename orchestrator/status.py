@@ -1,8 +1,14 @@
-"""Live agent status (Redis hashes with a TTL): a view for humans, never a source of truth."""
+"""Live agent status (Redis hashes with a TTL): a view for humans, never a source of truth.
+
+Each worker refreshes one hash per agent it serves about once a second, from
+the steps it is running, instead of writing it on every step: the view stays
+live and the hot path stays two Redis round trips per step.
+"""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from redis.typing import EncodableT, FieldT
@@ -10,25 +16,27 @@ from redis.typing import EncodableT, FieldT
 from schemas import TaskEnvelope
 
 
-def running(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
-    return {
-        "status": "running",
-        "current_task": f"{envelope.workflow_id}:{envelope.seq}",
-        "assigned_by": envelope.assigned_by,
-        "checkpoint": envelope.seq - 1,
-    }
-
-
-def idle(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
+def fields(running: Sequence[TaskEnvelope], last: TaskEnvelope | None) -> dict[FieldT, EncodableT]:
+    """``running`` oldest first; ``last`` the most recent step this consumer took."""
+    if running:
+        newest = running[-1]
+        return {
+            "status": "running",
+            "current_task": f"{newest.workflow_id}:{newest.seq}",
+            "assigned_by": newest.assigned_by,
+            "checkpoint": newest.seq - 1,
+            "in_flight": len(running),
+        }
     return {
         "status": "idle",
         "current_task": "",
-        "assigned_by": envelope.assigned_by,
-        "checkpoint": envelope.seq,
+        "assigned_by": last.assigned_by if last else "",
+        "checkpoint": last.seq if last else -1,
+        "in_flight": 0,
     }
 
 
-def mark_in(pipe: Any, key: str, fields: dict[FieldT, EncodableT], ttl: int) -> None:
-    """Queue a status update on a pipeline (it rides another round trip)."""
-    pipe.hset(key, mapping={**fields, "last_updated": f"{time.time():.3f}"})
+def mark_in(pipe: Any, key: str, values: dict[FieldT, EncodableT], ttl: int) -> None:
+    """Queue a status update on a pipeline."""
+    pipe.hset(key, mapping={**values, "last_updated": f"{time.time():.3f}"})
     pipe.expire(key, ttl)

@@ -11,7 +11,6 @@ from pydantic import ValidationError
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
-from orchestrator import status
 from orchestrator.errors import InvalidInput
 from orchestrator.keys import Keys
 from orchestrator.locks import Lock
@@ -116,9 +115,6 @@ class Handoff:
     next: Sequence[TaskEnvelope]
     signal: Signal | None
     lock: Lock | None
-    status_key: str
-    status: dict[FieldT, EncodableT]
-    status_ttl: int
 
 
 async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
@@ -128,7 +124,6 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
             keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN, approximate=True
         )
     pipe.xack(keys.stream(h.done.agent), keys.group(h.done.agent), h.entry_id)
-    status.mark_in(pipe, h.status_key, h.status, h.status_ttl)
     if h.signal is not None:
         channel = keys.signal_channel() if h.signal.status.terminal else keys.progress_channel()
         pipe.publish(channel, h.signal.model_dump_json())

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import anyio
 from redis.exceptions import RedisError, ResponseError
 
-from orchestrator import delayed, streams
+from orchestrator import delayed, status, streams
 from orchestrator.errors import (
     ConfigurationError,
 )
@@ -61,6 +61,7 @@ class Worker:
         async with anyio.create_task_group() as background:
             background.start_soon(self._move_delayed)
             background.start_soon(self._heartbeats)
+            background.start_soon(self._report_status)
             if self.reconcile:
                 background.start_soon(Reconciler(self.rt).run, self._stop)
             async with anyio.create_task_group() as consumers:
@@ -168,6 +169,26 @@ class Worker:
     async def process(self, agent: str, entry: streams.Entry) -> None:
         """Run one stream entry through the step protocol."""
         await self.runner.process(agent, entry)
+
+    async def _report_status(self) -> None:
+        """Refresh this consumer's live status hash per agent, about once a second."""
+        rt = self.rt
+        while True:
+            running = sorted(self.runner.running.values(), key=lambda r: r.since)
+            pipe = rt.redis.pipeline(transaction=False)
+            for agent in self.agents:
+                mine = [r.envelope for r in running if r.envelope.agent == agent]
+                status.mark_in(
+                    pipe,
+                    rt.keys.agent_status(agent, self.consumer),
+                    status.fields(mine, self.runner.last.get(agent)),
+                    rt.settings.status_ttl_seconds,
+                )
+            try:
+                await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.debug("status refresh failed: %s", exc)
+            await anyio.sleep(min(1.0, rt.settings.status_ttl_seconds / 3))
 
     async def _heartbeats(self) -> None:
         """Keep long steps alive: one loop for the whole worker, so short steps never pay.

@@ -238,3 +238,27 @@ async def test_reconciler_leaves_a_live_backlog_alone(rt: Runtime, probe: Probe)
     assert len(taken) == 3  # delivered to a worker that then dies
     await anyio.sleep(rt.settings.stall_after + 0.05)
     assert (await Reconciler(rt).pass_once()).requeued == 3
+
+
+async def test_live_agent_status_follows_the_running_step(rt: Runtime, probe: Probe) -> None:
+    client = Client(rt)
+    worker = Worker(rt, concurrency=2, reconcile=False)
+    key = rt.keys.agent_status("gated", worker.consumer)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        wid = await client.submit(TICKET, pipeline="gated")
+        await probe.entered.wait()
+        with anyio.fail_after(5):
+            while (await rt.redis.hget(key, "status")) != b"running":
+                await anyio.sleep(0.05)
+        running = await rt.redis.hgetall(key)
+        assert running[b"current_task"] == f"{wid}:0".encode()
+        assert running[b"assigned_by"] == b"submit" and running[b"in_flight"] == b"1"
+        assert 0 < await rt.redis.ttl(key) <= rt.settings.status_ttl_seconds
+        probe.gate.set()
+        await client.wait([wid], timeout=10)
+        with anyio.fail_after(5):
+            while (await rt.redis.hget(key, "status")) != b"idle":
+                await anyio.sleep(0.05)
+        worker.stop()
+    assert (await rt.redis.hgetall(key))[b"checkpoint"] == b"0"
