@@ -117,3 +117,30 @@ async def test_concurrent_first_tickets_of_a_session_get_one_runner(rt: Runtime)
     found = await statuses(client, *ids)
     assert found.count(WorkflowStatus.RUNNING) == 1
     assert found.count(WorkflowStatus.QUEUED) == 5
+
+
+async def test_resuming_a_failed_ticket_queues_it_behind_the_session(
+    rt: Runtime, probe: Probe
+) -> None:
+    client = Client(rt)
+    first = await client.submit(ticket(1), pipeline="refuses")
+    second = await client.submit(ticket(2), pipeline="gated")
+    worker = Worker(rt, concurrency=2)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        await client.wait([first], timeout=20)  # failed, dead-lettered; the second starts
+        await probe.entered.wait()
+        assert await client.resume(first) == 0  # the session is busy: it queues again
+        assert await statuses(client, first, second) == [
+            WorkflowStatus.QUEUED,
+            WorkflowStatus.RUNNING,
+        ]
+        probe.gate.set()
+        done = await client.wait([second], timeout=20)
+        with anyio.fail_after(20):
+            while probe.calls["refuses"] < 2:  # promoted after the second, and ran again
+                await anyio.sleep(0.05)
+        final = await client.wait([first], timeout=20)
+        worker.stop()
+    assert done[second] is WorkflowStatus.COMPLETED
+    assert final[first] is WorkflowStatus.FAILED

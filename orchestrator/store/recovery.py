@@ -49,15 +49,22 @@ UPDATE steps SET status = 'cancelled', updated_at = now(), completed_at = now()
 WHERE workflow_id = $1 AND status IN ('queued', 'waiting')
 """
 REOPEN_FAILED_STEP = """
-UPDATE steps SET status = 'queued', error = NULL, not_before = NULL,
+UPDATE steps SET status = 'queued', attempt = attempt + 1, error = NULL, not_before = NULL,
                  completed_at = NULL, updated_at = now()
 WHERE id = (SELECT id FROM steps WHERE workflow_id = $1 AND status = 'failed'
             ORDER BY seq DESC LIMIT 1)
 RETURNING id
 """
+# Its session may have moved on to a later ticket meanwhile: then it queues again.
 REOPEN_WORKFLOW = """
-UPDATE workflows SET status = 'running', error = NULL, completed_at = NULL, updated_at = now()
+UPDATE workflows w
+SET status = CASE WHEN EXISTS (SELECT 1 FROM workflows a
+                               WHERE a.session_id = w.session_id AND a.id <> w.id
+                                 AND a.status IN ('running', 'waiting'))
+                  THEN 'queued' ELSE 'running' END,
+    error = NULL, completed_at = NULL, updated_at = now()
 WHERE id = $1
+RETURNING status
 """
 OPEN_STEP_IDS = "SELECT id FROM steps WHERE workflow_id = $1 AND status = 'queued' ORDER BY seq"
 INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1, $2, $3, $4)"
@@ -124,11 +131,6 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
         status = await workflow_status(conn, workflow_id)
         if status in (WorkflowStatus.COMPLETED, WorkflowStatus.CANCELLED):
             raise InvalidInput(f"workflow {workflow_id} is {status.value}; nothing to resume")
-        if status is WorkflowStatus.FAILED:
-            if await conn.fetchval(REOPEN_FAILED_STEP, workflow_id) is None:
-                raise InvalidInput(f"workflow {workflow_id} failed without a failed step")
-            await conn.execute(REOPEN_WORKFLOW, workflow_id)
-            await dead_letters.mark_workflow_retried(conn, workflow_id)
         await conn.execute(
             INSERT_EVENT,
             workflow_id,
@@ -136,13 +138,20 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
             EventType.WORKFLOW_RESUMED.value,
             {"from": status.value},
         )
+        if status is WorkflowStatus.FAILED:
+            # The failed step re-opens under a new attempt (its old attempt rows stay).
+            step_id = await conn.fetchval(REOPEN_FAILED_STEP, workflow_id)
+            if step_id is None:
+                raise InvalidInput(f"workflow {workflow_id} failed without a failed step")
+            now = await conn.fetchval(REOPEN_WORKFLOW, workflow_id)
+            await dead_letters.mark_workflow_retried(conn, workflow_id)
+            if now == WorkflowStatus.QUEUED:
+                return []  # behind a later ticket of its session: promoted when that ends
+            return [_envelope(await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id))]
+        # Stuck: re-enqueue its open steps under new attempts (fencing out any old run).
         step_ids = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
-        envelopes = []
-        for step_id in step_ids:
-            row = await conn.fetchrow(REQUEUE_STEP, step_id)
-            if row is not None:
-                envelopes.append(_envelope(row))
-    return envelopes
+        rows = [await conn.fetchrow(REQUEUE_STEP, step_id) for step_id in step_ids]
+    return [_envelope(row) for row in rows if row is not None]
 
 
 # The reply is appended to the waiting step's replies; the step re-runs under a
