@@ -97,13 +97,6 @@ class StepContext:
 
     async def tool(self, name: str, /, **args: Any) -> Any:
         """Call a registered tool through the ledger; a recorded success is returned as is."""
-        key = idempotency_key(self.info.workflow_id, self.info.seq, self._ordinal)
-        with self._runtime.tracer.start_as_current_span(
-            f"tool {name}", attributes={"tool.idempotency_key": key}
-        ):
-            return await self._tool(name, args)
-
-    async def _tool(self, name: str, args: dict[str, Any]) -> Any:
         spec = self._runtime.app.tools.get(name)
         if spec is None or (self._allowed and name not in self._allowed):
             raise ToolError(
@@ -120,6 +113,13 @@ class StepContext:
             "started",
             _jsonable(name, args),
         )
+        with self._runtime.tracer.start_as_current_span(
+            f"tool {name}", attributes={"tool.idempotency_key": run.key}
+        ):
+            return await self._tool(spec, run)
+
+    async def _tool(self, spec: ToolSpec, run: ToolRun) -> Any:
+        name, ordinal = spec.name, run.ordinal
         recorded = self._recorded.get(ordinal)
         if recorded is not None:
             if recorded.tool != name or recorded.args != run.args:

@@ -1,7 +1,8 @@
 """Delayed retries in a Redis sorted set: a speed-up only.
 
 The durable schedule is ``steps.not_before`` in Postgres; if this set is lost,
-the reconciler re-enqueues the step once its time has come.
+the reconciler re-enqueues the step once its time has come. Retries are added
+to the set in the failed step's handoff round trip (``streams.hand_off``).
 """
 
 from __future__ import annotations
@@ -15,12 +16,6 @@ from pydantic import ValidationError
 from orchestrator import streams
 from orchestrator.keys import Keys
 from schemas import TaskEnvelope
-
-
-async def schedule(
-    client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope, delay: float
-) -> None:
-    await client.zadd(keys.delayed(), {envelope.model_dump_json(): time.time() + delay})
 
 
 async def move_due(client: aioredis.Redis, keys: Keys, *, limit: int = 100) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -25,7 +25,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from orchestrator import delayed, streams, tracing
+from orchestrator import streams, tracing
 from orchestrator.context import StepContext, StepInfo, bind
 from orchestrator.errors import (
     AgentError,
@@ -72,7 +72,6 @@ class StepRunner:
         self.consumer = consumer
         self.running: dict[tuple[UUID, int], _Running] = {}
         self.last: dict[str, TaskEnvelope] = {}  # the latest step taken per agent
-        self.processed = 0
 
     async def process(self, agent: str, entry: streams.Entry) -> None:
         """Run one stream entry through the step protocol."""
@@ -97,7 +96,7 @@ class StepRunner:
             opened = await steps.open_step(conn, envelope)
         if not opened.runnable:
             log.info("skipping %s step %s: %s", agent, envelope.step_id, opened.reason)
-            await self._hand_off(envelope, entry, [], None, lock)
+            await self._hand_off(self._ending(envelope, entry, lock))
             return
         rt.crash.reached("after_claim")
         with tracing.span(
@@ -154,19 +153,23 @@ class StepRunner:
                 finally:
                     self.running.pop(key, None)
                 async with rt.pool.acquire() as conn:
-                    nxt = await steps.complete(conn, envelope, outcome)
+                    completed = await steps.complete(conn, envelope, outcome)
+                rt.crash.reached("after_commit")
+                ending = self._ending(
+                    envelope, entry, lock, next=completed.next, status=completed.status
+                )
             except InputNeeded as need:
-                await self._park(envelope, entry, lock, ctx, started, need.question)
-                return
-            except FenceRejected as exc:
-                log.info("%s", exc)
-                await self._hand_off(envelope, entry, [], None, lock)
-                return
+                ending = await self._park(envelope, entry, lock, ctx, started, need.question)
+            except FenceRejected:
+                raise
             except INFRA_ERRORS:
                 raise
             except Exception as exc:
-                await self._fail(envelope, entry, lock, ctx, started, exc)
-                return
+                ending = await self._fail(envelope, entry, lock, ctx, started, exc)
+        except FenceRejected as exc:
+            # Another attempt owns the step now (or it closed): drop this one quietly.
+            log.info("%s", exc)
+            ending = self._ending(envelope, entry, lock)
         except BaseException:
             # Infrastructure error or shutdown: free the lease at once (best effort);
             # the entry stays pending and is reclaimed.
@@ -176,11 +179,7 @@ class StepRunner:
                 except (RedisError, OSError):
                     pass
             raise
-        rt.crash.reached("after_commit")
-        self.processed += 1
-        done = WorkflowStatus.RUNNING if nxt else WorkflowStatus.COMPLETED
-        signal = Signal(workflow_id=envelope.workflow_id, status=done, seq=envelope.seq)
-        await self._hand_off(envelope, entry, nxt, signal, lock)
+        await self._hand_off(ending)
 
     async def beat(self, running: _Running) -> None:
         rt, envelope = self.rt, running.envelope
@@ -254,28 +253,19 @@ class StepRunner:
         ctx: StepContext,
         started: datetime,
         question: str,
-    ) -> None:
+    ) -> streams.Handoff:
         """The agent asked a person something: the workflow waits, durably, for the reply."""
-        rt = self.rt
-        try:
-            async with rt.pool.acquire() as conn:
-                await steps.park(
-                    conn,
-                    envelope,
-                    question=question,
-                    recorded=ctx.tool_runs,
-                    worker=self.consumer,
-                    started_at=started,
-                    usage=_usage(rt, ctx),
-                )
-        except FenceRejected as fence:
-            log.info("%s", fence)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
-        signal = Signal(
-            workflow_id=envelope.workflow_id, status=WorkflowStatus.WAITING, seq=envelope.seq
-        )
-        await self._hand_off(envelope, entry, [], signal, lock)
+        async with self.rt.pool.acquire() as conn:
+            await steps.park(
+                conn,
+                envelope,
+                question=question,
+                recorded=ctx.tool_runs,
+                worker=self.consumer,
+                started_at=started,
+                usage=_usage(self.rt, ctx),
+            )
+        return self._ending(envelope, entry, lock, status=WorkflowStatus.WAITING)
 
     async def _fail(
         self,
@@ -285,7 +275,7 @@ class StepRunner:
         ctx: StepContext,
         started: datetime,
         exc: Exception,
-    ) -> None:
+    ) -> streams.Handoff:
         """Record the failure; retry later with backoff, or fail and dead-letter."""
         rt = self.rt
         cls = rt.app.agents[envelope.agent]
@@ -309,60 +299,53 @@ class StepRunner:
             "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
             error,
         )
-        try:
-            async with rt.pool.acquire() as conn:
-                failure = await steps.fail(
-                    conn,
-                    envelope,
-                    error=error,
-                    retry_after=retry_after,
-                    recorded=ctx.tool_runs,
-                    worker=self.consumer,
-                    started_at=started,
-                    usage=_usage(rt, ctx),
-                )
-        except FenceRejected as fence:
-            log.info("%s", fence)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
+        async with rt.pool.acquire() as conn:
+            failure = await steps.fail(
+                conn,
+                envelope,
+                error=error,
+                retry_after=retry_after,
+                recorded=ctx.tool_runs,
+                worker=self.consumer,
+                started_at=started,
+                usage=_usage(rt, ctx),
+            )
         if failure.retry is not None:
-            await delayed.schedule(rt.redis, rt.keys, failure.retry, failure.delay)
-            await self._hand_off(envelope, entry, [], None, lock)
-            return
-        await streams.dead_letter_envelope(rt.redis, rt.keys, envelope, error)
-        for promoted in failure.promoted:
-            await streams.enqueue(rt.redis, rt.keys, promoted)
-        signal = Signal(
-            workflow_id=envelope.workflow_id, status=WorkflowStatus.FAILED, seq=envelope.seq
+            ending = self._ending(envelope, entry, lock)
+            return replace(ending, retry=failure.retry, retry_delay=failure.delay)
+        # Out of attempts: dead-lettered; the next ticket of its session may start.
+        ending = self._ending(
+            envelope, entry, lock, next=failure.promoted, status=WorkflowStatus.FAILED
         )
-        await self._hand_off(envelope, entry, [], signal, lock)
+        return replace(ending, dead_letter=error)
 
-    async def _hand_off(
+    def _ending(
         self,
         envelope: TaskEnvelope,
         entry: streams.Entry,
-        nxt: Sequence[TaskEnvelope],
-        signal: Signal | None,
-        lock: Lock | None,
-    ) -> None:
+        lock: Lock,
+        *,
+        next: Sequence[TaskEnvelope] = (),
+        status: WorkflowStatus | None = None,
+    ) -> streams.Handoff:
+        signal = (
+            None
+            if status is None
+            else Signal(workflow_id=envelope.workflow_id, status=status, seq=envelope.seq)
+        )
+        return streams.Handoff(
+            done=envelope, entry_id=entry.id, next=next, signal=signal, lock=lock
+        )
+
+    async def _hand_off(self, ending: streams.Handoff) -> None:
         rt = self.rt
-        if nxt and rt.crash.at == "after_xadd":
+        if ending.next and rt.crash.at == "after_xadd":
             # Fault injection only: split the round trip to die between XADD and XACK.
-            for envelope_next in nxt:
+            for envelope_next in ending.next:
                 await streams.enqueue(rt.redis, rt.keys, envelope_next)
             rt.crash.reached("after_xadd")
-            nxt = []
-        await streams.hand_off(
-            rt.redis,
-            rt.keys,
-            streams.Handoff(
-                done=envelope,
-                entry_id=entry.id,
-                next=nxt,
-                signal=signal,
-                lock=lock,
-            ),
-        )
+            ending = replace(ending, next=())
+        await streams.hand_off(rt.redis, rt.keys, ending)
 
 
 def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:

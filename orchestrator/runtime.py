@@ -87,17 +87,18 @@ async def open_runtime(
             await redis.aclose()
             raise
         model = build_model(settings, app)
+        keys = Keys(settings.key_prefix)
         try:
             runtime = Runtime(
                 settings,
                 app,
-                Keys(settings.key_prefix),
+                keys,
                 redis,
                 pool,
                 model,
                 HashingEmbedder(),
                 CrashPoints(settings.crash_at, settings.crash_after),
-                _limiter(settings, redis),
+                _limiter(settings, redis, keys),
                 tracing.tracer(tracer_provider),
             )
             if apply_migrations:
@@ -139,12 +140,12 @@ async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> No
         await conn.close()
 
 
-def _limiter(settings: Settings, redis: aioredis.Redis) -> RateLimiter | None:
+def _limiter(settings: Settings, redis: aioredis.Redis, keys: Keys) -> RateLimiter | None:
     if settings.model_rate_per_second is None:
         return None
     return RateLimiter(
         redis,
-        Keys(settings.key_prefix),
+        keys,
         rate=settings.model_rate_per_second,
         burst=settings.model_burst,
         max_wait=settings.model_rate_max_wait_seconds,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +102,12 @@ def decode(entry: Entry) -> TaskEnvelope:
 
 
 async def enqueue(client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope) -> None:
-    await client.xadd(
+    await _add(client, keys, envelope)
+
+
+def _add(target: Any, keys: Keys, envelope: TaskEnvelope) -> Any:
+    """XADD an envelope to its agent's stream (on a client, or queued on a pipeline)."""
+    return target.xadd(
         keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN, approximate=True
     )
 
@@ -115,13 +121,23 @@ class Handoff:
     next: Sequence[TaskEnvelope]
     signal: Signal | None
     lock: Lock | None
+    retry: TaskEnvelope | None = None  # scheduled ``retry_delay`` seconds from now
+    retry_delay: float = 0.0
+    dead_letter: str | None = None  # the reason, when the step ran out of attempts
 
 
 async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
     pipe = client.pipeline(transaction=False)
     for envelope in h.next:
+        _add(pipe, keys, envelope)
+    if h.retry is not None:
+        # The durable schedule is steps.not_before; this sorted set only speeds it up
+        # (orchestrator.delayed moves due entries to their streams).
+        pipe.zadd(keys.delayed(), {h.retry.model_dump_json(): time.time() + h.retry_delay})
+    if h.dead_letter is not None:
         pipe.xadd(
-            keys.stream(envelope.agent), encode(envelope), maxlen=STREAM_MAXLEN, approximate=True
+            keys.dead_letter_stream(),
+            {b"agent": h.done.agent.encode(), b"reason": h.dead_letter.encode(), **encode(h.done)},
         )
     pipe.xack(keys.stream(h.done.agent), keys.group(h.done.agent), h.entry_id)
     if h.signal is not None:
@@ -130,20 +146,6 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
     if h.lock is not None:
         h.lock.release_in(pipe)
     await pipe.execute()
-
-
-async def dead_letter_envelope(
-    client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope, reason: str
-) -> None:
-    """Park a step that ran out of attempts on the dead-letter stream (Postgres has the row)."""
-    await client.xadd(
-        keys.dead_letter_stream(),
-        {
-            b"agent": envelope.agent.encode(),
-            b"reason": reason.encode(),
-            **encode(envelope),
-        },
-    )
 
 
 async def dead_letter(

@@ -25,9 +25,6 @@ GET = """
 SELECT id, workflow_id, step_id, agent, reason, envelope, created_at, retried_at
 FROM dead_letters WHERE id = $1
 """
-MARK_RETRIED = """
-UPDATE dead_letters SET retried_at = now() WHERE id = $1 AND retried_at IS NULL RETURNING id
-"""
 MARK_WORKFLOW_RETRIED = """
 UPDATE dead_letters SET retried_at = now() WHERE workflow_id = $1 AND retried_at IS NULL
 """

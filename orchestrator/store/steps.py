@@ -86,6 +86,7 @@ WITH closed AS (
     FROM closed c, unnest($21::text[], $22::text[]) AS x(t, d)
 )
 SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps) AS handed,
+       (SELECT status FROM workflow_row) AS workflow_status,
        (SELECT wr.session_id FROM workflow_row wr
         WHERE wr.status <> 'running'
           AND EXISTS (SELECT 1 FROM workflows q
@@ -96,13 +97,6 @@ INSERT_ATTEMPT = """
 INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
                            model_calls, prompt_tokens, completion_tokens)
 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
-"""
-INSERT_CHECKPOINT = """
-INSERT INTO checkpoints (workflow_id, seq, agent, state) VALUES ($1, $2, $3, $4)
-"""
-INSERT_NEXT_STEPS = """
-INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
-SELECT i, $1, q, a, $2, 'queued', $3 FROM unnest($4::uuid[], $5::int[], $6::text[]) AS x(i, q, a)
 """
 UPDATE_WORKFLOW = """
 UPDATE workflows
@@ -201,7 +195,7 @@ def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelo
     ]
 
 
-async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelope]:
+async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> Completed:
     """Close the step and hand off, in one transaction; raise FenceRejected if it lost."""
     nxt = _next_envelopes(envelope, outcome)
     done = not nxt
@@ -230,12 +224,22 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> list
     )
     if row is None or not row["closed"]:
         raise _rejected("completion", envelope)
-    # Next steps are only created while the workflow runs (not after a cancel).
+    # Next steps are only created while the workflow runs (not after a cancel meanwhile,
+    # which left the workflow row untouched).
+    status = WorkflowStatus(row["workflow_status"] or WorkflowStatus.CANCELLED)
     handed = nxt if row["handed"] == len(nxt) else []
     if row["session_with_queue"] is not None:
         # The workflow finished and tickets wait behind it in its session: start the next.
         handed = handed + await recovery.promote_next(conn, row["session_with_queue"])
-    return handed
+    return Completed(handed, status)
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    """What a completion committed: envelopes to enqueue, and the workflow's new status."""
+
+    next: list[TaskEnvelope]
+    status: WorkflowStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +248,6 @@ class Failure:
 
     retry: TaskEnvelope | None
     delay: float
-    dead_letter_id: int | None
     promoted: list[TaskEnvelope] = field(default_factory=list)  # next in the session
 
 
@@ -291,7 +294,7 @@ async def fail(
             await _events(
                 conn, envelope, [(EventType.STEP_RETRIED, {**data, "retry_after": retry_after})]
             )
-            return Failure(envelope.model_copy(update={"attempt": new_attempt}), retry_after, None)
+            return Failure(envelope.model_copy(update={"attempt": new_attempt}), retry_after)
         await conn.execute(
             UPDATE_WORKFLOW,
             envelope.workflow_id,
@@ -317,7 +320,7 @@ async def fail(
             ],
         )
         promoted = await recovery.promote_after(conn, envelope.workflow_id)
-    return Failure(None, 0.0, letter, promoted)
+    return Failure(None, 0.0, promoted)
 
 
 PARK_STEP = """

@@ -68,10 +68,6 @@ SELECT id, tenant_id, pipeline, status, error, created_at, completed_at FROM wor
 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR tenant_id = $2)
 ORDER BY created_at DESC LIMIT $3
 """
-SELECT_TRANSCRIPT = """
-SELECT role, author, content, created_at FROM messages
-WHERE session_id = $1 ORDER BY id
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,7 +159,3 @@ async def recent(
     conn: Conn, *, status: str | None, tenant: str | None, limit: int
 ) -> list[dict[str, Any]]:
     return [dict(r) for r in await conn.fetch(LIST_RECENT, status, tenant, limit)]
-
-
-async def transcript(conn: Conn, session_id: str) -> list[dict[str, Any]]:
-    return [dict(r) for r in await conn.fetch(SELECT_TRANSCRIPT, session_id)]
