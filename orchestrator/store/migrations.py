@@ -183,12 +183,37 @@ CREATE INDEX workflows_session_queue ON workflows (session_id, created_at)
     WHERE status = 'queued';
 """
 
+V6_PROMISE = """
+-- The fence (attempt: one per execution) and the retry budget (failures) apart.
+ALTER TABLE steps ADD COLUMN failures integer NOT NULL DEFAULT 0;
+-- A non-idempotent call whose outcome is unknown is 'in_doubt'; a started call
+-- belongs to its attempt until its deadline (after it, another attempt may settle it).
+ALTER TABLE tool_runs DROP CONSTRAINT tool_runs_status_check;
+ALTER TABLE tool_runs ADD CONSTRAINT tool_runs_status_check
+    CHECK (status IN ('started', 'succeeded', 'failed', 'in_doubt'));
+ALTER TABLE tool_runs ADD COLUMN deadline timestamptz;
+-- Idempotent submit: the same key (per tenant) returns the same workflow.
+ALTER TABLE workflows ADD COLUMN submit_key text;
+CREATE UNIQUE INDEX workflows_submit_key ON workflows (tenant_id, submit_key)
+    WHERE submit_key IS NOT NULL;
+-- The session check in submit, served by an index instead of a scan.
+CREATE INDEX workflows_session_open ON workflows (session_id)
+    WHERE status IN ('queued', 'running', 'waiting');
+-- Pruning finished workflows' history (the workflow row and its outcome stay).
+ALTER TABLE workflows ADD COLUMN pruned_at timestamptz;
+CREATE INDEX workflows_prunable ON workflows (completed_at)
+    WHERE status IN ('completed', 'failed', 'cancelled') AND pruned_at IS NULL;
+-- Unused by any query, and the planner took it for the completion's workflow update.
+DROP INDEX workflows_running;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
     V3_MODEL_USAGE,
     V4_HUMAN_INPUT,
     V5_SESSION_ORDER,
+    V6_PROMISE,
 )
 
 CREATE_VERSION_TABLE = """
