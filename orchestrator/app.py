@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from orchestrator.runtime import Runtime
 
 ToolFn = Callable[..., Awaitable[Any]]
+RUNTIME_PARAMS = frozenset({"idempotency_key", "fencing_token"})
 SetupHook = Callable[["Runtime"], Awaitable[None]]
 A = TypeVar("A", bound="type[Agent[Any, Any]]")
 F = TypeVar("F", bound=ToolFn)
@@ -37,12 +38,16 @@ class ToolSpec:
     # For a non-idempotent tool: given the call's key and arguments, says whether an
     # in-doubt call took effect (its result) or not (None: safe to call again).
     reconcile: ToolFn | None = None
+    # The tool takes ``fencing_token`` (the step execution's attempt), for remotes that
+    # refuse a superseded caller.
+    takes_token: bool = False
+    timeout: float | None = None  # seconds; default ``tool_timeout_seconds``
 
     def definition(self) -> ToolDef:
         """How the tool is offered to a model: JSON schema of its parameters, its docstring."""
         fields: dict[str, Any] = {}
         for param in inspect.signature(self.fn).parameters.values():
-            if param.name == "idempotency_key":
+            if param.name in RUNTIME_PARAMS:
                 continue  # supplied by the runtime, never by the model
             annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
             default = ... if param.default is inspect.Parameter.empty else param.default
@@ -90,6 +95,7 @@ class App:
         name: str | None = None,
         idempotent: bool = True,
         reconcile: ToolFn | None = None,
+        timeout: float | None = None,
     ) -> Callable[[F], F]: ...
 
     def tool(
@@ -99,12 +105,15 @@ class App:
         name: str | None = None,
         idempotent: bool = True,
         reconcile: ToolFn | None = None,
+        timeout: float | None = None,
     ) -> F | Callable[[F], F]:
         """Register an async tool: ``@app.tool`` or ``@app.tool(idempotent=False)``.
 
         A call of a non-idempotent tool that started but has no recorded result
-        (its worker died) is never re-run blindly: with ``reconcile`` it is
-        checked, otherwise the step is dead-lettered as in doubt.
+        (its worker died, or it raised anything but ``ToolNotApplied``) is never
+        re-run blindly: with ``reconcile`` it is checked, otherwise the step is
+        dead-lettered as in doubt. A tool taking ``idempotency_key`` and
+        ``fencing_token`` gets both on every call; ``timeout`` bounds each call.
         """
 
         def register(f: F) -> F:
@@ -114,12 +123,15 @@ class App:
                 raise ConfigurationError(f"tool {tool_name!r} must be an async function")
             if tool_name in self.tools:
                 raise ConfigurationError(f"tool {tool_name!r} is registered twice")
-            takes_key = "idempotency_key" in inspect.signature(f).parameters
+            params = inspect.signature(f).parameters
+            takes_key = "idempotency_key" in params
             if reconcile is not None and idempotent:
                 raise ConfigurationError(
                     f"tool {tool_name!r}: reconcile is for non-idempotent tools"
                 )
-            self.tools[tool_name] = ToolSpec(tool_name, f, idempotent, takes_key, reconcile)
+            self.tools[tool_name] = ToolSpec(
+                tool_name, f, idempotent, takes_key, reconcile, "fencing_token" in params, timeout
+            )
             return f
 
         if fn is not None:

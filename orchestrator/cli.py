@@ -6,6 +6,8 @@ Every failure is one line on stderr and a non-zero exit; ``--debug`` adds the tr
 from __future__ import annotations
 
 import logging
+import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
 
@@ -21,6 +23,7 @@ from orchestrator.demo import load_tickets, run_local
 from orchestrator.errors import ConfigurationError, InvalidInput
 from orchestrator.render import print_summary, steps_table, workflow_panel
 from orchestrator.runtime import Runtime
+from orchestrator.store.prune import prune_finished
 from orchestrator.worker import Worker
 from schemas import Ticket, WorkflowStatus
 
@@ -279,6 +282,53 @@ def input_(
         out.print(f"delivered to {wid}; it resumes now")
 
     run_body(ctx.obj, body, migrate=False)
+
+
+@cli.command()
+@guard
+def prune(
+    ctx: typer.Context,
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="finished longer ago than this: 30d, 12h, 90m, 45s")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="print the counts as JSON")] = False,
+) -> None:
+    """Delete finished workflows' history (checkpoints, events, attempts, tool runs).
+
+    The workflows, their steps and outcomes, dead letters and transcripts stay.
+    """
+    seconds = parse_duration(older_than)
+
+    async def body(runtime: Runtime) -> None:
+        async with runtime.pool.acquire() as conn:
+            report = await prune_finished(conn, older_than_seconds=seconds)
+        if as_json:
+            out.print_json(data=asdict(report))
+            return
+        out.print(
+            f"pruned {report.workflows} workflow(s) finished over {older_than} ago: "
+            f"{report.checkpoints} checkpoints, {report.events} events, "
+            f"{report.attempts} step attempts, {report.tool_runs} tool runs deleted",
+            highlight=False,
+        )
+
+    run_body(ctx.obj, body)
+
+
+_DURATION = re.compile(r"([+-]?\d+)([smhd])")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_DURATION_SECONDS = 100 * 365 * 86400
+
+
+def parse_duration(value: str) -> int:
+    """``30d``, ``12h``, ``90m`` or ``45s`` as seconds; InvalidInput for anything else."""
+    match = _DURATION.fullmatch(value.strip())
+    if match is None:
+        raise InvalidInput(f"not a duration: {value!r} (use a number and s, m, h or d: 30d, 12h)")
+    seconds = int(match[1]) * _UNIT_SECONDS[match[2]]
+    if not 0 < seconds <= _MAX_DURATION_SECONDS:
+        raise InvalidInput(f"duration out of range: {value!r} (more than zero, at most 100 years)")
+    return seconds
 
 
 cli.add_typer(dlq, name="dlq")

@@ -23,13 +23,20 @@ class Client:
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
-    async def submit(self, ticket: Ticket, *, pipeline: str | None = None) -> UUID:
-        """Record the workflow in Postgres (the commit is the acceptance), then enqueue it."""
+    async def submit(
+        self, ticket: Ticket, *, pipeline: str | None = None, key: str | None = None
+    ) -> UUID:
+        """Record the workflow in Postgres (the commit is the acceptance), then enqueue it.
+
+        With ``key`` (an idempotency key, per tenant) a retried submission returns the
+        workflow the first one created instead of creating a second: retry freely after
+        a timeout. Whatever the first submission failed to enqueue, the reconciler does.
+        """
         name, agents = self.rt.app.resolve_pipeline(pipeline)
         with tracing.span(
             self.rt.tracer, "workflow.submit", pipeline=name, tenant=ticket.tenant_id
         ) as submit_span:
-            async with self.rt.pool.acquire() as conn:
+            async with self.rt.db() as conn:
                 created = await workflows.create(
                     conn,
                     ticket,
@@ -37,6 +44,7 @@ class Client:
                     first_agent=agents[0],
                     app_version=self.rt.app.version,
                     traceparent=tracing.traceparent_of(submit_span),
+                    key=key,
                 )
             submit_span.set_attribute("workflow.id", str(created.envelope.workflow_id))
         if not created.queued:  # a queued one is enqueued when its session frees up
@@ -49,7 +57,7 @@ class Client:
         No new step starts; a running step sees it through ``ctx.cancelled()``
         and its completion hands off to nobody. The next ticket of its session starts.
         """
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             promoted = await recovery.cancel(conn, workflow_id)
         for envelope in promoted or []:
             await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
@@ -57,7 +65,7 @@ class Client:
 
     async def resume(self, workflow_id: UUID) -> int:
         """Re-run a failed or stuck workflow from its last checkpoint; return steps enqueued."""
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             envelopes = await recovery.resume(conn, workflow_id)
         for envelope in envelopes:
             await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
@@ -70,7 +78,7 @@ class Client:
         """
         if not text.strip():
             raise InvalidInput("the reply is empty")
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             envelope = await recovery.provide_input(conn, workflow_id, text)
         await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
         signal = Signal(workflow_id=workflow_id, status=WorkflowStatus.RUNNING, seq=envelope.seq)
@@ -79,11 +87,11 @@ class Client:
     async def dead_letters(
         self, *, include_retried: bool = False, limit: int = 50
     ) -> list[DeadLetter]:
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             return await letters.list_letters(conn, include_retried=include_retried, limit=limit)
 
     async def dead_letter(self, letter_id: int) -> DeadLetter:
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             letter = await letters.get(conn, letter_id)
         if letter is None:
             raise InvalidInput(f"no dead letter {letter_id}")
@@ -107,7 +115,7 @@ class Client:
         self, *, status: WorkflowStatus | None = None, tenant: str | None = None, limit: int = 20
     ) -> list[dict[str, Any]]:
         """The most recent workflows, newest first."""
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             return await workflows.recent(
                 conn, status=status.value if status else None, tenant=tenant, limit=limit
             )
@@ -129,7 +137,7 @@ class Client:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             return await workflows.get(conn, workflow_id)
 
     async def wait(
@@ -152,7 +160,7 @@ class Client:
                     if anyio.current_time() >= next_full:
                         to_check, next_full = set(pending), anyio.current_time() + poll
                     if to_check:
-                        async with self.rt.pool.acquire() as conn:
+                        async with self.rt.db() as conn:
                             done = await workflows.terminal_statuses(conn, list(to_check))
                         result.update(done)
                         pending.difference_update(done)

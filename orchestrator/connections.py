@@ -1,31 +1,67 @@
-"""Opening pooled clients for Redis and Postgres, with one-line errors when they are down."""
+"""Pooled clients for Redis and Postgres: bounded timeouts, one-line errors when down.
+
+Every network call the runtime makes is bounded: a black-holed server shows up
+as a timeout within seconds, never as a hang. Failures of the runtime's own
+Redis and Postgres calls are translated into ``ServiceUnavailable`` at the
+source (``pg`` and ``redis_errors``), so the worker can tell them apart from an
+agent's or tool's own exceptions, which are step failures.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from orchestrator.errors import ServiceUnavailable
+from orchestrator.errors import OrchestratorError, ServiceUnavailable
+from orchestrator.store import Conn
+
+# Postgres failures that say nothing about the statement: the server or the
+# network is (temporarily) gone. 57P01 admin shutdown and the client's own
+# "another operation is in progress" after a restart included.
+PG_DOWN: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+    # Transient by nature: the same work succeeds when tried again.
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+PG_ANY: tuple[type[BaseException], ...] = (*PG_DOWN, asyncpg.PostgresError)
+REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 
-async def connect_redis(url: str, *, max_connections: int = 128) -> aioredis.Redis:
+async def connect_redis(
+    url: str, *, max_connections: int = 128, timeout: float = 5.0, block_seconds: float = 1.0
+) -> aioredis.Redis:
     # A blocking pool: when every connection is busy a caller waits for one
-    # instead of failing with "Too many connections" under load.
+    # instead of failing with "Too many connections" under load. The socket
+    # timeout covers the longest blocking read (XREADGROUP BLOCK) plus ``timeout``.
+    tcp: dict[str, Any] = {} if url.startswith("unix:") else {"socket_keepalive": True}
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
-        timeout=10,
-        socket_connect_timeout=5,
+        timeout=timeout * 2,
+        socket_connect_timeout=timeout,
+        socket_timeout=timeout + block_seconds,
         health_check_interval=30,
+        **tcp,
     )
     client: aioredis.Redis = aioredis.Redis.from_pool(pool)  # owns and closes the pool
     try:
         await client.ping()
-    except (RedisError, OSError) as exc:
+    except REDIS_DOWN as exc:
         await client.aclose()
         raise ServiceUnavailable("Redis", f"{redact(url)}: {exc}") from exc
     return client
@@ -40,7 +76,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     """Release without RESET ALL: the runtime sets no session state, so skip a round trip."""
 
 
-async def create_pool(dsn: str, *, schema: str = "public", size: int = 10) -> asyncpg.Pool:
+async def create_pool(
+    dsn: str, *, schema: str = "public", size: int = 10, timeout: float = 10.0
+) -> asyncpg.Pool:
     settings: dict[str, Any] = {
         "search_path": f"{schema},public",
         "application_name": "orchestrator",
@@ -53,11 +91,56 @@ async def create_pool(dsn: str, *, schema: str = "public", size: int = 10) -> as
             init=_init_connection,
             reset=_keep_session,
             server_settings=settings,
-            timeout=10,
+            timeout=timeout,  # connecting
+            command_timeout=timeout,  # every statement
         )
-    except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
+    except PG_ANY as exc:
         raise ServiceUnavailable("Postgres", f"{redact(dsn)}: {exc}") from exc
     return pool
+
+
+@contextlib.asynccontextmanager
+async def pg(pool: asyncpg.Pool, *, timeout: float = 10.0) -> AsyncIterator[Conn]:
+    """A pooled connection for the runtime's own statements.
+
+    Infrastructure failures become ``ServiceUnavailable``; the connection they
+    hit is terminated, not returned to the pool (after a timeout asyncpg would
+    otherwise wait, unbounded, for its cancel request to reach the server).
+    """
+    try:
+        conn = await pool.acquire(timeout=timeout)
+    except PG_DOWN as exc:
+        raise ServiceUnavailable("Postgres", _describe(exc)) from exc
+    try:
+        yield conn
+    except PG_DOWN as exc:
+        conn.terminate()
+        raise ServiceUnavailable("Postgres", _describe(exc)) from exc
+    except (asyncpg.PostgresError, OrchestratorError):
+        # The server answered (or our own code refused): the connection is fine,
+        # unless a transaction was left open.
+        if conn.is_in_transaction():
+            conn.terminate()
+        raise
+    except BaseException:
+        conn.terminate()  # cancelled mid-statement, or a defect: its state is unknown
+        raise
+    finally:
+        with contextlib.suppress(*PG_DOWN):
+            await pool.release(conn, timeout=timeout)
+
+
+@contextlib.contextmanager
+def redis_errors() -> Iterator[None]:
+    """Translate the runtime's own Redis failures into ``ServiceUnavailable``."""
+    try:
+        yield
+    except REDIS_DOWN as exc:
+        raise ServiceUnavailable("Redis", _describe(exc)) from exc
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def redact(url: str) -> str:

@@ -13,7 +13,16 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
-from orchestrator.errors import InputNeeded, NonDeterminismError, OrchestratorError, ToolError
+import anyio
+
+from orchestrator.errors import (
+    FenceRejected,
+    InputNeeded,
+    NonDeterminismError,
+    OrchestratorError,
+    ToolError,
+    ToolNotApplied,
+)
 from orchestrator.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
 from orchestrator.store import memory, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
@@ -24,6 +33,9 @@ if TYPE_CHECKING:
     from orchestrator.runtime import Runtime
 
 _current: ContextVar[StepContext] = ContextVar("orchestrator_step_context")
+_CHANGED = object()  # the ledger row changed under us: look again
+IN_DOUBT_POLL_SECONDS = 0.25
+IN_DOUBT_RECORD_SECONDS = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +77,7 @@ class StepContext:
         self.messages: list[str] = []  # transcript lines, committed with the step
         self.usage = Usage()  # tokens of this step's model calls, recorded with its attempt
         self.model_calls = 0
+        self.superseded = False  # set when the fence moved on (this run's writes are refused)
 
     @property
     def model(self) -> StepModel:
@@ -72,8 +85,11 @@ class StepContext:
         return StepModel(self)
 
     async def cancelled(self) -> bool:
-        """Whether the workflow was cancelled meanwhile (check it in long steps)."""
-        async with self._runtime.pool.acquire() as conn:
+        """Whether this run should stop (check it in long steps): its workflow was
+        cancelled, or another execution of the step superseded this one."""
+        if self.superseded:
+            return True
+        async with self._runtime.db() as conn:
             status = await recovery.workflow_status(conn, self.info.workflow_id)
         return status is WorkflowStatus.CANCELLED
 
@@ -135,21 +151,83 @@ class StepContext:
                 )
             if recorded.status == "succeeded":
                 return recorded.result
-            if recorded.status == "started" and not spec.idempotent:
-                done, result = await self._settle_in_doubt(spec, run)
-                if done:
-                    return result
-                return await self._call_recorded(spec, run, settled=True)
         if spec.idempotent:
             return await self._call_buffered(spec, run)
         return await self._call_recorded(spec, run)
 
-    async def _settle_in_doubt(self, spec: ToolSpec, run: ToolRun) -> tuple[bool, Any]:
-        """A call started with no result (its worker died): did the effect happen?
+    async def _call_buffered(self, spec: ToolSpec, run: ToolRun) -> Any:
+        try:
+            result = _jsonable(spec.name, await self._invoke(spec, run))
+            self._runtime.crash.reached("after_tool_effect")
+        except Exception as exc:
+            self.tool_runs.append(replace(run, status="failed", error=_describe(exc)))
+            raise _as_tool_error(spec.name, exc) from exc
+        self.tool_runs.append(replace(run, status="succeeded", result=result))
+        return result
 
-        Returns (True, result) when the tool's reconcile check finds the effect,
-        (False, None) when it finds none (safe to call again). Without a check
-        the step fails, non-retryable, and is dead-lettered: never a blind re-run.
+    async def _call_recorded(self, spec: ToolSpec, run: ToolRun) -> Any:
+        """Non-idempotent: a "started" row commits first, so a crash mid-call is in doubt.
+
+        The row belongs to the execution that started it until its deadline (the
+        call's timeout): another execution finding it waits for the owner's outcome,
+        and only after the deadline settles it (a reconcile check) or stops (in doubt).
+        """
+        info, timeout = self.info, self._timeout(spec)
+        async with self._runtime.db() as conn:
+            if await tool_runs.start(
+                conn, info.workflow_id, info.step_id, info.attempt, run, timeout
+            ):
+                return await self._call_owned(spec, run)
+        while True:
+            async with self._runtime.db() as conn:
+                seen = await tool_runs.fetch(conn, run.key)
+            if seen is None:
+                raise self._fenced_out(f"tool call {run.key}")
+            if seen.status == "succeeded":
+                return seen.result
+            if seen.status == "started" and not seen.lapsed:
+                await anyio.sleep(IN_DOUBT_POLL_SECONDS)  # its owner may still record it
+                continue
+            if seen.status == "failed":  # certainly not applied: call again, as its owner
+                if await self._take(seen, "started", timeout=timeout):
+                    return await self._call_owned(spec, run)
+                continue
+            settled = await self._settle_in_doubt(spec, run, seen)
+            if settled is not _CHANGED:
+                return settled
+
+    async def _call_owned(self, spec: ToolSpec, run: ToolRun) -> Any:
+        """Make the call this execution owns, and record its outcome (fenced on the row)."""
+        pool_timeout = self._timeout(spec)
+        try:
+            with anyio.fail_after(pool_timeout):
+                value = await self._invoke(spec, run)
+            result = _jsonable(spec.name, value)
+            self._runtime.crash.reached("after_tool_effect")
+        except ToolNotApplied as exc:
+            await self._finish(replace(run, status="failed", error=_describe(exc)))
+            raise replace_tool(exc, spec.name) from exc
+        except BaseException as exc:
+            # Raised, timed out or cancelled after the request may have left: in doubt.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(IN_DOUBT_RECORD_SECONDS):
+                await self._finish(replace(run, status="in_doubt", error=_describe(exc)))
+            if not isinstance(exc, Exception):
+                raise
+            raise ToolError(
+                f"in doubt: tool {spec.name!r} call {run.key} raised after it may have "
+                f"taken effect: {_describe(exc)}",
+                tool=spec.name,
+            ) from exc
+        if not await self._finish(replace(run, status="succeeded", result=result)):
+            raise self._fenced_out(f"tool call {run.key}")
+        return result
+
+    async def _settle_in_doubt(self, spec: ToolSpec, run: ToolRun, seen: ToolRun) -> Any:
+        """A call whose outcome is unknown and whose owner is past its deadline.
+
+        With a reconcile check: its effect is adopted, or, when it finds none, the
+        call is made again by this execution. Without one the step fails,
+        non-retryable, and is dead-lettered: never a blind re-run.
         """
         if spec.reconcile is None:
             raise ToolError(
@@ -160,49 +238,48 @@ class StepContext:
             )
         found = await spec.reconcile(**run.args, idempotency_key=run.key)
         if found is None:
-            return False, None
+            if await self._take(seen, "started", timeout=self._timeout(spec)):
+                return await self._call_owned(spec, run)
+            return _CHANGED
         result = _jsonable(spec.name, found)
-        async with self._runtime.pool.acquire() as conn:
-            await tool_runs.finish(conn, replace(run, status="succeeded", result=result))
-        return True, result
+        if await self._take(seen, "succeeded", result=result):
+            return result
+        return _CHANGED
 
-    async def _call_buffered(self, spec: ToolSpec, run: ToolRun) -> Any:
-        try:
-            result = _jsonable(spec.name, await _invoke(spec, run))
-            self._runtime.crash.reached("after_tool_effect")
-        except Exception as exc:
-            self.tool_runs.append(replace(run, status="failed", error=_describe(exc)))
-            raise _as_tool_error(spec.name, exc) from exc
-        self.tool_runs.append(replace(run, status="succeeded", result=result))
-        return result
+    async def _take(self, seen: ToolRun, status: str, **values: Any) -> bool:
+        info = self.info
+        async with self._runtime.db() as conn:
+            return await tool_runs.take(
+                conn, seen, step_id=info.step_id, attempt=info.attempt, status=status, **values
+            )
 
-    async def _call_recorded(self, spec: ToolSpec, run: ToolRun, *, settled: bool = False) -> Any:
-        """Non-idempotent: commit "started" first, so a crash mid-call is visible as in doubt."""
-        pool, info = self._runtime.pool, self.info
-        async with pool.acquire() as conn:
-            started = await tool_runs.start(conn, info.workflow_id, info.step_id, info.attempt, run)
-            existing = None if started else await tool_runs.fetch(conn, run.key)
-        if existing is not None and existing.status == "succeeded":
-            return existing.result
-        if existing is not None and existing.status == "started" and not settled:
-            done, result = await self._settle_in_doubt(spec, run)
-            if done:
-                return result
-        try:
-            result = _jsonable(spec.name, await _invoke(spec, run))
-            self._runtime.crash.reached("after_tool_effect")
-        except Exception as exc:
-            async with pool.acquire() as conn:
-                await tool_runs.finish(conn, replace(run, status="failed", error=_describe(exc)))
-            raise _as_tool_error(spec.name, exc) from exc
-        async with pool.acquire() as conn:
-            await tool_runs.finish(conn, replace(run, status="succeeded", result=result))
-        return result
+    async def _finish(self, run: ToolRun) -> bool:
+        async with self._runtime.db() as conn:
+            return await tool_runs.finish(conn, run, self.info.attempt)
+
+    def _timeout(self, spec: ToolSpec) -> float:
+        return spec.timeout or self._runtime.settings.tool_timeout_seconds
+
+    def _fenced_out(self, what: str) -> FenceRejected:
+        return FenceRejected(
+            f"{what}: attempt {self.info.attempt} was superseded",
+            workflow_id=self.info.workflow_id,
+            step_id=self.info.step_id,
+            agent=self.info.agent,
+        )
+
+    async def _invoke(self, spec: ToolSpec, run: ToolRun) -> Any:
+        extra: dict[str, Any] = {}
+        if spec.takes_key:
+            extra["idempotency_key"] = run.key
+        if spec.takes_token:
+            extra["fencing_token"] = self.info.attempt
+        return await spec.fn(**run.args, **extra)
 
     async def search_memory(self, kind: str, query: str, *, limit: int = 3) -> list[memory.Memory]:
         """Semantic search over this tenant's memories (the tenant is not the caller's choice)."""
         embedding = await self._runtime.embedder.embed(query)
-        async with self._runtime.pool.acquire() as conn:
+        async with self._runtime.db() as conn:
             return await memory.search(
                 conn, tenant_id=self.info.tenant_id, kind=kind, embedding=embedding, limit=limit
             )
@@ -267,12 +344,6 @@ def bind(ctx: StepContext) -> Any:
     return _current.set(ctx)
 
 
-async def _invoke(spec: ToolSpec, run: ToolRun) -> Any:
-    if spec.takes_key:
-        return await spec.fn(**run.args, idempotency_key=run.key)
-    return await spec.fn(**run.args)
-
-
 def _jsonable(tool: str, value: Any) -> Any:
     # Round-trip through JSON so a fresh result and a replayed one look identical.
     try:
@@ -291,3 +362,10 @@ def _as_tool_error(tool: str, exc: Exception) -> OrchestratorError:
     if isinstance(exc, OrchestratorError):
         return exc
     return ToolError(f"tool {tool!r} failed: {_describe(exc)}", tool=tool)
+
+
+def replace_tool(exc: ToolNotApplied, tool: str) -> ToolNotApplied:
+    """The same not-applied error, naming its tool (a tool may raise it without one)."""
+    if not exc.tool:
+        exc.tool = tool
+    return exc

@@ -2,7 +2,8 @@
 
 OrchestratorError
 ├── ConfigurationError      bad settings, a bad ``--app`` path, registry mistakes
-├── ServiceUnavailable      Redis or Postgres unreachable, pgvector missing
+├── ServiceUnavailable      the runtime's own Redis or Postgres call failed (infrastructure:
+│                           waited out, never a step failure), or pgvector is missing
 ├── InvalidInput            a malformed ticket, envelope or cached value
 ├── WorkflowNotFound        no workflow with that id
 ├── InputNeeded             control flow: ctx.ask() parks the step until a reply
@@ -10,6 +11,7 @@ OrchestratorError
     ├── FenceRejected       the completion lost to a newer attempt or a closed step
     ├── NonDeterminismError a replay asked for a different tool than was recorded
     ├── ToolError           a tool failed (``non_retryable`` says whether to retry)
+    │   └── ToolNotApplied  raised by a non-idempotent tool: the remote certainly did nothing
     └── AgentError          raise from an agent; ``non_retryable`` skips retries
 """
 
@@ -88,3 +90,12 @@ class ToolError(StepError):
 
 class AgentError(StepError):
     pass
+
+
+class ToolNotApplied(ToolError):
+    """Raise from a non-idempotent tool when the remote certainly did not apply the call
+    (it refused, or the request never left). Any other exception from such a tool is
+    *in doubt*: the effect may have happened, so it is never simply called again."""
+
+    def __init__(self, message: str, *, tool: str = "") -> None:
+        super().__init__(message, tool=tool)

@@ -39,6 +39,10 @@ class Keys:
         """Live status hash of one agent instance (a worker consumer)."""
         return f"{self.prefix}:agent:{agent}:{consumer}"
 
+    def worker_alive(self, consumer: str) -> str:
+        """Present while the worker (stream consumer) is alive: a short TTL it refreshes."""
+        return f"{self.prefix}:alive:{consumer}"
+
     def step_lock(self, workflow_id: UUID, seq: int) -> str:
         """The lease of one step: held by the worker running it."""
         return f"{self.prefix}:lock:{{{workflow_id}}}:{seq}"

@@ -1,12 +1,16 @@
 """A Redis lock with a random token: only its holder can extend or release it.
 
-The lock makes double work rare; it is not what makes it harmless (that is
-the attempt fence in Postgres), so losing Redis never breaks correctness.
+The token names its owner (the worker's consumer name), so a worker that
+finds a step's lock held by a dead worker (its liveness key lapsed) can take
+it over at once instead of waiting out the lease. The lock makes double work
+rare; it is not what makes it harmless (that is the attempt fence in
+Postgres), so losing Redis never breaks correctness.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -25,23 +29,73 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
+# KEYS[1] lock key; ARGV[1] token, ARGV[2] TTL in ms. Extends the holder's lock, or takes
+# it again when it is gone (Redis lost it). Returns 1 if held now, 0 if someone else holds it.
+KEEP = """
+local held = redis.call('get', KEYS[1])
+if held == ARGV[1] then
+    redis.call('pexpire', KEYS[1], ARGV[2])
+    return 1
+end
+if not held then
+    redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2])
+    return 1
+end
+return 0
+"""
+# KEYS[1] lock key; ARGV[1] the token seen, ARGV[2] new token, ARGV[3] TTL in ms.
+# Returns 1 if swapped, 0 if the lock changed hands meanwhile.
+SWAP = """
+if redis.call('get', KEYS[1]) == ARGV[1] then
+    redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3])
+    return 1
+end
+return 0
+"""
+
+
+def owner_of(token: bytes | str) -> str:
+    text = token.decode(errors="replace") if isinstance(token, bytes) else token
+    return text.rpartition("|")[0]
 
 
 class Lock:
-    def __init__(self, client: aioredis.Redis, name: str, ttl_ms: int) -> None:
+    def __init__(self, client: aioredis.Redis, name: str, ttl_ms: int, owner: str = "") -> None:
         self.client = client
         self.name = name
         self.ttl_ms = ttl_ms
-        self.token = secrets.token_hex(16)
+        self.token = f"{owner}|{secrets.token_hex(12)}"
+        self.stolen = False  # taken from a dead holder: whatever it ran must be fenced out
 
     async def acquire(self) -> bool:
         return bool(await self.client.set(self.name, self.token, nx=True, px=self.ttl_ms))
+
+    async def take_over(self, is_dead: Callable[[str], Awaitable[bool]]) -> bool:
+        """Acquire, or take the lock from a holder whose owner ``is_dead``."""
+        if await self.acquire():
+            return True
+        held: Any = await self.client.get(self.name)
+        if held is None:
+            return await self.acquire()
+        if held == self.token.encode():
+            return True  # ours already (a retry after an outage)
+        owner = owner_of(held)
+        if not owner or not await is_dead(owner):
+            return False
+        self.stolen = bool(
+            await self.client.eval(SWAP, 1, self.name, held, self.token, self.ttl_ms)
+        )
+        return self.stolen
 
     async def extend(self) -> bool:
         return bool(await self.client.eval(EXTEND, 1, self.name, self.token, self.ttl_ms))
 
     async def release(self) -> bool:
         return bool(await self.client.eval(RELEASE, 1, self.name, self.token))
+
+    def keep_in(self, pipe: Any) -> None:
+        """Queue a heartbeat (extend, or re-take after Redis lost it) on a pipeline."""
+        pipe.eval(KEEP, 1, self.name, self.token, self.ttl_ms)
 
     def release_in(self, pipe: Any) -> None:
         """Queue the release on a pipeline, so it rides the handoff round trip.

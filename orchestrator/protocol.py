@@ -1,31 +1,35 @@
 """The step protocol for one stream entry: lease, open check, run, fenced outcome, handoff.
 
-Per step: one Redis round trip to take the step's lease (a lock), one
-Postgres read to check the step is open, the agent run (heartbeating when
-long), ONE Postgres statement that completes the step fenced on its attempt,
-and one Redis round trip for the handoff (XADD next, XACK, PUBLISH, unlock).
-A failure is recorded and retried later or dead-lettered; a question to a
-person parks the workflow; a lost fence is acknowledged and dropped.
+Per step on the happy path: one Redis round trip to take the step's lease (a
+lock), one Postgres read to check the step is open, the agent run, ONE
+Postgres statement that completes the step fenced on its attempt, and one
+Redis round trip for the handoff (XADD next, XACK, PUBLISH, unlock).
+
+Every execution has its own fence. A first delivery runs under the attempt
+recorded at enqueue; a takeover (a redelivered entry, or a lock taken from a
+dead worker) first raises the attempt in Postgres, so two executions never
+share one. A failure is recorded and retried later or dead-lettered; a
+question to a person parks the workflow; a lost fence is acknowledged and
+dropped. Only ``ServiceUnavailable`` (the runtime's own Redis/Postgres) is
+infrastructure: the entry is retried by this worker with backoff, under a new
+fence, without counting as a failure.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 import anyio
-import asyncpg
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from orchestrator import streams, tracing
+from orchestrator.connections import REDIS_DOWN, redis_errors
 from orchestrator.context import StepContext, StepInfo, bind
 from orchestrator.errors import (
     AgentError,
@@ -38,30 +42,26 @@ from orchestrator.errors import (
 from orchestrator.locks import Lock
 from orchestrator.retry import backoff
 from orchestrator.runtime import Runtime
-from orchestrator.store import dead_letters, recovery, steps
+from orchestrator.store import dead_letters, steps
 from schemas import Signal, TaskEnvelope, WorkflowStatus
 
 log = logging.getLogger("orchestrator.worker")
 
-# Errors of the infrastructure, not of the step: the entry stays pending and is
-# retried or reclaimed later, without burning one of the step's attempts.
-INFRA_ERRORS: tuple[type[BaseException], ...] = (
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    RedisConnectionError,
-    RedisTimeoutError,
-    ServiceUnavailable,
-    ConnectionError,
-)
+# Errors of the infrastructure, not of the step: the runtime's own Redis and
+# Postgres calls raise ServiceUnavailable (orchestrator.connections). Anything
+# an agent or tool raises, ConnectionError included, is a step failure.
+INFRA_ERRORS: tuple[type[BaseException], ...] = (ServiceUnavailable,)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Running:
     envelope: TaskEnvelope
     entry: streams.Entry
     lock: Lock
     since: float
+    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    ctx: StepContext | None = None
+    committing: bool = False  # the outcome is being written: no longer cancellable
 
 
 class StepRunner:
@@ -72,9 +72,14 @@ class StepRunner:
         self.consumer = consumer
         self.running: dict[tuple[UUID, int], _Running] = {}
         self.last: dict[str, TaskEnvelope] = {}  # the latest step taken per agent
+        self.stopping = anyio.Event()
 
-    async def process(self, agent: str, entry: streams.Entry) -> None:
-        """Run one stream entry through the step protocol."""
+    async def process(self, agent: str, entry: streams.Entry, *, takeover: bool = False) -> None:
+        """Run one stream entry through the step protocol; wait out infrastructure outages.
+
+        ``takeover``: the entry was delivered before (reclaimed from a dead or stalled
+        worker), so it runs under a new fence.
+        """
         rt = self.rt
         try:
             envelope = streams.decode(entry)
@@ -87,45 +92,98 @@ class StepRunner:
             rt.redis,
             rt.keys.step_lock(envelope.workflow_id, envelope.seq),
             int(rt.settings.lease_seconds * 1000),
+            owner=self.consumer,
         )
-        if not await self._take_lease(envelope, lock):
-            # Another worker holds this step's lease. Not acknowledged: if that
-            # worker dies, this entry is reclaimed once idle past the lease.
+        delay = 0.1
+        while True:
+            try:
+                await self._process(envelope, entry, lock, takeover)
+                return
+            except INFRA_ERRORS as exc:
+                log.warning(
+                    "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
+                    envelope.workflow_id,
+                    envelope.seq,
+                    agent,
+                    exc,
+                    delay,
+                )
+            # Whatever ran may have written (a tool call started): the retry is a new
+            # execution with its own fence. The entry stays pending meanwhile.
+            takeover = True
+            with anyio.move_on_after(delay):
+                await self.stopping.wait()
+            if self.stopping.is_set():
+                return
+            delay = min(delay * 2, 5.0)
+
+    async def _process(
+        self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock, takeover: bool
+    ) -> None:
+        rt = self.rt
+        with redis_errors():
+            won = await lock.take_over(self._is_dead)
+        if not won:
+            # A live worker holds this step's lease. Not acknowledged: if that worker
+            # dies, this entry is taken over.
             return
-        async with rt.pool.acquire() as conn:
-            opened = await steps.open_step(conn, envelope)
-        if not opened.runnable:
-            log.info("skipping %s step %s: %s", agent, envelope.step_id, opened.reason)
-            await self._hand_off(self._ending(envelope, entry, lock))
-            return
-        rt.crash.reached("after_claim")
-        with tracing.span(
-            rt.tracer,
-            f"step {agent}",
-            parent=envelope.traceparent,
-            **{
-                "workflow.id": str(envelope.workflow_id),
-                "step.seq": envelope.seq,
-                "step.attempt": envelope.attempt,
-            },
-        ):
-            await self._run_step(envelope, entry, lock, opened)
+        self.last[envelope.agent] = envelope
+        try:
+            async with rt.db() as conn:
+                if takeover or lock.stolen:
+                    taken = await steps.take_over(conn, envelope, self.consumer)
+                    if taken is None:
+                        log.info("not taking over step %s: closed or not due", envelope.step_id)
+                        await self._hand_off(self._ending(envelope, entry, lock))
+                        return
+                    log.info(
+                        "workflow %s step %s (%s): taking over as attempt %d",
+                        envelope.workflow_id,
+                        envelope.seq,
+                        envelope.agent,
+                        taken.attempt,
+                    )
+                    envelope = taken
+                opened = await steps.open_step(conn, envelope)
+            if not opened.runnable:
+                log.info("skipping %s step %s: %s", envelope.agent, envelope.step_id, opened.reason)
+                await self._hand_off(self._ending(envelope, entry, lock))
+                return
+            rt.crash.reached("after_claim")
+            with tracing.span(
+                rt.tracer,
+                f"step {envelope.agent}",
+                parent=envelope.traceparent,
+                **{
+                    "workflow.id": str(envelope.workflow_id),
+                    "step.seq": envelope.seq,
+                    "step.attempt": envelope.attempt,
+                },
+            ):
+                await self._run_step(envelope, entry, lock, opened)
+        except BaseException:
+            # Infrastructure error, shutdown or a defect: free the lease at once (best
+            # effort); the entry stays pending and is retried or taken over.
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                try:
+                    await lock.release()
+                except REDIS_DOWN:
+                    pass
+            raise
+
+    async def _is_dead(self, owner: str) -> bool:
+        """Whether the worker named ``owner`` stopped refreshing its liveness key."""
+        return not await self.rt.redis.exists(self.rt.keys.worker_alive(owner))
 
     async def _poison(self, agent: str, entry: streams.Entry, reason: str) -> None:
         """Record an unreadable entry durably, park it on the dead-letter stream, ack it."""
         log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, reason)
         raw = entry.fields.get(streams.FIELD, b"")
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             await dead_letters.add(conn, agent=agent, reason=reason, envelope=text)
-        await streams.dead_letter(self.rt.redis, self.rt.keys, agent, entry, reason)
-
-    async def _take_lease(self, envelope: TaskEnvelope, lock: Lock) -> bool:
-        """Take the step's lock (the Redis lease); remember the step for the status view."""
-        won = await lock.acquire()
-        if won:
-            self.last[envelope.agent] = envelope
-        return won
+        with redis_errors():
+            await streams.dead_letter(self.rt.redis, self.rt.keys, agent, entry, reason)
 
     async def _run_step(
         self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock, opened: steps.OpenStep
@@ -144,60 +202,40 @@ class StepRunner:
         )
         ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools, opened.replies)
         started = datetime.now(UTC)
+        key = (envelope.step_id, envelope.attempt)
+        running = _Running(envelope, entry, lock, anyio.current_time(), ctx=ctx)
+        self.running[key] = running
         try:
             try:
-                key = (envelope.step_id, envelope.attempt)
-                self.running[key] = _Running(envelope, entry, lock, anyio.current_time())
-                try:
+                with running.scope:
                     outcome = await self._execute(cls, ctx, envelope, started)
-                finally:
-                    self.running.pop(key, None)
-                async with rt.pool.acquire() as conn:
+                if running.scope.cancelled_caught:
+                    raise ctx_superseded(envelope)
+                running.committing = True
+                async with rt.db() as conn:
                     completed = await steps.complete(conn, envelope, outcome)
                 rt.crash.reached("after_commit")
                 ending = self._ending(
                     envelope, entry, lock, next=completed.next, status=completed.status
                 )
             except InputNeeded as need:
+                running.committing = True
                 ending = await self._park(envelope, entry, lock, ctx, started, need.question)
             except FenceRejected:
                 raise
             except INFRA_ERRORS:
                 raise
             except Exception as exc:
-                ending = await self._fail(envelope, entry, lock, ctx, started, exc)
+                running.committing = True
+                ending = await self._fail(envelope, entry, lock, ctx, started, opened, exc)
         except FenceRejected as exc:
-            # Another attempt owns the step now (or it closed): drop this one quietly.
+            # Another execution owns the step now (or it closed): drop this one quietly.
             log.info("%s", exc)
             ending = self._ending(envelope, entry, lock)
-        except BaseException:
-            # Infrastructure error or shutdown: free the lease at once (best effort);
-            # the entry stays pending and is reclaimed.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                try:
-                    await lock.release()
-                except (RedisError, OSError):
-                    pass
-            raise
+        finally:
+            # Heartbeats covered the run and the commit, so a slow commit kept the lease.
+            self.running.pop(key, None)
         await self._hand_off(ending)
-
-    async def beat(self, running: _Running) -> None:
-        rt, envelope = self.rt, running.envelope
-        try:
-            await running.lock.extend()
-            await streams.touch(rt.redis, rt.keys, envelope.agent, self.consumer, running.entry.id)
-            async with rt.pool.acquire() as conn:
-                alive = await recovery.heartbeat(conn, envelope.step_id, envelope.attempt)
-        except (RedisError, OSError, asyncpg.PostgresError, ServiceUnavailable) as exc:
-            log.warning("heartbeat of step %s failed: %s", envelope.step_id, exc)
-            return
-        if not alive:
-            # Fenced out (requeued meanwhile): its completion will be rejected.
-            log.info(
-                "step %s attempt %d was fenced out while running",
-                envelope.step_id,
-                envelope.attempt,
-            )
 
     async def _execute(
         self, cls: Any, ctx: StepContext, envelope: TaskEnvelope, started: datetime
@@ -255,7 +293,7 @@ class StepRunner:
         question: str,
     ) -> streams.Handoff:
         """The agent asked a person something: the workflow waits, durably, for the reply."""
-        async with self.rt.pool.acquire() as conn:
+        async with self.rt.db() as conn:
             await steps.park(
                 conn,
                 envelope,
@@ -274,32 +312,40 @@ class StepRunner:
         lock: Lock,
         ctx: StepContext,
         started: datetime,
+        opened: steps.OpenStep,
         exc: Exception,
     ) -> streams.Handoff:
-        """Record the failure; retry later with backoff, or fail and dead-letter."""
+        """Record the failure; retry later with backoff, or fail and dead-letter.
+
+        The retry budget counts real failures only (``steps.failures``), never
+        takeovers, requeues, replies or resumes: those move the fence, not the budget.
+        """
         rt = self.rt
         cls = rt.app.agents[envelope.agent]
         max_attempts = cls.max_attempts or rt.settings.max_attempts
         non_retryable = isinstance(exc, StepError) and exc.non_retryable
+        failures = opened.failures + 1
         retry_after = (
             None
-            if non_retryable or envelope.attempt >= max_attempts
+            if non_retryable or failures >= max_attempts
             else backoff(
-                envelope.attempt,
+                failures,
                 base=rt.settings.retry_base_seconds,
                 cap=rt.settings.retry_cap_seconds,
             )
         )
         error = f"{type(exc).__name__}: {exc}"[:2000]
         log.warning(
-            "%s step %s attempt %d failed (%s): %s",
+            "workflow %s step %s (%s) failure %d/%d (%s): %s",
+            envelope.workflow_id,
+            envelope.seq,
             envelope.agent,
-            envelope.step_id,
-            envelope.attempt,
+            failures,
+            max_attempts,
             "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
             error,
         )
-        async with rt.pool.acquire() as conn:
+        async with rt.db() as conn:
             failure = await steps.fail(
                 conn,
                 envelope,
@@ -339,13 +385,36 @@ class StepRunner:
 
     async def _hand_off(self, ending: streams.Handoff) -> None:
         rt = self.rt
-        if ending.next and rt.crash.at == "after_xadd":
-            # Fault injection only: split the round trip to die between XADD and XACK.
-            for envelope_next in ending.next:
-                await streams.enqueue(rt.redis, rt.keys, envelope_next)
-            rt.crash.reached("after_xadd")
-            ending = replace(ending, next=())
-        await streams.hand_off(rt.redis, rt.keys, ending)
+        with redis_errors():
+            if ending.next and rt.crash.at == "after_xadd":
+                # Fault injection only: split the round trip to die between XADD and XACK.
+                for envelope_next in ending.next:
+                    await streams.enqueue(rt.redis, rt.keys, envelope_next)
+                rt.crash.reached("after_xadd")
+                ending = replace(ending, next=())
+            await streams.hand_off(rt.redis, rt.keys, ending)
+
+    def supersede(self, running: _Running) -> None:
+        """Another execution owns the step now: stop this run (its writes would be refused)."""
+        if running.committing or running.ctx is None:
+            return
+        log.info(
+            "workflow %s step %s attempt %d was superseded; stopping it",
+            running.envelope.workflow_id,
+            running.envelope.seq,
+            running.envelope.attempt,
+        )
+        running.ctx.superseded = True
+        running.scope.cancel()
+
+
+def ctx_superseded(envelope: TaskEnvelope) -> FenceRejected:
+    return FenceRejected(
+        f"attempt {envelope.attempt} stopped: superseded while running",
+        workflow_id=envelope.workflow_id,
+        step_id=envelope.step_id,
+        agent=envelope.agent,
+    )
 
 
 def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:

@@ -5,6 +5,13 @@ compare-and-extend renewal). Each renewal must answer within a third of the
 lock's TTL and a term is capped, so a slow or partitioned leader steps down on
 its own; the moment a renewal fails it stops working. Two leaders for a moment
 would only enqueue duplicates, which the attempt fence makes harmless.
+
+A step is re-enqueued only when Redis says nobody has it: no lease (lock) on
+it, and not possibly waiting in its stream's backlog. Postgres timestamps
+(``stall_seconds`` without progress) are the fallback for when Redis lost
+everything. The leader takes the step's lock while it re-enqueues, so it
+never moves the fence under a run that just started. Any outage is waited
+out; it never ends the worker.
 """
 
 from __future__ import annotations
@@ -13,16 +20,19 @@ import logging
 from dataclasses import dataclass
 
 import anyio
-from redis.exceptions import RedisError
 
 from orchestrator import streams
+from orchestrator.connections import PG_DOWN, REDIS_DOWN, redis_errors
+from orchestrator.errors import ServiceUnavailable
 from orchestrator.locks import Lock
 from orchestrator.runtime import Runtime
-from orchestrator.store import recovery
+from orchestrator.store import prune, recovery
 
 log = logging.getLogger("orchestrator.reconciler")
 
 TERM_PASSES = 60  # passes per leadership term before standing for election again
+HOUSEKEEPING_EVERY = 10  # passes between trimming streams, dropping dead consumers, pruning
+OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_DOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +41,12 @@ class PassReport:
 
 
 class Reconciler:
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, consumer: str = "reconciler") -> None:
         self.rt = runtime
+        self.consumer = consumer
         self.interval = runtime.settings.reconcile_interval_seconds
         self.passes = 0
+        self._failing = False
 
     async def run(self, stop: anyio.Event) -> None:
         while not stop.is_set():
@@ -44,10 +56,15 @@ class Reconciler:
             try:
                 if await lock.acquire():
                     await self._lead(lock, stop)
-            except (RedisError, OSError) as exc:
-                log.warning("reconciler: Redis unavailable (%s)", exc)
+            except OUTAGE as exc:
+                self._outage(exc)
             with anyio.move_on_after(self.interval):
                 await stop.wait()
+
+    def _outage(self, exc: BaseException) -> None:
+        if not self._failing:
+            log.warning("reconciler: %s; retrying until it is back", exc)
+        self._failing = True
 
     async def _lead(self, lock: Lock, stop: anyio.Event) -> None:
         log.info("reconciler: leading")
@@ -57,7 +74,13 @@ class Reconciler:
                 for _ in range(TERM_PASSES):
                     if stop.is_set():
                         break
-                    await self.pass_once()
+                    try:
+                        await self.pass_once()
+                        if self._failing:
+                            log.warning("reconciler: back to normal")
+                        self._failing = False
+                    except OUTAGE as exc:
+                        self._outage(exc)
                     with anyio.move_on_after(self.interval):
                         await stop.wait()
                 tg.cancel_scope.cancel()
@@ -65,7 +88,7 @@ class Reconciler:
             with anyio.CancelScope(shield=True), anyio.move_on_after(2):
                 try:
                     await lock.release()
-                except (RedisError, OSError):
+                except REDIS_DOWN:
                     pass  # it expires by itself
 
     async def _keep(self, lock: Lock, scope: anyio.CancelScope) -> None:
@@ -75,7 +98,7 @@ class Reconciler:
             with anyio.move_on_after(self.interval):
                 try:
                     renewed = await lock.extend()
-                except (RedisError, OSError):
+                except REDIS_DOWN:
                     renewed = False
             if not renewed:
                 log.warning("reconciler: lost leadership; stopping at once")
@@ -85,24 +108,27 @@ class Reconciler:
     async def _start_stalled_sessions(self) -> int:
         """Sessions whose active workflow ended without starting the next (a lost promotion)."""
         rt, started = self.rt, 0
-        async with rt.pool.acquire() as conn:
+        async with rt.db() as conn:
             for session_id in await recovery.stalled_sessions(conn):
                 for promoted in await recovery.promote_next(conn, session_id):
-                    await streams.enqueue(rt.redis, rt.keys, promoted)
+                    with redis_errors():
+                        await streams.enqueue(rt.redis, rt.keys, promoted)
                     started += 1
         return started
 
     async def pass_once(self) -> PassReport:
-        """Recreate streams and groups, then re-enqueue every stalled open step."""
+        """Recreate streams and groups, then re-enqueue every open step nobody has."""
         rt = self.rt
-        for agent in rt.app.agents:
-            await streams.ensure_group(rt.redis, rt.keys, agent)
-        async with rt.pool.acquire() as conn:
+        with redis_errors():
+            for agent in rt.app.agents:
+                await streams.ensure_group(rt.redis, rt.keys, agent)
+        async with rt.db() as conn:
             stalled = await recovery.stalled(conn, older_than=rt.settings.stall_after)
-        backlog = {
-            agent: await streams.undelivered_since(rt.redis, rt.keys, agent)
-            for agent in {s.agent for s in stalled}
-        }
+        with redis_errors():
+            backlog = {
+                agent: await streams.undelivered_since(rt.redis, rt.keys, agent)
+                for agent in {s.agent for s in stalled}
+            }
         requeued = await self._start_stalled_sessions()
         for step in stalled:
             since = backlog.get(step.agent)
@@ -110,13 +136,59 @@ class Reconciler:
                 # Enqueued after the last delivered entry: its envelope is most likely
                 # still waiting in a backlog. Re-enqueuing it would only add duplicates.
                 continue
-            async with rt.pool.acquire() as conn:
-                envelope = await recovery.requeue(conn, step.step_id, reason="stalled")
-            if envelope is None:
-                continue
-            await streams.enqueue(rt.redis, rt.keys, envelope)
-            requeued += 1
+            requeued += await self._requeue(step)
         self.passes += 1
+        if self.passes % HOUSEKEEPING_EVERY == 1:
+            await self.housekeeping()
         if requeued:
-            log.info("reconciler: re-enqueued %d stalled step(s)", requeued)
+            log.warning("reconciler: re-enqueued %d step(s) nobody had", requeued)
         return PassReport(requeued)
+
+    async def _requeue(self, step: recovery.Stalled) -> int:
+        """Re-enqueue one step under a new fence, holding its lock so no run starts meanwhile;
+        0 when its lock is held (it is running) or it moved on since it was read."""
+        rt = self.rt
+        assert step.workflow_id is not None
+        lock = Lock(
+            rt.redis,
+            rt.keys.step_lock(step.workflow_id, step.seq),
+            int(rt.settings.lease_seconds * 1000),
+            owner=self.consumer,
+        )
+        with redis_errors():
+            if not await lock.acquire():
+                return 0  # leased: a live worker runs it
+        try:
+            async with rt.db() as conn:
+                envelope = await recovery.requeue(
+                    conn, step.step_id, reason="stalled", seen_attempt=step.attempt
+                )
+            if envelope is None:
+                return 0
+            with redis_errors():
+                await streams.enqueue(rt.redis, rt.keys, envelope)
+            return 1
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                try:
+                    await lock.release()
+                except REDIS_DOWN:
+                    pass  # it expires by itself
+
+    async def housekeeping(self) -> None:
+        """Keep Redis and Postgres bounded: trim acknowledged stream entries, drop consumers
+        of dead workers, prune finished workflows' history when configured."""
+        rt = self.rt
+
+        async def is_alive(consumer: str) -> bool:
+            return bool(await rt.redis.exists(rt.keys.worker_alive(consumer)))
+
+        with redis_errors():
+            for agent in rt.app.agents:
+                await streams.trim_acknowledged(rt.redis, rt.keys, agent)
+                await streams.delete_consumers(rt.redis, rt.keys, agent, is_alive)
+        if rt.settings.prune_after_days is not None:
+            async with rt.db() as conn:
+                await prune.prune_finished(
+                    conn, older_than_seconds=rt.settings.prune_after_days * 86400
+                )

@@ -18,7 +18,7 @@ from opentelemetry.trace import Tracer, TracerProvider
 
 from orchestrator import tracing
 from orchestrator.app import App
-from orchestrator.connections import connect_redis, create_pool, redact
+from orchestrator.connections import connect_redis, create_pool, pg, redact
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.embeddings import Embedder, HashingEmbedder
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
@@ -27,7 +27,14 @@ from orchestrator.keys import Keys
 from orchestrator.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.ratelimit import RateLimiter
 from orchestrator.settings import Settings
-from orchestrator.store.migrations import MIGRATIONS, migrate, pgvector_available, schema_version
+from orchestrator.store import Conn
+from orchestrator.store.migrations import (
+    MIGRATIONS,
+    migrate,
+    pgvector_available,
+    schema_exists,
+    schema_version,
+)
 
 # Postgres quotes the identifier itself (%I): no schema name is ever formatted by Python.
 CREATE_SCHEMA_SQL = "SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text)"
@@ -45,6 +52,11 @@ class Runtime:
     crash: CrashPoints
     model_limiter: RateLimiter | None = None
     tracer: Tracer = field(default_factory=tracing.tracer)
+
+    def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
+        """A pooled connection, bounded in time; infrastructure failures raise
+        ``ServiceUnavailable`` (see ``orchestrator.connections.pg``)."""
+        return pg(self.pool, timeout=self.settings.pg_timeout_seconds)
 
 
 def build_model(settings: Settings, app: App) -> LanguageModel:
@@ -78,10 +90,17 @@ async def open_runtime(
         # The embedded database is private to this user: keep it migrated without asking.
         migrate_now = apply_migrations or settings.database_url is None
         await _prepare_database(database_url, settings.db_schema, migrate_now)
-        redis = await connect_redis(redis_url)
+        redis = await connect_redis(
+            redis_url,
+            timeout=settings.redis_timeout_seconds,
+            block_seconds=settings.block_ms / 1000,
+        )
         try:
             pool = await create_pool(
-                database_url, schema=settings.db_schema, size=settings.pool_size
+                database_url,
+                schema=settings.db_schema,
+                size=settings.pool_size,
+                timeout=settings.pg_timeout_seconds,
             )
         except BaseException:
             await redis.aclose()
@@ -130,7 +149,13 @@ async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> No
             await conn.execute(await conn.fetchval(CREATE_SCHEMA_SQL, schema))
             await migrate(conn)
         else:
-            version = await schema_version(conn)
+            if not await schema_exists(conn, schema):
+                # The search path would silently fall back to public: refuse instead.
+                raise ConfigurationError(
+                    f"database schema {schema!r} does not exist: run `orchestrator migrate` "
+                    "or check ORCHESTRATOR_DB_SCHEMA"
+                )
+            version = await schema_version(conn, schema)
             if version < len(MIGRATIONS):
                 raise ConfigurationError(
                     f"database schema {schema!r} is at version {version}, this code needs "

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
     # An open step with no progress for this long is re-enqueued from Postgres.
     stall_seconds: float | None = Field(default=None, gt=0)
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
+    # Worker liveness: each worker refreshes a key with this TTL every third of it;
+    # a worker whose key lapsed is dead (or paused) and its steps are taken over.
+    worker_ttl_seconds: float = Field(default=3.0, gt=0)
+    # Every Postgres statement and Redis command is bounded by this (a black hole
+    # is detected in seconds, never a hang).
+    pg_timeout_seconds: float = Field(default=10.0, gt=0)
+    redis_timeout_seconds: float = Field(default=5.0, gt=0)
+    # A non-idempotent tool call must finish within this, or it is in doubt.
+    tool_timeout_seconds: float = Field(default=30.0, gt=0)
+    # The reconciler prunes finished workflows older than this (unset: never).
+    prune_after_days: float | None = Field(default=None, gt=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     # Per-tenant model-call rate limit (token bucket); unset means unlimited.
     model_rate_per_second: float | None = Field(default=None, gt=0)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,8 +18,10 @@ from orchestrator.locks import Lock
 from schemas import Signal, TaskEnvelope
 
 FIELD = b"e"
-# Bounds stream memory; trimmed-away unacknowledged entries are rebuilt from Postgres.
+# A safety cap only: the reconciler trims acknowledged entries (trim_acknowledged).
+# Trimmed-away unacknowledged entries would be rebuilt from Postgres.
 STREAM_MAXLEN = 100_000
+DEAD_LETTER_MAXLEN = 10_000  # the durable dead letters are rows in Postgres
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,26 +48,116 @@ async def read(
 
 
 async def reclaim(
-    client: aioredis.Redis, keys: Keys, agent: str, consumer: str, *, min_idle_ms: int, count: int
-) -> list[Entry]:
-    """Take over entries pending longer than the lease (their worker died or hung).
+    client: aioredis.Redis,
+    keys: Keys,
+    agent: str,
+    consumer: str,
+    *,
+    min_idle_ms: int,
+    count: int,
+    start: bytes | str = "-",
+) -> tuple[bytes | str, list[Entry]]:
+    """Take over entries pending longer than ``min_idle_ms`` (their worker died or hung).
 
-    The delivery count is kept by Redis. Entries Redis reports as deleted
-    (trimmed or lost) are not recovered here: the reconciler re-derives that
-    work from Postgres.
+    Scans the pending list from ``start`` and returns the cursor to pass next time
+    ("-" once it wrapped around), so an entry behind many live ones is reached too.
     """
-    reply: Any = await client.xautoclaim(
-        keys.stream(agent), keys.group(agent), consumer, min_idle_ms, start_id="0-0", count=count
+    pending: Any = await client.xpending_range(
+        keys.stream(agent), keys.group(agent), start, "+", count, idle=min_idle_ms
     )
-    claimed = reply[1] if reply else []
-    return [Entry(i, f) for i, f in claimed if f is not None]
+    ids = [p["message_id"] for p in pending]
+    cursor: bytes | str = b"(" + ids[-1] if len(ids) == count else "-"
+    return cursor, await claim(client, keys, agent, consumer, ids, min_idle_ms=min_idle_ms)
 
 
-async def touch(
-    client: aioredis.Redis, keys: Keys, agent: str, consumer: str, entry_id: bytes
-) -> None:
-    """Reset an entry's idle time (XCLAIM to its own consumer): it is still being worked on."""
-    await client.xclaim(keys.stream(agent), keys.group(agent), consumer, 0, [entry_id], justid=True)
+async def claim(
+    client: aioredis.Redis,
+    keys: Keys,
+    agent: str,
+    consumer: str,
+    ids: Sequence[bytes],
+    *,
+    min_idle_ms: int,
+) -> list[Entry]:
+    """XCLAIM ``ids`` still idle for ``min_idle_ms`` (one claimer wins each). Entries
+    deleted from the stream meanwhile (trimmed, lost) are acknowledged, so they do not
+    stay pending forever (Redis 6.2 keeps them); their steps are rebuilt from Postgres."""
+    if not ids:
+        return []
+    stream, group = keys.stream(agent), keys.group(agent)
+    claimed: Any = await client.xclaim(stream, group, consumer, min_idle_ms, list(ids))
+    entries = [Entry(i, f) for i, f in claimed if i is not None and f]
+    found = {e.id for e in entries}
+    missing = [i for i in ids if i not in found]
+    if missing:
+        pipe = client.pipeline(transaction=False)
+        for entry_id in missing:
+            pipe.xrange(stream, entry_id, entry_id)
+        exists = await pipe.execute()
+        gone = [i for i, rows in zip(missing, exists, strict=True) if not rows]
+        if gone:
+            await client.xack(stream, group, *gone)
+    return entries
+
+
+async def pending_by_consumer(client: aioredis.Redis, keys: Keys, agent: str) -> dict[str, int]:
+    """How many entries each consumer of the agent's group holds unacknowledged."""
+    summary: Any = await client.xpending(keys.stream(agent), keys.group(agent))
+    return {
+        _text(c["name"]): int(c["pending"]) for c in summary.get("consumers") or [] if c["pending"]
+    }
+
+
+async def pending_of(
+    client: aioredis.Redis, keys: Keys, agent: str, owner: str, *, count: int
+) -> list[bytes]:
+    rows: Any = await client.xpending_range(
+        keys.stream(agent), keys.group(agent), "-", "+", count, consumername=owner
+    )
+    return [r["message_id"] for r in rows]
+
+
+async def trim_acknowledged(client: aioredis.Redis, keys: Keys, agent: str) -> None:
+    """Drop entries every consumer has acknowledged: before the oldest pending one, or
+    up to the last delivered one. Undelivered and pending entries are never trimmed."""
+    stream, group = keys.stream(agent), keys.group(agent)
+    try:
+        groups: Any = await client.xinfo_groups(stream)
+        summary: Any = await client.xpending(stream, group)
+    except ResponseError:
+        return  # no stream or group yet
+    delivered = next((g["last-delivered-id"] for g in groups if _text(g["name"]) == group), None)
+    if delivered is None:
+        return
+    if summary.get("pending"):
+        minid = _text(summary["min"])
+    else:
+        ms, _, seq = _text(delivered).partition("-")
+        minid = f"{ms}-{int(seq or 0) + 1}"
+    await client.xtrim(stream, minid=minid, approximate=True)
+
+
+async def delete_consumers(
+    client: aioredis.Redis, keys: Keys, agent: str, is_alive: Callable[[str], Awaitable[bool]]
+) -> int:
+    """Remove consumers of dead workers that hold nothing (they would pile up forever)."""
+    stream, group = keys.stream(agent), keys.group(agent)
+    try:
+        consumers: Any = await client.xinfo_consumers(stream, group)
+    except ResponseError:
+        return 0
+    removed = 0
+    for c in consumers:
+        name = _text(c["name"])
+        if c["pending"] == 0 and not await is_alive(name):
+            await client.xgroup_delconsumer(stream, group, name)
+            removed += 1
+    return removed
+
+
+def touch_in(pipe: Any, keys: Keys, agent: str, consumer: str, entry_id: bytes) -> None:
+    """Queue an idle-time reset of an entry (XCLAIM to its own consumer): still worked on."""
+    pipe.xclaim(keys.stream(agent), keys.group(agent), consumer, 0, [entry_id], justid=True)
 
 
 async def undelivered_since(client: aioredis.Redis, keys: Keys, agent: str) -> int | None:
@@ -138,6 +230,8 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
         pipe.xadd(
             keys.dead_letter_stream(),
             {b"agent": h.done.agent.encode(), b"reason": h.dead_letter.encode(), **encode(h.done)},
+            maxlen=DEAD_LETTER_MAXLEN,
+            approximate=True,
         )
     pipe.xack(keys.stream(h.done.agent), keys.group(h.done.agent), h.entry_id)
     if h.signal is not None:
@@ -161,10 +255,12 @@ async def dead_letter(
             b"reason": reason.encode(),
             **{f"raw.{_text(k)}": v for k, v in entry.fields.items()},
         },
+        maxlen=DEAD_LETTER_MAXLEN,
+        approximate=True,
     )
     pipe.xack(keys.stream(agent), keys.group(agent), entry.id)
     await pipe.execute()
 
 
-def _text(value: FieldT) -> str:
+def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -1,9 +1,19 @@
 """The worker: feeds stream entries to the step protocol (``orchestrator.protocol``).
 
-Per agent, one reader fills up to ``concurrency`` slots with XREADGROUP and,
-every half lease, takes over entries idle past the lease (XAUTOCLAIM). Beside
-the readers: moving due retries, heartbeating long steps, and the reconciler
-(one leader per deployment).
+Per agent, one reader fills up to ``concurrency`` slots with XREADGROUP. Beside
+the readers, each in a loop that waits out any Redis or Postgres outage
+(logged once, resumed by itself):
+
+* liveness: a key with a short TTL (``worker_ttl_seconds``) refreshed three
+  times per TTL, with the live status hashes. A worker whose key lapsed is dead
+  (or paused): its pending entries are taken over within seconds, under a new
+  fence, without waiting out the step lease.
+* heartbeats: running steps keep their locks and stream entries fresh and, in
+  Postgres, their ``updated_at`` (the fallback once Redis is lost); a run whose
+  lock or fence moved to another execution is cancelled.
+* delayed retries, and the reconciler (one leader per deployment).
+
+Only a defect in the worker's own code ends it, with one clear error.
 """
 
 from __future__ import annotations
@@ -12,20 +22,23 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
-from redis.exceptions import RedisError, ResponseError
+import anyio.abc
+from redis.exceptions import ResponseError
 
 from orchestrator import delayed, status, streams
-from orchestrator.errors import (
-    ConfigurationError,
-)
-from orchestrator.protocol import INFRA_ERRORS, StepRunner
+from orchestrator.connections import PG_DOWN, REDIS_DOWN
+from orchestrator.errors import ConfigurationError, OrchestratorError, ServiceUnavailable
+from orchestrator.protocol import StepRunner
 from orchestrator.reconciler import Reconciler
 from orchestrator.runtime import Runtime
+from orchestrator.store import recovery
 
 log = logging.getLogger("orchestrator.worker")
+
+OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_DOWN)
 
 
 class Worker:
@@ -50,45 +63,78 @@ class Worker:
         self.reconcile = reconcile
         self._stop = anyio.Event()
         self.runner = StepRunner(runtime, self.consumer)
+        self._cursor: dict[str, bytes | str] = {}
 
     def stop(self) -> None:
         """Stop reading; running steps get ``shutdown_grace_seconds`` to finish."""
         self._stop.set()
+        self.runner.stopping.set()
 
     async def run(self) -> None:
-        for agent in self.agents:
-            await self._ensure_group(agent)
+        try:
+            await self._run()
+        except BaseExceptionGroup as group:
+            first = _first_leaf(group)
+            if isinstance(first, BaseException) and not isinstance(first, Exception):
+                raise first from None  # cancellation, KeyboardInterrupt: not a defect
+            raise OrchestratorError(
+                f"worker {self.consumer} stopped by a defect: {type(first).__name__}: {first}"
+            ) from first
+
+    async def _run(self) -> None:
+        await self._until_up("starting", self._start)
+        settings = self.rt.settings
         async with anyio.create_task_group() as background:
-            background.start_soon(self._move_delayed)
-            background.start_soon(self._heartbeats)
-            background.start_soon(self._report_status)
+            background.start_soon(
+                self._every, "liveness", self._report_status, settings.worker_ttl_seconds / 3
+            )
+            background.start_soon(
+                self._every, "heartbeat", self._heartbeat, settings.lease_seconds / 3
+            )
+            background.start_soon(self._every, "delayed retries", self._move_delayed, 0.2)
             if self.reconcile:
-                background.start_soon(Reconciler(self.rt).run, self._stop)
+                background.start_soon(Reconciler(self.rt, self.consumer).run, self._stop)
             async with anyio.create_task_group() as consumers:
                 for agent in self.agents:
                     consumers.start_soon(self._consume, agent)
             # Every step has finished (or was abandoned after the grace period).
             background.cancel_scope.cancel()
 
-    async def _ensure_group(self, agent: str) -> None:
-        backoff_s = 0.1
+    async def _start(self) -> None:
+        await self._report_status()  # alive before taking any lock
+        for agent in self.agents:
+            await streams.ensure_group(self.rt.redis, self.rt.keys, agent)
+
+    async def _until_up(self, what: str, once: Callable[[], Awaitable[None]]) -> None:
+        delay = 0.1
         while not self._stop.is_set():
             try:
-                await streams.ensure_group(self.rt.redis, self.rt.keys, agent)
+                await once()
                 return
-            except (RedisError, OSError) as exc:
-                log.warning("Redis unavailable (%s); retrying in %.1fs", exc, backoff_s)
-                await anyio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+            except OUTAGE as exc:
+                log.warning("%s: %s; retrying in %.1fs", what, exc, delay)
+            with anyio.move_on_after(delay):
+                await self._stop.wait()
+            delay = min(delay * 2, 5.0)
+
+    async def _every(self, what: str, once: Callable[[], Awaitable[None]], interval: float) -> None:
+        """Run ``once`` every ``interval`` seconds; an outage is logged once and waited out."""
+        failing = False
+        while True:
+            try:
+                await once()
+                if failing:
+                    log.warning("%s: back to normal", what)
+                failing = False
+            except OUTAGE as exc:
+                if not failing:
+                    log.warning("%s: %s; retrying until it is back", what, exc)
+                failing = True
+            await anyio.sleep(interval)
 
     async def _move_delayed(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await delayed.move_due(self.rt.redis, self.rt.keys)
-            except (RedisError, OSError) as exc:
-                log.debug("moving delayed retries failed: %s", exc)
-            with anyio.move_on_after(0.2):
-                await self._stop.wait()
+        if not self._stop.is_set():
+            await delayed.move_due(self.rt.redis, self.rt.keys)
 
     async def _consume(self, agent: str) -> None:
         slots = anyio.Semaphore(self.concurrency)
@@ -108,98 +154,160 @@ class Worker:
     async def _read_loop(
         self, agent: str, slots: anyio.Semaphore, handlers: anyio.abc.TaskGroup
     ) -> None:
-        rt = self.rt
-        lease_ms = int(rt.settings.lease_seconds * 1000)
-        backoff_s = 0.1
-        next_reclaim = anyio.current_time()
+        failing, delay = False, 0.1
+        due = {"dead": anyio.current_time(), "idle": anyio.current_time()}
         while not self._stop.is_set():
             await slots.acquire()
             try:
-                if anyio.current_time() >= next_reclaim:
-                    next_reclaim = anyio.current_time() + rt.settings.lease_seconds / 2
-                    entries = await streams.reclaim(
-                        rt.redis,
-                        rt.keys,
-                        agent,
-                        self.consumer,
-                        min_idle_ms=lease_ms,
-                        count=1 + slots.value,
-                    )
-                else:
-                    entries = await streams.read(
-                        rt.redis,
-                        rt.keys,
-                        agent,
-                        self.consumer,
-                        count=1 + slots.value,
-                        block_ms=rt.settings.block_ms,
-                    )
-            except (RedisError, OSError) as exc:
+                entries, takeover = await self._next(agent, 1 + slots.value, due)
+            except OUTAGE as exc:
                 slots.release()
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     # Redis lost the stream (restart, FLUSHALL): recreate it and go on.
-                    await self._ensure_group(agent)
+                    await self._until_up(f"recreating the {agent} stream", self._start)
                     continue
-                log.warning(
-                    "reading %s stream failed (%s); retrying in %.1fs", agent, exc, backoff_s
-                )
-                await anyio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                if not failing:
+                    log.warning("reading the %s stream: %s; retrying until it is back", agent, exc)
+                failing = True
+                with anyio.move_on_after(delay):
+                    await self._stop.wait()
+                delay = min(delay * 2, 5.0)
                 continue
-            backoff_s = 0.1
+            if failing:
+                log.warning("reading the %s stream: back to normal", agent)
+            failing, delay = False, 0.1
             if not entries:
                 slots.release()
                 continue
             for _ in entries[1:]:
                 await slots.acquire()
             for entry in entries:
-                handlers.start_soon(self._guarded, agent, entry, slots)
+                handlers.start_soon(self._guarded, agent, entry, slots, takeover)
 
-    async def _guarded(self, agent: str, entry: streams.Entry, slots: anyio.Semaphore) -> None:
+    async def _next(
+        self, agent: str, count: int, due: dict[str, float]
+    ) -> tuple[list[streams.Entry], bool]:
+        """Entries to run, and whether they are takeovers: first those of dead workers,
+        then (rarely) any idle past the lease, else new ones."""
+        rt, now = self.rt, anyio.current_time()
+        if now >= due["dead"]:
+            due["dead"] = now + rt.settings.worker_ttl_seconds / 3
+            taken = await self._take_from_dead(agent, count)
+            if taken:
+                return taken, True
+        if now >= due["idle"]:
+            due["idle"] = now + rt.settings.lease_seconds / 2
+            cursor, taken = await streams.reclaim(
+                rt.redis,
+                rt.keys,
+                agent,
+                self.consumer,
+                min_idle_ms=int(rt.settings.lease_seconds * 1000),
+                count=count,
+                start=self._cursor.get(agent, "-"),
+            )
+            self._cursor[agent] = cursor
+            if taken:
+                return taken, True
+        read = await streams.read(
+            rt.redis, rt.keys, agent, self.consumer, count=count, block_ms=rt.settings.block_ms
+        )
+        return read, False
+
+    async def _take_from_dead(self, agent: str, count: int) -> list[streams.Entry]:
+        """Claim entries pending on consumers whose liveness key lapsed."""
+        rt = self.rt
+        owners = [
+            o
+            for o in await streams.pending_by_consumer(rt.redis, rt.keys, agent)
+            if o != self.consumer
+        ]
+        if not owners:
+            return []
+        pipe = rt.redis.pipeline(transaction=False)
+        for owner in owners:
+            pipe.exists(rt.keys.worker_alive(owner))
+        alive = await pipe.execute()
+        ids: list[bytes] = []
+        for owner, is_alive in zip(owners, alive, strict=True):
+            if not is_alive and len(ids) < count:
+                ids += await streams.pending_of(
+                    rt.redis, rt.keys, agent, owner, count=count - len(ids)
+                )
+        if ids:
+            log.warning("taking over %d %s step(s) of dead worker(s)", len(ids), agent)
+        # Half the TTL of idle time: one claimer wins each entry, the others see it fresh.
+        min_idle = int(rt.settings.worker_ttl_seconds * 500)
+        return await streams.claim(
+            rt.redis, rt.keys, agent, self.consumer, ids, min_idle_ms=min_idle
+        )
+
+    async def _guarded(
+        self, agent: str, entry: streams.Entry, slots: anyio.Semaphore, takeover: bool
+    ) -> None:
         try:
-            await self.process(agent, entry)
-        except INFRA_ERRORS as exc:
-            # Left pending in the stream: reclaimed once the service is back.
-            log.warning("step on %s left pending: %s", agent, exc)
+            await self.process(agent, entry, takeover=takeover)
         except Exception:
+            # A defect handling one entry: it stays pending and is taken over later.
             log.exception("unexpected error handling %s entry %r", agent, entry.id)
         finally:
             slots.release()
 
-    async def process(self, agent: str, entry: streams.Entry) -> None:
+    async def process(self, agent: str, entry: streams.Entry, *, takeover: bool = False) -> None:
         """Run one stream entry through the step protocol."""
-        await self.runner.process(agent, entry)
+        await self.runner.process(agent, entry, takeover=takeover)
 
     async def _report_status(self) -> None:
-        """Refresh this consumer's live status hash per agent, about once a second."""
+        """Refresh this worker's liveness key and its live status hash per agent."""
         rt = self.rt
-        while True:
-            running = sorted(self.runner.running.values(), key=lambda r: r.since)
-            pipe = rt.redis.pipeline(transaction=False)
-            for agent in self.agents:
-                mine = [r.envelope for r in running if r.envelope.agent == agent]
-                status.mark_in(
-                    pipe,
-                    rt.keys.agent_status(agent, self.consumer),
-                    status.fields(mine, self.runner.last.get(agent)),
-                    rt.settings.status_ttl_seconds,
-                )
-            try:
-                await pipe.execute()
-            except (RedisError, OSError) as exc:
-                log.debug("status refresh failed: %s", exc)
-            await anyio.sleep(min(1.0, rt.settings.status_ttl_seconds / 3))
+        running = sorted(self.runner.running.values(), key=lambda r: r.since)
+        pipe = rt.redis.pipeline(transaction=False)
+        pipe.set(
+            rt.keys.worker_alive(self.consumer), "1", px=int(rt.settings.worker_ttl_seconds * 1000)
+        )
+        for agent in self.agents:
+            mine = [r.envelope for r in running if r.envelope.agent == agent]
+            status.mark_in(
+                pipe,
+                rt.keys.agent_status(agent, self.consumer),
+                status.fields(mine, self.runner.last.get(agent)),
+                rt.settings.status_ttl_seconds,
+            )
+        await pipe.execute()
 
-    async def _heartbeats(self) -> None:
-        """Keep long steps alive: one loop for the whole worker, so short steps never pay.
+    async def _heartbeat(self) -> None:
+        """Keep running steps alive, in one Redis round trip and (for long ones) one statement.
 
-        A step running for more than a third of the lease gets its lock extended,
-        its stream entry's idle time reset, and its Postgres lease refreshed.
+        Each lock is extended (or taken again if Redis lost it) and each stream entry's
+        idle time reset; a lock held by another execution means this run was taken
+        over. Steps running for a third of the lease also refresh ``updated_at`` in
+        Postgres, which answers whether their attempt is still current.
         """
         rt = self.rt
-        every = rt.settings.lease_seconds / 3
-        while True:
-            await anyio.sleep(every)
-            now = anyio.current_time()
-            for running in [r for r in self.runner.running.values() if now - r.since >= every]:
-                await self.runner.beat(running)
+        running = list(self.runner.running.values())
+        if not running:
+            return
+        pipe = rt.redis.pipeline(transaction=False)
+        for r in running:
+            r.lock.keep_in(pipe)
+            streams.touch_in(pipe, rt.keys, r.envelope.agent, self.consumer, r.entry.id)
+        replies = await pipe.execute(raise_on_error=False)
+        for r, kept in zip(running, replies[::2], strict=True):
+            if kept == 0:
+                self.runner.supersede(r)
+        now, every = anyio.current_time(), rt.settings.lease_seconds / 3
+        long = [r for r in running if now - r.since >= every and not r.committing]
+        if not long:
+            return
+        async with rt.db() as conn:
+            current = await recovery.heartbeat(
+                conn, [(r.envelope.step_id, r.envelope.attempt) for r in long]
+            )
+        for r in long:
+            if r.envelope.step_id not in current:
+                self.runner.supersede(r)
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

@@ -17,6 +17,7 @@ class EventType(StrEnum):
     STEP_FAILED = "step.failed"
     STEP_RETRIED = "step.retried"
     STEP_REQUEUED = "step.requeued"
+    STEP_TAKEN_OVER = "step.taken_over"
     STEP_DEAD_LETTERED = "step.dead_lettered"
     WORKFLOW_CANCELLED = "workflow.cancelled"
     WORKFLOW_RESUMED = "workflow.resumed"

@@ -88,7 +88,7 @@ async def test_reclaim_takes_over_an_entry_whose_worker_died(rt: Runtime, probe:
     assert len(taken) == 1  # delivered to a worker that then "dies" without acknowledging
 
     await anyio.sleep(rt.settings.lease_seconds + 0.05)
-    reclaimed = await streams.reclaim(
+    _, reclaimed = await streams.reclaim(
         rt.redis,
         rt.keys,
         "gated",
@@ -97,7 +97,7 @@ async def test_reclaim_takes_over_an_entry_whose_worker_died(rt: Runtime, probe:
         count=5,
     )
     assert [e.id for e in reclaimed] == [taken[0].id]
-    await alive.process("gated", reclaimed[0])
+    await alive.process("gated", reclaimed[0], takeover=True)
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
     pending = await rt.redis.xpending_range(rt.keys.stream("gated"), "gated", "-", "+", 10)
     assert pending == []
@@ -132,7 +132,7 @@ async def test_in_doubt_call_without_reconcile_is_dead_lettered(rt: Runtime, pro
     step = (await client.get(wid)).steps[0]
     async with rt.pool.acquire() as conn:  # a worker died after charging, before recording
         await tool_runs.start(
-            conn, wid, step.id, 1, ToolRun(f"{wid}:0:0", 0, "charge", "started", {"amount": 7})
+            conn, wid, step.id, 1, ToolRun(f"{wid}:0:0", 0, "charge", "started", {"amount": 7}), 0.0
         )
     await _one(rt, worker, "refunder")
     record = await client.get(wid)
@@ -152,14 +152,14 @@ async def test_in_doubt_call_is_settled_by_reconcile(
     step = (await client.get(wid)).steps[0]
     async with rt.pool.acquire() as conn:
         await tool_runs.start(
-            conn, wid, step.id, 1, ToolRun(f"{wid}:0:0", 0, "charge", "started", {"amount": 7})
+            conn, wid, step.id, 1, ToolRun(f"{wid}:0:0", 0, "charge", "started", {"amount": 7}), 0.0
         )
         await conn.execute(
             "UPDATE tool_runs SET status = 'succeeded', result = $1",
             {"charged": 7, "key": f"{wid}:0:0"},
         )
         await tool_runs.start(
-            conn, wid, step.id, 1, ToolRun(f"{wid}:0:1", 1, "refund", "started", {"amount": 7})
+            conn, wid, step.id, 1, ToolRun(f"{wid}:0:1", 1, "refund", "started", {"amount": 7}), 0.0
         )
     await _one(rt, worker, "refunder")
     record = await client.get(wid)

@@ -226,7 +226,9 @@ CREATE TABLE IF NOT EXISTS schema_migrations (
 LOCK = "SELECT pg_advisory_xact_lock(hashtext('orchestrator.migrate:' || current_schema()))"
 CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM schema_migrations"
 RECORD_VERSION = "INSERT INTO schema_migrations (version) VALUES ($1)"
-VERSION_TABLE_EXISTS = "SELECT to_regclass('schema_migrations') IS NOT NULL"
+# Qualified: an unqualified name would fall back to public's table through the search path.
+VERSION_TABLE_EXISTS = "SELECT to_regclass(format('%I.schema_migrations', $1::text)) IS NOT NULL"
+SCHEMA_EXISTS = "SELECT 1 FROM pg_namespace WHERE nspname = $1"
 PGVECTOR_AVAILABLE = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
 
 
@@ -246,9 +248,13 @@ async def migrate(conn: Conn) -> list[int]:
     return applied
 
 
-async def schema_version(conn: Conn) -> int:
-    """The applied version, 0 when the schema has never been migrated."""
-    exists = await conn.fetchval(VERSION_TABLE_EXISTS)
+async def schema_exists(conn: Conn, schema: str) -> bool:
+    return await conn.fetchval(SCHEMA_EXISTS, schema) is not None
+
+
+async def schema_version(conn: Conn, schema: str) -> int:
+    """The applied version in ``schema``, 0 when it has never been migrated there."""
+    exists = await conn.fetchval(VERSION_TABLE_EXISTS, schema)
     if not exists:
         return 0
     version: int = await conn.fetchval(CURRENT_VERSION)

@@ -1,7 +1,11 @@
 """Recovery in Postgres: find stalled steps, re-enqueue, heartbeat, cancel and resume.
 
 Every re-enqueue bumps the step's attempt, so whoever still runs the old
-attempt is fenced out and an old envelope still in a stream is skipped.
+attempt is fenced out and an old envelope still in a stream is skipped. The
+attempt is the fence only: failures (the retry budget) are counted apart.
+
+Lock order, everywhere: a workflow's step rows before its workflow row (the
+completion's order), so cancel, input and resume never deadlock with it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from schemas import EventType, TaskEnvelope, WorkflowStatus
 # Open steps with no progress for a while (or whose retry time has come):
 # their envelope may be lost with Redis, or their worker dead.
 SELECT_STALLED = """
-SELECT s.id, s.agent, (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms
+SELECT s.id, s.agent, s.attempt, s.workflow_id, s.seq,
+       (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms
 FROM steps s JOIN workflows w ON w.id = s.workflow_id
 WHERE s.status = 'queued' AND w.status = 'running'
   AND s.updated_at < now() - make_interval(secs => $1)
@@ -25,18 +30,26 @@ WHERE s.status = 'queued' AND w.status = 'running'
 ORDER BY s.updated_at
 LIMIT $2
 """
+# $2: the attempt the caller saw (NULL: whatever it is now).
 REQUEUE_STEP = """
 UPDATE steps s SET attempt = s.attempt + 1, updated_at = now(), not_before = NULL
 FROM workflows w
 WHERE s.id = $1 AND s.status = 'queued' AND w.id = s.workflow_id AND w.status = 'running'
+  AND ($2::int IS NULL OR s.attempt = $2)
 RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
           w.tenant_id, w.pipeline
 """
-# A long step proves it is alive: the lease lives in Postgres as updated_at.
+# Running steps prove they are alive (the fallback once Redis is lost), in one
+# statement per worker; a step missing from the answer was fenced out.
 HEARTBEAT = """
-UPDATE steps SET updated_at = now()
-WHERE id = $1 AND attempt = $2 AND status = 'queued'
-RETURNING id
+UPDATE steps s SET updated_at = now()
+FROM unnest($1::uuid[], $2::int[]) AS x(id, attempt)
+WHERE s.id = x.id AND s.attempt = x.attempt AND s.status = 'queued'
+RETURNING s.id
+"""
+LOCK_OPEN_STEPS = """
+SELECT id FROM steps WHERE workflow_id = $1 AND status IN ('queued', 'waiting')
+ORDER BY seq FOR UPDATE
 """
 WORKFLOW_STATUS = "SELECT status FROM workflows WHERE id = $1"
 CANCEL_WORKFLOW = """
@@ -48,8 +61,10 @@ CANCEL_STEPS = """
 UPDATE steps SET status = 'cancelled', updated_at = now(), completed_at = now()
 WHERE workflow_id = $1 AND status IN ('queued', 'waiting')
 """
+# A resumed step gets its retry budget back (failures = 0) and a new fence.
 REOPEN_FAILED_STEP = """
-UPDATE steps SET status = 'queued', attempt = attempt + 1, error = NULL, not_before = NULL,
+UPDATE steps SET status = 'queued', attempt = attempt + 1, failures = 0, error = NULL,
+                 not_before = NULL,
                  completed_at = NULL, updated_at = now()
 WHERE id = (SELECT id FROM steps WHERE workflow_id = $1 AND status = 'failed'
             ORDER BY seq DESC LIMIT 1)
@@ -75,17 +90,27 @@ class Stalled:
     step_id: UUID
     agent: str
     updated_ms: int  # when the step was last enqueued or heartbeated (Postgres clock)
+    attempt: int = 0
+    workflow_id: UUID | None = None
+    seq: int = 0
 
 
 async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[Stalled]:
     rows = await conn.fetch(SELECT_STALLED, older_than, limit)
-    return [Stalled(r["id"], r["agent"], r["updated_ms"]) for r in rows]
+    return [
+        Stalled(r["id"], r["agent"], r["updated_ms"], r["attempt"], r["workflow_id"], r["seq"])
+        for r in rows
+    ]
 
 
-async def requeue(conn: Conn, step_id: UUID, *, reason: str = "requeued") -> TaskEnvelope | None:
-    """Bump an open step's attempt (fencing out whoever runs it now); return its new envelope."""
+async def requeue(
+    conn: Conn, step_id: UUID, *, reason: str = "requeued", seen_attempt: int | None = None
+) -> TaskEnvelope | None:
+    """Bump an open step's attempt (fencing out whoever runs it now); return its new envelope.
+
+    With ``seen_attempt``, only if the step is still at that attempt."""
     async with conn.transaction():
-        row = await conn.fetchrow(REQUEUE_STEP, step_id)
+        row = await conn.fetchrow(REQUEUE_STEP, step_id, seen_attempt)
         if row is None:
             return None
         await conn.execute(
@@ -98,9 +123,12 @@ async def requeue(conn: Conn, step_id: UUID, *, reason: str = "requeued") -> Tas
     return _envelope(row)
 
 
-async def heartbeat(conn: Conn, step_id: UUID, attempt: int) -> bool:
-    """Refresh a running step's lease; False when the attempt was fenced out meanwhile."""
-    return await conn.fetchval(HEARTBEAT, step_id, attempt) is not None
+async def heartbeat(conn: Conn, running: list[tuple[UUID, int]]) -> set[UUID]:
+    """Refresh running steps (id, attempt); return the ids whose attempt is still current."""
+    if not running:
+        return set()
+    rows = await conn.fetch(HEARTBEAT, [r[0] for r in running], [r[1] for r in running])
+    return {r["id"] for r in rows}
 
 
 async def workflow_status(conn: Conn, workflow_id: UUID) -> WorkflowStatus:
@@ -114,6 +142,7 @@ async def cancel(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope] | None:
     """Cancel an unfinished workflow (None if it had finished); its running step sees it
     at the next boundary. Returns what starts next in its session, to enqueue."""
     async with conn.transaction():
+        await conn.execute(LOCK_OPEN_STEPS, workflow_id)  # steps first: see the module doc
         if await conn.fetchval(CANCEL_WORKFLOW, workflow_id) is None:
             await workflow_status(conn, workflow_id)  # raises if unknown
             return None
@@ -150,7 +179,7 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
             return [_envelope(await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id))]
         # Stuck: re-enqueue its open steps under new attempts (fencing out any old run).
         step_ids = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
-        rows = [await conn.fetchrow(REQUEUE_STEP, step_id) for step_id in step_ids]
+        rows = [await conn.fetchrow(REQUEUE_STEP, step_id, None) for step_id in step_ids]
     return [_envelope(row) for row in rows if row is not None]
 
 
@@ -180,11 +209,11 @@ FROM steps s JOIN workflows w ON w.id = s.workflow_id WHERE s.id = $1
 async def provide_input(conn: Conn, workflow_id: UUID, text: str) -> TaskEnvelope:
     """Deliver a person's reply durably; return the envelope that resumes the step."""
     async with conn.transaction():
-        woken = await conn.fetchrow(RESUME_WAITING, workflow_id)
+        step_id = await conn.fetchval(ANSWER_STEP, workflow_id, text)  # steps first
+        woken = await conn.fetchrow(RESUME_WAITING, workflow_id) if step_id else None
         if woken is None:
             status = await workflow_status(conn, workflow_id)
             raise InvalidInput(f"workflow {workflow_id} is {status.value}, not waiting for input")
-        step_id = await conn.fetchval(ANSWER_STEP, workflow_id, text)
         await conn.execute(INSERT_REPLY, woken["session_id"], woken["tenant_id"], workflow_id, text)
         await conn.execute(
             INSERT_EVENT,

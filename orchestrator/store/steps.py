@@ -20,21 +20,42 @@ from orchestrator.store.tool_runs import ToolRun
 from schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
 
 SELECT_OPEN = """
-SELECT s.status, s.attempt, s.replies, w.status AS workflow_status,
+SELECT s.status, s.attempt, s.failures, s.replies, w.status AS workflow_status,
        coalesce((SELECT jsonb_agg(jsonb_build_array(t.idempotency_key, t.ordinal, t.tool,
-                                                    t.status, t.args, t.result, t.error))
+                                                    t.status, t.args, t.result, t.error,
+                                                    t.attempt))
                  FROM tool_runs t WHERE t.step_id = s.id), '[]'::jsonb) AS runs
 FROM steps s JOIN workflows w ON w.id = s.workflow_id
 WHERE s.id = $1
 """
-# The fence: only a queued step at the worker's attempt can be closed.
+# Taking over a step whose last execution died or stalled: a new fence (attempt), so
+# the old execution, if it still runs somewhere, can write nothing more. Only for a
+# step still open, in a running workflow, and due (a scheduled retry waits its turn).
+TAKE_OVER = """
+WITH bumped AS (
+    UPDATE steps s SET attempt = s.attempt + 1, updated_at = now()
+    FROM workflows w
+    WHERE s.id = $1 AND s.status = 'queued' AND w.id = s.workflow_id AND w.status = 'running'
+      AND (s.not_before IS NULL OR s.not_before <= now())
+    RETURNING s.id, s.workflow_id, s.attempt
+), event_row AS (
+    INSERT INTO events (workflow_id, step_id, type, data)
+    SELECT workflow_id, id, 'step.taken_over',
+           jsonb_build_object('attempt', attempt, 'by', $2::text)
+    FROM bumped
+)
+SELECT attempt FROM bumped
+"""
+# The fence: only a queued step at the worker's attempt can be closed. A failure
+# counts against the retry budget (failures), apart from the fence.
 CLOSE_STEP = """
-UPDATE steps SET status = $3, output = $4, error = $5, completed_at = now(), updated_at = now()
+UPDATE steps SET status = $3, output = $4, error = $5, completed_at = now(), updated_at = now(),
+                 failures = failures + 1
 WHERE id = $1 AND attempt = $2 AND status = 'queued'
 RETURNING id
 """
 RETRY_STEP = """
-UPDATE steps SET attempt = attempt + 1, error = $3, updated_at = now(),
+UPDATE steps SET attempt = attempt + 1, failures = failures + 1, error = $3, updated_at = now(),
                  not_before = now() + make_interval(secs => $4)
 WHERE id = $1 AND attempt = $2 AND status = 'queued'
 RETURNING attempt
@@ -123,6 +144,7 @@ class OpenStep:
     reason: str  # why not runnable: "completed", "stale attempt", "workflow cancelled", ...
     recorded: dict[int, ToolRun] = field(default_factory=dict)
     replies: list[str] = field(default_factory=list)  # answers to this step's questions
+    failures: int = 0  # real failures so far: the retry budget, apart from the fence
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +192,25 @@ async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
         return OpenStep(False, f"stale attempt {envelope.attempt} (step at {row['attempt']})")
     recorded = {
         r[1]: ToolRun(
-            key=r[0], ordinal=r[1], tool=r[2], status=r[3], args=r[4], result=r[5], error=r[6]
+            key=r[0],
+            ordinal=r[1],
+            tool=r[2],
+            status=r[3],
+            args=r[4],
+            result=r[5],
+            error=r[6],
+            attempt=r[7],
         )
         for r in row["runs"]
     }
-    return OpenStep(True, "", recorded, list(row["replies"]))
+    return OpenStep(True, "", recorded, list(row["replies"]), row["failures"])
+
+
+async def take_over(conn: Conn, envelope: TaskEnvelope, by: str) -> TaskEnvelope | None:
+    """A new fence for a redelivered step (its last execution died or stalled); None when
+    the step is closed, its workflow not running, or a scheduled retry is not due."""
+    attempt = await conn.fetchval(TAKE_OVER, envelope.step_id, by)
+    return None if attempt is None else envelope.model_copy(update={"attempt": attempt})
 
 
 def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelope]:

@@ -23,20 +23,47 @@ ON CONFLICT (idempotency_key) DO UPDATE
     WHERE tool_runs.status <> 'succeeded'
 """
 # Non-idempotent tools: the "started" row commits before the call, so a worker
-# that dies mid-call leaves an in-doubt record instead of a silent re-run.
+# that dies mid-call leaves an in-doubt record instead of a silent re-run. Fenced:
+# only the step's current execution can start a call (FOR SHARE holds off a
+# concurrent takeover until this commits, so the taker sees the row).
 INSERT_STARTED = """
+WITH fence AS (
+    SELECT id, workflow_id FROM steps
+    WHERE id = $2 AND attempt = $5 AND status = 'queued' FOR SHARE
+)
 INSERT INTO tool_runs (idempotency_key, workflow_id, step_id, ordinal, tool, attempt,
-                       status, args)
-VALUES ($1, $2, $3, $4, $5, $6, 'started', $7)
+                       status, args, deadline)
+SELECT $1, workflow_id, id, $3, $4, $5, 'started', $6, now() + make_interval(secs => $7)
+FROM fence
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING idempotency_key
 """
+# The owner of a started call records its outcome, and only while the row is still
+# its own and unsettled: a late result never overwrites what another attempt settled.
 FINISH = """
-UPDATE tool_runs SET status = $2, result = $3, error = $4, finished_at = now()
-WHERE idempotency_key = $1
+UPDATE tool_runs SET status = $3, result = $4, error = $5, finished_at = now()
+WHERE idempotency_key = $1 AND attempt = $2 AND status = 'started'
+RETURNING idempotency_key
+"""
+# Another execution takes a row over: settles it (what a reconcile check found) or
+# starts the call again. Fenced on the taker's attempt, and on the row being as seen.
+TAKE = """
+WITH fence AS (
+    SELECT id FROM steps WHERE id = $2 AND attempt = $3 AND status = 'queued' FOR SHARE
+)
+UPDATE tool_runs t
+SET attempt = $3, status = $6, result = $7, error = $8,
+    started_at = CASE WHEN $6 = 'started' THEN now() ELSE t.started_at END,
+    deadline = CASE WHEN $6 = 'started' THEN now() + make_interval(secs => $9)
+               ELSE t.deadline END,
+    finished_at = CASE WHEN $6 = 'started' THEN NULL ELSE now() END
+FROM fence
+WHERE t.idempotency_key = $1 AND t.attempt = $4 AND t.status = $5
+RETURNING t.idempotency_key
 """
 SELECT_ONE = """
-SELECT idempotency_key, ordinal, tool, status, result, error
+SELECT idempotency_key, ordinal, tool, status, attempt, args, result, error,
+       deadline IS NULL OR deadline <= now() AS lapsed
 FROM tool_runs WHERE idempotency_key = $1
 """
 
@@ -46,10 +73,12 @@ class ToolRun:
     key: str
     ordinal: int
     tool: str
-    status: str  # started | succeeded | failed
+    status: str  # started | succeeded | failed (certainly not applied) | in_doubt
     args: dict[str, Any]
     result: Any = None
     error: str | None = None
+    attempt: int = 0  # the execution that owns (started or settled) the row
+    lapsed: bool = True  # a started call's deadline has passed
 
 
 def columns(runs: list[ToolRun]) -> tuple[list[Any], ...]:
@@ -80,21 +109,39 @@ async def insert_finished(
 
 
 async def start(
-    conn: Conn,
-    workflow_id: UUID,
-    step_id: UUID,
-    attempt: int,
-    run: ToolRun,
+    conn: Conn, workflow_id: UUID, step_id: UUID, attempt: int, run: ToolRun, timeout: float
 ) -> bool:
-    """Record a non-idempotent call as started; False when the key already exists."""
+    """Record a non-idempotent call as started by ``attempt``; False when the key exists
+    already or the attempt is fenced out (``fetch`` tells which)."""
     key = await conn.fetchval(
-        INSERT_STARTED, run.key, workflow_id, step_id, run.ordinal, run.tool, attempt, run.args
+        INSERT_STARTED, run.key, step_id, run.ordinal, run.tool, attempt, run.args, timeout
     )
     return key is not None
 
 
-async def finish(conn: Conn, run: ToolRun) -> None:
-    await conn.execute(FINISH, run.key, run.status, run.result, run.error)
+async def finish(conn: Conn, run: ToolRun, attempt: int) -> bool:
+    """The owner records its call's outcome; False when the row is no longer its own."""
+    key = await conn.fetchval(FINISH, run.key, attempt, run.status, run.result, run.error)
+    return key is not None
+
+
+async def take(
+    conn: Conn,
+    seen: ToolRun,
+    *,
+    step_id: UUID,
+    attempt: int,
+    status: str,
+    result: Any = None,
+    error: str | None = None,
+    timeout: float = 0.0,
+) -> bool:
+    """Take a row over from another execution (as ``seen``); False if it changed meanwhile
+    or ``attempt`` is fenced out."""
+    key = await conn.fetchval(
+        TAKE, seen.key, step_id, attempt, seen.attempt, seen.status, status, result, error, timeout
+    )
+    return key is not None
 
 
 async def fetch(conn: Conn, key: str) -> ToolRun | None:
@@ -106,7 +153,9 @@ async def fetch(conn: Conn, key: str) -> ToolRun | None:
         ordinal=row["ordinal"],
         tool=row["tool"],
         status=row["status"],
-        args={},
+        args=row["args"],
         result=row["result"],
         error=row["error"],
+        attempt=row["attempt"],
+        lapsed=row["lapsed"],
     )

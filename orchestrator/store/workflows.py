@@ -29,14 +29,16 @@ WITH owner AS (
     ON CONFLICT (id) DO UPDATE SET tenant_id = sessions.tenant_id
     RETURNING tenant_id
 ), workflow_row AS (
-    INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, app_version)
+    INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, app_version,
+                           submit_key)
     SELECT $1, $4, $3, $6,
            CASE WHEN EXISTS (SELECT 1 FROM workflows
                              WHERE session_id = $3
                                AND status IN ('queued', 'running', 'waiting'))
                 THEN 'queued' ELSE 'running' END,
-           $7, $7, $8
+           $7, $7, $8, $12
     FROM owner WHERE tenant_id = $4
+    ON CONFLICT (tenant_id, submit_key) WHERE submit_key IS NOT NULL DO NOTHING
     RETURNING id, status
 ), message_row AS (
     INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
@@ -50,6 +52,8 @@ WITH owner AS (
 )
 SELECT status FROM workflow_row
 """
+# A submission retried with the same key (after a timeout, say) gets the first one back.
+SELECT_BY_KEY = "SELECT id FROM workflows WHERE tenant_id = $1 AND submit_key = $2"
 SELECT_WORKFLOW = """
 SELECT id, tenant_id, session_id, pipeline, status, input, state, error, app_version,
        created_at, completed_at
@@ -74,6 +78,7 @@ ORDER BY created_at DESC LIMIT $3
 class Created:
     queued: bool  # True: behind another workflow of its session, not to be enqueued yet
     envelope: TaskEnvelope
+    existing: bool = False  # the key was submitted before: this is that workflow, not new
 
 
 async def create(
@@ -84,6 +89,7 @@ async def create(
     first_agent: str,
     app_version: str,
     traceparent: str | None = None,
+    key: str | None = None,
 ) -> Created:
     """Record a submitted ticket; return the first step's envelope for the caller to XADD.
 
@@ -91,6 +97,7 @@ async def create(
     ``queued``: it starts (in order) when the earlier one finishes.
     """
     workflow_id, step_id = uuid4(), uuid4()
+    envelope_id = workflow_id
     session_id = ticket.session_id or f"session-{workflow_id}"
     state: dict[str, Any] = {"ticket": ticket.model_dump(mode="json")}
     status = await _insert(
@@ -106,7 +113,12 @@ async def create(
         f"{ticket.subject}\n\n{ticket.body}",
         first_agent,
         {"pipeline": pipeline, "first_agent": first_agent},
+        key,
     )
+    if status is None and key is not None:
+        existing = await conn.fetchval(SELECT_BY_KEY, ticket.tenant_id, key)
+        if existing is not None:
+            workflow_id, status = existing, WorkflowStatus.QUEUED.value
     if status is None:
         raise InvalidInput(f"session {session_id} belongs to another tenant")
     return Created(
@@ -123,6 +135,7 @@ async def create(
             payload=state,
             traceparent=traceparent,
         ),
+        existing=workflow_id != envelope_id,
     )
 
 

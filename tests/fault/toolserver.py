@@ -6,19 +6,36 @@ listening, and serves until SIGTERM/SIGINT. State lives in memory only.
 
 Endpoints (JSON bodies):
 
-* ``POST /effect`` ``{"key": str, "kind": "idempotent" | "plain", "payload": any}``
-  -> ``{"effect_id": int, "key": str, "applied": bool}``. ``idempotent`` calls are
-  deduplicated by key: the first applies the effect, later ones get the stored
-  ``effect_id`` back with ``applied: false``. Every ``plain`` call applies an effect.
+* ``POST /effect`` ``{"key": str, "kind": "idempotent" | "plain" | "fenced",
+  "payload": any}`` -> ``{"effect_id": int, "key": str, "applied": bool}``.
+  ``idempotent`` calls are deduplicated by key: the first applies the effect, later
+  ones get the stored ``effect_id`` back with ``applied: false``. Every ``plain``
+  call applies an effect. ``fenced`` calls dedupe like ``idempotent`` and also
+  carry ``"token": int`` (a fencing token): the server keeps the highest token seen
+  per key and refuses a call with a lower one (HTTP 409 ``{"error": "stale fencing
+  token", "key", "token", "highest"}``, nothing applied). A ``fenced`` call without
+  a token is not fenced (it only dedupes). Optional fields, for every kind:
+
+  - ``"fail_before_apply": true``: HTTP 503 ``{"error": "not applied"}``; nothing
+    is applied and no token is recorded (the remote certainly did nothing).
+  - ``"fail_after_apply": true``: apply (as above), then HTTP 500 ``{"error":
+    "applied, then failed"}``; a refused call still gets its 409.
+  - ``"hold": seconds``: decide and apply first, then wait ``hold`` seconds before
+    replying; meanwhile the call counts in ``in_flight`` / ``in_flight_keys``.
+
 * ``GET /effects?key=K`` -> ``{"key": K, "applied": n}`` (effects applied for ``K``).
 * ``GET /stats`` -> ``{"calls": int, "effects": int, "by_key": {key: applied},
-  "calls_by_key": {key: calls}}``.
-* ``POST /reset`` clears everything.
+  "calls_by_key": {key: calls}, "refused": int, "refused_by_key": {key: refused},
+  "in_flight": int, "in_flight_keys": [key, ...]}`` (every valid ``POST /effect``
+  counts as a call, refused and failed ones included).
+* ``POST /reset`` clears everything (calls still held finish normally).
 
 The module also holds the clients: :func:`post_effect` / :func:`applied_count`
-(asyncio, minimal HTTP/1.1, for tools inside worker processes), :func:`stats` /
-:func:`reset` (sync, for the test process) and :func:`run_toolserver`, which runs
-the server subprocess for the duration of a ``with`` block. Stdlib only.
+(asyncio, minimal HTTP/1.1, for tools inside worker processes; non-2xx replies
+raise :class:`ToolServerError`, :class:`StaleToken` for 409 and
+:class:`NotApplied` for 503), :func:`stats` / :func:`in_flight` / :func:`reset`
+(sync, for the test process) and :func:`run_toolserver`, which runs the server
+subprocess for the duration of a ``with`` block. Stdlib only.
 """
 
 from __future__ import annotations
@@ -35,7 +52,9 @@ import sys
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import FrameType
@@ -43,7 +62,39 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-KINDS = ("idempotent", "plain")
+KINDS = ("idempotent", "plain", "fenced")
+DEDUPED_KINDS = ("idempotent", "fenced")
+
+
+@dataclass(frozen=True)
+class EffectCall:
+    """A validated ``POST /effect`` body."""
+
+    key: str
+    kind: str
+    token: int | None = None
+    hold: float = 0.0
+    fail_before_apply: bool = False
+    fail_after_apply: bool = False
+
+    @classmethod
+    def parse(cls, body: object) -> EffectCall:
+        """Validate a request body; raises ``ValueError`` with the reason."""
+        if not isinstance(body, dict):
+            raise ValueError("body must be a JSON object")
+        key, kind = body.get("key"), body.get("kind", "plain")
+        if not isinstance(key, str) or kind not in KINDS:
+            raise ValueError('need {"key": str, "kind": "idempotent"|"plain"|"fenced"}')
+        token = body.get("token")
+        if token is not None and (not isinstance(token, int) or isinstance(token, bool)):
+            raise ValueError('"token" must be an integer')
+        hold = body.get("hold") or 0.0
+        if isinstance(hold, bool) or not isinstance(hold, int | float) or hold < 0:
+            raise ValueError('"hold" must be a number of seconds >= 0')
+        flags = (body.get("fail_before_apply", False), body.get("fail_after_apply", False))
+        if not all(isinstance(flag, bool) for flag in flags):
+            raise ValueError('"fail_before_apply" / "fail_after_apply" must be booleans')
+        return cls(str(key), str(kind), token, float(hold), *flags)
 
 
 class ToolState:
@@ -60,19 +111,59 @@ class ToolState:
             self._applied_by_key: dict[str, int] = {}
             self._calls_by_key: dict[str, int] = {}
             self._idempotent_results: dict[str, int] = {}
+            self._fenced_results: dict[str, int] = {}
+            self._highest_token: dict[str, int] = {}
+            self._refused_by_key: dict[str, int] = {}
+            self._in_flight: Counter[str] = Counter()
 
     def effect(self, key: str, kind: str) -> dict[str, Any]:
+        """Count a call and apply (or dedupe) its effect; the original entry point."""
+        return self.call(EffectCall(key, kind))[1]
+
+    def call(self, call: EffectCall) -> tuple[int, dict[str, Any]]:
+        """Count ``call``, decide and apply it: ``(http_status, reply body)``.
+
+        If ``call.hold`` is set the call is in flight from here (atomically with
+        the apply) until :meth:`release`.
+        """
+        key = call.key
         with self._lock:
             self._calls += 1
             self._calls_by_key[key] = self._calls_by_key.get(key, 0) + 1
-            if kind == "idempotent" and key in self._idempotent_results:
-                return {"effect_id": self._idempotent_results[key], "key": key, "applied": False}
-            effect_id = self._next_effect_id
-            self._next_effect_id += 1
-            self._applied_by_key[key] = self._applied_by_key.get(key, 0) + 1
-            if kind == "idempotent":
-                self._idempotent_results[key] = effect_id
-            return {"effect_id": effect_id, "key": key, "applied": True}
+            if call.hold > 0:
+                self._in_flight[key] += 1
+            if call.fail_before_apply:
+                return 503, {"error": "not applied", "key": key}
+            if call.kind == "fenced" and call.token is not None:
+                highest = self._highest_token.get(key)
+                if highest is not None and call.token < highest:
+                    self._refused_by_key[key] = self._refused_by_key.get(key, 0) + 1
+                    refusal = {"error": "stale fencing token", "key": key, "token": call.token}
+                    return 409, {**refusal, "highest": highest}
+                self._highest_token[key] = call.token
+            result = self._apply(key, call.kind)
+            if call.fail_after_apply:
+                return 500, {"error": "applied, then failed", **result}
+            return 200, result
+
+    def _apply(self, key: str, kind: str) -> dict[str, Any]:
+        results = self._fenced_results if kind == "fenced" else self._idempotent_results
+        if kind in DEDUPED_KINDS and key in results:
+            return {"effect_id": results[key], "key": key, "applied": False}
+        effect_id = self._next_effect_id
+        self._next_effect_id += 1
+        self._applied_by_key[key] = self._applied_by_key.get(key, 0) + 1
+        if kind in DEDUPED_KINDS:
+            results[key] = effect_id
+        return {"effect_id": effect_id, "key": key, "applied": True}
+
+    def release(self, key: str) -> None:
+        """A held call for ``key`` is about to reply."""
+        with self._lock:
+            if self._in_flight[key] > 0:
+                self._in_flight[key] -= 1
+            if self._in_flight[key] <= 0:
+                del self._in_flight[key]
 
     def applied(self, key: str) -> int:
         with self._lock:
@@ -85,6 +176,10 @@ class ToolState:
                 "effects": sum(self._applied_by_key.values()),
                 "by_key": dict(self._applied_by_key),
                 "calls_by_key": dict(self._calls_by_key),
+                "refused": sum(self._refused_by_key.values()),
+                "refused_by_key": dict(self._refused_by_key),
+                "in_flight": sum(self._in_flight.values()),
+                "in_flight_keys": sorted(self._in_flight.elements()),
             }
 
 
@@ -101,7 +196,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(data)
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            self.wfile.write(data)  # the caller may have timed out during a hold
 
     def _read_json(self) -> Any:
         length = int(self.headers.get("Content-Length") or 0)
@@ -134,14 +230,24 @@ class _Handler(BaseHTTPRequestHandler):
             state.reset()
             self._reply(200, {"reset": True})
         elif path == "/effect":
-            key = body.get("key") if isinstance(body, dict) else None
-            kind = body.get("kind", "plain") if isinstance(body, dict) else None
-            if not isinstance(key, str) or kind not in KINDS:
-                self._reply(400, {"error": 'need {"key": str, "kind": "idempotent"|"plain"}'})
-                return
-            self._reply(200, state.effect(key, str(kind)))
+            self._effect(body)
         else:
             self._reply(404, {"error": f"no route POST {path}"})
+
+    def _effect(self, body: object) -> None:
+        try:
+            call = EffectCall.parse(body)
+        except ValueError as exc:
+            self._reply(400, {"error": str(exc)})
+            return
+        state = self.server.state
+        status, result = state.call(call)
+        if call.hold > 0:
+            try:
+                time.sleep(call.hold)
+            finally:
+                state.release(call.key)
+        self._reply(status, result)
 
 
 class ToolHTTPServer(ThreadingHTTPServer):
@@ -222,6 +328,34 @@ async def _request_unbounded(
     return _parse_response(raw, f"{method} {base_url}{path}")
 
 
+class ToolServerError(RuntimeError):
+    """A non-2xx reply from the tool server (a ``RuntimeError``, as before)."""
+
+    def __init__(self, message: str, status: int, body: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+class StaleToken(ToolServerError):
+    """HTTP 409: a fenced call carried a token lower than one already seen; not applied."""
+
+
+class NotApplied(ToolServerError):
+    """HTTP 503: the server certainly did not apply the effect."""
+
+
+_ERRORS: dict[int, type[ToolServerError]] = {409: StaleToken, 503: NotApplied}
+
+
+def _error_body(payload: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        body = None
+    return body if isinstance(body, dict) else {"raw": payload.decode(errors="replace")}
+
+
 def _parse_response(raw: bytes, what: str) -> dict[str, Any]:
     header, sep, payload = raw.partition(b"\r\n\r\n")
     if not sep:
@@ -231,8 +365,9 @@ def _parse_response(raw: bytes, what: str) -> dict[str, Any]:
     if len(parts) < 2 or not parts[1].isdigit():
         raise ConnectionError(f"{what}: bad status line {status_line!r}")
     status = int(parts[1])
-    if status != 200:
-        raise RuntimeError(f"{what}: HTTP {status}: {payload.decode(errors='replace')}")
+    if not 200 <= status < 300:
+        message = f"{what}: HTTP {status}: {payload.decode(errors='replace')}"
+        raise _ERRORS.get(status, ToolServerError)(message, status, _error_body(payload))
     result = json.loads(payload)
     if not isinstance(result, dict):
         raise RuntimeError(f"{what}: expected a JSON object, got {result!r}")
@@ -240,10 +375,34 @@ def _parse_response(raw: bytes, what: str) -> dict[str, Any]:
 
 
 async def post_effect(
-    base_url: str, key: str, kind: str, payload: object, timeout: float = 5.0
+    base_url: str,
+    key: str,
+    kind: str,
+    payload: object,
+    timeout: float | None = None,
+    *,
+    token: int | None = None,
+    hold: float | None = None,
+    fail_after_apply: bool = False,
+    fail_before_apply: bool = False,
 ) -> dict[str, object]:
-    """``POST /effect``; returns ``{"effect_id", "key", "applied"}``."""
-    body = {"key": key, "kind": kind, "payload": payload}
+    """``POST /effect``; returns ``{"effect_id", "key", "applied"}``.
+
+    Raises :class:`StaleToken` (409), :class:`NotApplied` (503) or
+    :class:`ToolServerError` (any other non-2xx, e.g. 500 for ``fail_after_apply``).
+    ``timeout`` defaults to 5 s plus ``hold``.
+    """
+    body: dict[str, object] = {"key": key, "kind": kind, "payload": payload}
+    if token is not None:
+        body["token"] = token
+    if hold is not None:
+        body["hold"] = hold
+    if fail_after_apply:
+        body["fail_after_apply"] = True
+    if fail_before_apply:
+        body["fail_before_apply"] = True
+    if timeout is None:
+        timeout = 5.0 + (hold or 0.0)
     return await _request(base_url, "POST", "/effect", body, timeout)
 
 
@@ -267,6 +426,11 @@ def _sync_request(base_url: str, method: str, path: str, timeout: float) -> dict
 def stats(base_url: str, timeout: float = 5.0) -> dict[str, Any]:
     """``GET /stats`` from the test process."""
     return _sync_request(base_url, "GET", "/stats", timeout)
+
+
+def in_flight(base_url: str, timeout: float = 5.0) -> list[str]:
+    """Keys of the calls the server is holding right now (one entry per call)."""
+    return [str(key) for key in stats(base_url, timeout)["in_flight_keys"]]
 
 
 def reset(base_url: str, timeout: float = 5.0) -> None:

@@ -1,0 +1,114 @@
+"""Pruning finished workflows' history, in short batches.
+
+For a workflow that finished (completed, failed or cancelled) longer ago than a
+cutoff, its checkpoints, events, step attempts and tool runs are deleted: they
+serve recovery and debugging while a workflow can still move, and only grow
+afterwards. What is kept:
+
+- the workflow row and its steps (status, outcome, error, output): what happened;
+- the dead letters: an operator's record of what could not be done;
+- the messages: the session's transcript, which later tickets of it build on.
+
+A pruned workflow gets ``pruned_at``, so it is never visited again. Each batch
+claims its workflows (``FOR UPDATE SKIP LOCKED``: concurrent pruners split the
+work) and deletes their rows in one short transaction of its own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from uuid import UUID
+
+from orchestrator.errors import InvalidInput
+from orchestrator.store import Conn
+
+# Served by the partial index workflows_prunable (its predicate is repeated verbatim).
+CLAIM_BATCH = """
+UPDATE workflows SET pruned_at = now()
+WHERE id IN (SELECT id FROM workflows
+             WHERE status IN ('completed', 'failed', 'cancelled') AND pruned_at IS NULL
+               AND completed_at < now() - make_interval(secs => $1)
+             ORDER BY completed_at
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED)
+RETURNING id
+"""
+# Each delete is served by an index: checkpoints' and step_attempts' primary keys,
+# events_workflow, steps' (workflow_id, seq) and tool_runs' (step_id, ordinal).
+DELETE_CHECKPOINTS = """
+WITH gone AS (DELETE FROM checkpoints WHERE workflow_id = ANY($1::uuid[]) RETURNING 1)
+SELECT count(*) FROM gone
+"""
+DELETE_EVENTS = """
+WITH gone AS (DELETE FROM events WHERE workflow_id = ANY($1::uuid[]) RETURNING 1)
+SELECT count(*) FROM gone
+"""
+DELETE_ATTEMPTS = """
+WITH gone AS (
+    DELETE FROM step_attempts
+    WHERE step_id = ANY(ARRAY(SELECT id FROM steps WHERE workflow_id = ANY($1::uuid[])))
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+# Reached through the steps: tool_runs has no index on workflow_id of its own.
+DELETE_TOOL_RUNS = """
+WITH gone AS (
+    DELETE FROM tool_runs
+    WHERE step_id = ANY(ARRAY(SELECT id FROM steps WHERE workflow_id = ANY($1::uuid[])))
+      AND workflow_id = ANY($1::uuid[])
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class PruneReport:
+    """How many workflows were pruned and how many of their rows were deleted."""
+
+    workflows: int = 0
+    checkpoints: int = 0
+    events: int = 0
+    attempts: int = 0
+    tool_runs: int = 0
+
+    def __add__(self, other: PruneReport) -> PruneReport:
+        return PruneReport(
+            self.workflows + other.workflows,
+            self.checkpoints + other.checkpoints,
+            self.events + other.events,
+            self.attempts + other.attempts,
+            self.tool_runs + other.tool_runs,
+        )
+
+
+async def prune_finished(conn: Conn, *, older_than_seconds: float, batch: int = 500) -> PruneReport:
+    """Delete the history of workflows finished more than ``older_than_seconds`` ago.
+
+    Runs batch after batch (each its own transaction) until one comes back short.
+    """
+    if older_than_seconds < 0 or batch < 1:
+        raise InvalidInput("prune needs older_than_seconds >= 0 and batch >= 1")
+    total = PruneReport()
+    while True:
+        report = await _prune_batch(conn, older_than_seconds, batch)
+        total += report
+        if report.workflows < batch:
+            return total
+
+
+async def _prune_batch(conn: Conn, older_than_seconds: float, batch: int) -> PruneReport:
+    async with conn.transaction():
+        ids: list[UUID] = [
+            r["id"] for r in await conn.fetch(CLAIM_BATCH, older_than_seconds, batch)
+        ]
+        if not ids:
+            return PruneReport()
+        return PruneReport(
+            workflows=len(ids),
+            checkpoints=await conn.fetchval(DELETE_CHECKPOINTS, ids),
+            events=await conn.fetchval(DELETE_EVENTS, ids),
+            attempts=await conn.fetchval(DELETE_ATTEMPTS, ids),
+            tool_runs=await conn.fetchval(DELETE_TOOL_RUNS, ids),
+        )
