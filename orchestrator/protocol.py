@@ -94,10 +94,10 @@ class StepRunner:
             int(rt.settings.lease_seconds * 1000),
             owner=self.consumer,
         )
-        delay = 0.1
+        delay, ran = 0.1, [False]
         while True:
             try:
-                await self._process(envelope, entry, lock, takeover)
+                await self._process(envelope, entry, lock, takeover, ran)
                 return
             except INFRA_ERRORS as exc:
                 log.warning(
@@ -108,9 +108,9 @@ class StepRunner:
                     exc,
                     delay,
                 )
-            # Whatever ran may have written (a tool call started): the retry is a new
-            # execution with its own fence. The entry stays pending meanwhile.
-            takeover = True
+            # If the agent ran, it may have written (a tool call started): the retry is a
+            # new execution with its own fence. The entry stays pending meanwhile.
+            takeover = takeover or ran[0]
             with anyio.move_on_after(delay):
                 await self.stopping.wait()
             if self.stopping.is_set():
@@ -118,7 +118,12 @@ class StepRunner:
             delay = min(delay * 2, 5.0)
 
     async def _process(
-        self, envelope: TaskEnvelope, entry: streams.Entry, lock: Lock, takeover: bool
+        self,
+        envelope: TaskEnvelope,
+        entry: streams.Entry,
+        lock: Lock,
+        takeover: bool,
+        ran: list[bool],
     ) -> None:
         rt = self.rt
         with redis_errors():
@@ -150,6 +155,7 @@ class StepRunner:
                 await self._hand_off(self._ending(envelope, entry, lock))
                 return
             rt.crash.reached("after_claim")
+            ran[0] = True
             with tracing.span(
                 rt.tracer,
                 f"step {envelope.agent}",

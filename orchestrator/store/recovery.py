@@ -52,6 +52,7 @@ SELECT id FROM steps WHERE workflow_id = $1 AND status IN ('queued', 'waiting')
 ORDER BY seq FOR UPDATE
 """
 WORKFLOW_STATUS = "SELECT status FROM workflows WHERE id = $1"
+PRUNED_AT = "SELECT pruned_at FROM workflows WHERE id = $1"
 CANCEL_WORKFLOW = """
 UPDATE workflows SET status = 'cancelled', updated_at = now(), completed_at = now()
 WHERE id = $1 AND status IN ('queued', 'running', 'waiting')
@@ -160,6 +161,9 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
         status = await workflow_status(conn, workflow_id)
         if status in (WorkflowStatus.COMPLETED, WorkflowStatus.CANCELLED):
             raise InvalidInput(f"workflow {workflow_id} is {status.value}; nothing to resume")
+        if await conn.fetchval(PRUNED_AT, workflow_id) is not None:
+            # Its tool ledger is gone: a resumed step could repeat a non-idempotent call.
+            raise InvalidInput(f"workflow {workflow_id} was pruned; it cannot be resumed")
         await conn.execute(
             INSERT_EVENT,
             workflow_id,

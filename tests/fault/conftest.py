@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
+
+import pytest
+
+from tests.fault.servers import PostgresServer, RedisServer
+from tests.fault.toolserver import run_toolserver
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    from tests.fault.test_faults import ROWS
+    from tests.fault.harness import ROWS
 
     if not ROWS:
         return
@@ -19,6 +27,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         "duplicate effects",
         "lost",
         "worker kills",
+        "faults",
+        "excess attempts",
+        "unexpected exits",
         "seconds",
     )
     lines = [head] + [
@@ -31,6 +42,9 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
             str(r.duplicate_effects),
             str(r.lost),
             str(r.crashes),
+            str(r.faults),
+            str(r.excess_attempts),
+            str(r.unexpected_exits),
             f"{r.seconds:.1f}",
         )
         for r in ROWS
@@ -41,3 +55,14 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.write_line(
             " | ".join(c.ljust(w) for c, w in zip(line, widths, strict=True))
         )
+
+
+@pytest.fixture(scope="module")
+def servers() -> Iterator[dict[str, Any]]:
+    with (
+        tempfile.TemporaryDirectory(prefix="orch-fault-") as tmp,
+        RedisServer() as redis,
+        PostgresServer() as pg,
+        run_toolserver(Path(tmp)) as tool_url,
+    ):
+        yield {"redis": redis, "pg": pg, "tool_url": tool_url, "logs": Path(tmp)}

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,8 @@ FAST = {
 
 @dataclass
 class Row:
+    """One line of the fault suite's table."""
+
     scenario: str
     workflows: int
     completed: int
@@ -53,10 +56,17 @@ class Row:
     seconds: float
     crashes: int = 0
     unfinished_at_disturbance: int | None = None
+    unexpected_exits: int = 0  # worker exits the scenario did not cause
+    faults: int = 0  # faults injected: crashes, disturbances, pauses
+    excess_attempts: int = 0  # max over steps of (attempt - 1 - real failures)
 
 
 class Fleet:
-    """Worker subprocesses; a dead one is replaced, with the crash point while crashes last."""
+    """Worker subprocesses; a dead one is replaced, with the crash point while crashes last.
+
+    Every exit the scenario did not cause (anything but a SIGKILL from a configured
+    crash point, or a clean exit after ``stop``) is counted in ``unexpected``.
+    """
 
     def __init__(self, env: dict[str, str], logs: Path, *, size: int, crashes: int) -> None:
         self.env = env
@@ -64,7 +74,10 @@ class Fleet:
         self.size = size
         self.crashes_left = crashes
         self.crashes = 0
+        self.unexpected: list[tuple[int, int | None]] = []  # (worker number, exit code)
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._crashing: set[int] = set()  # pids started with a crash point
+        self._number: dict[int, int] = {}
         self._n = 0
 
     def spawn(self, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
@@ -82,7 +95,7 @@ class Fleet:
                 "tests.fault.app:app",
                 "worker",
                 "--concurrency",
-                "8",
+                env.get("FAULT_CONCURRENCY", "8"),
             ],
             env=env,
             cwd=REPO_ROOT,
@@ -90,6 +103,9 @@ class Fleet:
             stderr=subprocess.STDOUT,
         )
         log.close()
+        if "ORCHESTRATOR_CRASH_AT" in env:
+            self._crashing.add(proc.pid)
+        self._number[proc.pid] = self._n
         self.procs.append(proc)
         return proc
 
@@ -103,23 +119,39 @@ class Fleet:
             if code is None:
                 continue
             self.procs.remove(proc)
-            if code == -signal.SIGKILL:
+            if code == -signal.SIGKILL and proc.pid in self._crashing:
                 self.crashes += 1
                 self.crashes_left -= 1
+            else:
+                self.unexpected.append((self._number[proc.pid], code))
             self.spawn()
 
     def stop(self) -> None:
+        self.keep_alive_no_respawn()
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
                 proc.terminate()
         for proc in self.procs:
             try:
-                proc.wait(timeout=10)
+                code = proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+                code = proc.wait()
+            if code != 0:
+                self.unexpected.append((self._number[proc.pid], code))
         self.procs.clear()
+
+    def keep_alive_no_respawn(self) -> None:
+        for proc in list(self.procs):
+            code = proc.poll()
+            if code is None:
+                continue
+            self.procs.remove(proc)
+            if code == -signal.SIGKILL and proc.pid in self._crashing:
+                self.crashes += 1
+            else:
+                self.unexpected.append((self._number[proc.pid], code))
 
 
 def scenario_settings(redis: RedisServer, pg: PostgresServer) -> Settings:
@@ -133,13 +165,20 @@ def scenario_settings(redis: RedisServer, pg: PostgresServer) -> Settings:
     )
 
 
-def worker_env(settings: Settings, tool_url: str, extra: dict[str, str]) -> dict[str, str]:
+def worker_env(
+    settings: Settings,
+    tool_url: str,
+    extra: dict[str, str],
+    *,
+    redis_url: str | None = None,
+    database_url: str | None = None,
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORCHESTRATOR_")}
     env.update(FAST)
     env.update(
         {
-            "REDIS_URL": settings.redis_url or "",
-            "DATABASE_URL": settings.database_url or "",
+            "REDIS_URL": redis_url or settings.redis_url or "",
+            "DATABASE_URL": database_url or settings.database_url or "",
             "ORCHESTRATOR_KEY_PREFIX": settings.key_prefix,
             "ORCHESTRATOR_DB_SCHEMA": settings.db_schema,
             "ORCHESTRATOR_LOG_LEVEL": "INFO",
@@ -151,7 +190,10 @@ def worker_env(settings: Settings, tool_url: str, extra: dict[str, str]) -> dict
     return env
 
 
-Disturb = Callable[[Runtime, Fleet], Awaitable[None]]
+ROWS: list[Row] = []  # every scenario of the session, printed by conftest at the end
+
+# A disturbance returns how many faults it injected (None: one).
+Disturb = Callable[[Runtime, Fleet], Awaitable[int | None]]
 
 
 async def run_scenario(
@@ -167,14 +209,24 @@ async def run_scenario(
     crashes: int = 0,
     disturb: Disturb | None = None,
     timeout: float = 120.0,
+    worker_urls: tuple[str, str] | None = None,
 ) -> tuple[Row, dict[str, Any]]:
-    """Submit the workflows, run the fleet (and the disturbance), then measure."""
+    """Submit the workflows, run the fleet (and the disturbance), then measure.
+
+    ``worker_urls``: (Redis, Postgres) URLs for the workers only (through a proxy).
+    """
     settings = scenario_settings(redis, pg)
     toolserver.reset(tool_url)
     logs.mkdir(parents=True, exist_ok=True)
-    fleet = Fleet(
-        worker_env(settings, tool_url, extra_env or {}), logs, size=workers, crashes=crashes
+    env = worker_env(
+        settings,
+        tool_url,
+        extra_env or {},
+        redis_url=worker_urls[0] if worker_urls else None,
+        database_url=worker_urls[1] if worker_urls else None,
     )
+    fleet = Fleet(env, logs, size=workers, crashes=crashes)
+    faults = [0]
     start = time.monotonic()
     async with open_runtime(settings, fault_app) as rt:
         client = Client(rt)
@@ -185,7 +237,7 @@ async def run_scenario(
                 ids.append(await client.submit(ticket, pipeline=pipeline))
         fleet.start()
         try:
-            unfinished = await _drive(rt, fleet, ids, disturb, start + timeout)
+            unfinished = await _drive(rt, fleet, ids, disturb, start + timeout, faults)
         finally:
             fleet.stop()
         seconds = time.monotonic() - start
@@ -200,12 +252,21 @@ async def run_scenario(
         round(seconds, 1),
         fleet.crashes,
         unfinished,
+        len(fleet.unexpected),
+        fleet.crashes + faults[0],
+        facts["excess_attempts"],
     )
+    facts["unexpected_exits"] = fleet.unexpected
     return row, facts
 
 
 async def _drive(
-    rt: Runtime, fleet: Fleet, ids: list[UUID], disturb: Disturb | None, deadline: float
+    rt: Runtime,
+    fleet: Fleet,
+    ids: list[UUID],
+    disturb: Disturb | None,
+    deadline: float,
+    faults: list[int],
 ) -> int | None:
     """Keep the fleet alive until every workflow is terminal; disturb once, early.
 
@@ -226,7 +287,8 @@ async def _drive(
         if not disturbed and len(done) >= 1:
             disturbed, unfinished = True, len(ids) - len(done)
             assert disturb is not None
-            await disturb(rt, fleet)
+            injected = await disturb(rt, fleet)
+            faults[0] += 1 if injected is None else injected
         await anyio.sleep(0.05)
     return unfinished
 
@@ -242,6 +304,10 @@ SELECT w.id, w.status, (SELECT count(*) FROM dead_letters d WHERE d.workflow_id 
            AS reasons
 FROM workflows w WHERE w.id = ANY($1::uuid[])
 """
+# Attempts beyond real failures: each is a takeover or requeue, which only a fault may cause.
+MEASURE_EXCESS = """
+SELECT coalesce(max(attempt - 1 - failures), 0) FROM steps WHERE workflow_id = ANY($1::uuid[])
+"""
 MEASURE_EFFECT_KEYS = """
 SELECT t.idempotency_key, t.tool FROM tool_runs t JOIN steps s ON s.id = t.step_id
 WHERE t.workflow_id = ANY($1::uuid[]) AND s.status = 'completed'
@@ -255,6 +321,7 @@ async def _measure(rt: Runtime, ids: list[UUID], tool_url: str) -> dict[str, Any
                 rows = await conn.fetch(MEASURE_WORKFLOWS, ids)
                 twice = await conn.fetchval(MEASURE_STEPS)
                 keys = await conn.fetch(MEASURE_EFFECT_KEYS, ids)
+                excess = await conn.fetchval(MEASURE_EXCESS, ids)
             break
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await anyio.sleep(0.2)
@@ -268,6 +335,7 @@ async def _measure(rt: Runtime, ids: list[UUID], tool_url: str) -> dict[str, Any
         "lost": len(ids) - completed - dead,
         "duplicate_effects": sum(max(0, n - 1) for n in ours.values()),
         "steps_completed_twice": twice,
+        "excess_attempts": excess,
         "recorded_keys_without_effect": [
             k["idempotency_key"] for k in keys if ours.get(k["idempotency_key"], 0) != 1
         ],
@@ -278,3 +346,37 @@ async def _measure(rt: Runtime, ids: list[UUID], tool_url: str) -> dict[str, Any
             if k.split(":")[0] in {str(i) for i in ids}
         ),
     }
+
+
+@contextlib.contextmanager
+def cpu_hog(processes: int = 2) -> Iterator[None]:
+    """Busy loops competing for every core while a scenario runs."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(processes)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+async def scenario(servers: dict[str, Any], name: str, **kwargs: Any) -> dict[str, Any]:
+    row, facts = await run_scenario(
+        name,
+        redis=servers["redis"],
+        pg=servers["pg"],
+        tool_url=servers["tool_url"],
+        logs=servers["logs"] / name,
+        **kwargs,
+    )
+    ROWS.append(row)
+    assert row.lost == 0, f"{name}: {row.lost} workflow(s) lost; logs in {servers['logs']}"
+    assert row.unexpected_exits == 0, f"{name}: workers exited: {facts['unexpected_exits']}"
+    assert row.excess_attempts <= row.faults, (
+        f"{name}: a step ran {row.excess_attempts} attempt(s) beyond its failures with only "
+        f"{row.faults} fault(s) injected"
+    )
+    assert facts["steps_completed_twice"] == 0
+    assert row.duplicate_effects == 0
+    assert facts["recorded_keys_without_effect"] == []
+    return {"row": row, **facts}

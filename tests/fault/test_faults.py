@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,43 +22,12 @@ from orchestrator.locks import Lock
 from orchestrator.runtime import Runtime, open_runtime
 from schemas import Ticket, WorkflowStatus
 from tests.fault.app import app as fault_app
-from tests.fault.harness import Fleet, Row, run_scenario, scenario_settings, worker_env
-from tests.fault.servers import PostgresServer, RedisServer
-from tests.fault.toolserver import run_toolserver
+from tests.fault.harness import ROWS, Fleet, Row, scenario, scenario_settings, worker_env
 
 pytestmark = [pytest.mark.fault, pytest.mark.anyio, pytest.mark.timeout(300)]
 
-ROWS: list[Row] = []
 # Steps take a moment, so a disturbance lands while many of them are in flight.
 SLOW_STEPS = {"FAULT_STEP_SECONDS": "0.2"}
-
-
-@pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, Any]]:
-    with (
-        tempfile.TemporaryDirectory(prefix="orch-fault-") as tmp,
-        RedisServer() as redis,
-        PostgresServer() as pg,
-        run_toolserver(Path(tmp)) as tool_url,
-    ):
-        yield {"redis": redis, "pg": pg, "tool_url": tool_url, "logs": Path(tmp)}
-
-
-async def scenario(servers: dict[str, Any], name: str, **kwargs: Any) -> dict[str, Any]:
-    row, facts = await run_scenario(
-        name,
-        redis=servers["redis"],
-        pg=servers["pg"],
-        tool_url=servers["tool_url"],
-        logs=servers["logs"] / name,
-        **kwargs,
-    )
-    ROWS.append(row)
-    assert row.lost == 0, f"{name}: {row.lost} workflow(s) lost; logs in {servers['logs']}"
-    assert facts["steps_completed_twice"] == 0
-    assert row.duplicate_effects == 0
-    assert facts["recorded_keys_without_effect"] == []
-    return {"row": row, **facts}
 
 
 @pytest.mark.parametrize(
@@ -109,7 +76,7 @@ async def test_in_doubt_payment_with_a_reconcile_check_completes(servers: dict[s
 
 
 async def test_redis_flushall_mid_run(servers: dict[str, Any]) -> None:
-    async def flush(rt: Runtime, fleet: Fleet) -> None:
+    async def flush(rt: Runtime, fleet: Fleet) -> int | None:
         servers["redis"].flush()
 
     result = await scenario(
@@ -119,7 +86,7 @@ async def test_redis_flushall_mid_run(servers: dict[str, Any]) -> None:
 
 
 async def test_redis_restarted_empty_mid_run(servers: dict[str, Any]) -> None:
-    async def restart(rt: Runtime, fleet: Fleet) -> None:
+    async def restart(rt: Runtime, fleet: Fleet) -> int | None:
         await anyio.to_thread.run_sync(servers["redis"].restart)
 
     result = await scenario(
@@ -133,7 +100,7 @@ async def test_redis_restarted_empty_mid_run(servers: dict[str, Any]) -> None:
 
 
 async def test_postgres_restarted_mid_run(servers: dict[str, Any]) -> None:
-    async def restart(rt: Runtime, fleet: Fleet) -> None:
+    async def restart(rt: Runtime, fleet: Fleet) -> int | None:
         await anyio.to_thread.run_sync(servers["pg"].restart)
 
     result = await scenario(
