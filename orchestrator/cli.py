@@ -20,9 +20,9 @@ from orchestrator.cli_dlq import dlq
 from orchestrator.cli_support import Options, err, guard, out, run_body, workflow_id_arg
 from orchestrator.client import Client
 from orchestrator.demo import load_tickets, run_local
-from orchestrator.errors import ConfigurationError, InvalidInput
+from orchestrator.errors import ConfigurationError, InvalidInput, ServiceUnavailable
 from orchestrator.render import print_summary, steps_table, workflow_panel
-from orchestrator.runtime import Runtime
+from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.store.prune import prune_finished
 from orchestrator.worker import Worker
 from schemas import Ticket, WorkflowStatus
@@ -102,22 +102,48 @@ def worker(
             "for a single-process run use `orchestrator demo` or `orchestrator submit`"
         )
 
-    async def body(runtime: Runtime) -> None:
-        w = Worker(runtime, agents=names, concurrency=concurrency)
-        err.print(f"worker {w.consumer}: agents {', '.join(w.agents)}, model {runtime.model.name}")
+    opts: Options = ctx.obj
+    app = opts.app()
+
+    async def main() -> None:
+        stop = anyio.Event()
+        workers: list[Worker] = []
 
         async def on_signal() -> None:
             with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 async for _ in signals:
-                    w.stop()
+                    stop.set()
+                    for w in workers:
+                        w.stop()
                     return
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(on_signal)
-            await w.run()
+            delay = 0.5
+            while not stop.is_set():
+                try:
+                    async with open_runtime(opts.settings, app, apply_migrations=False) as rt:
+                        w = Worker(rt, agents=names, concurrency=concurrency)
+                        workers.append(w)
+                        err.print(
+                            f"worker {w.consumer}: agents {', '.join(w.agents)}, "
+                            f"model {rt.model.name}"
+                        )
+                        await w.run()
+                    break
+                except ServiceUnavailable as exc:
+                    # Started during an outage: wait for the servers, as a running worker does.
+                    if not exc.retryable or workers:
+                        raise
+                    logging.getLogger("orchestrator.worker").warning(
+                        "%s; retrying in %.1fs", exc, delay
+                    )
+                with anyio.move_on_after(delay):
+                    await stop.wait()
+                delay = min(delay * 2, 10.0)
             tg.cancel_scope.cancel()
 
-    run_body(ctx.obj, body, migrate=False)
+    anyio.run(main)
 
 
 @cli.command()
@@ -129,10 +155,16 @@ def submit(
     tenant: Annotated[str, typer.Option(help="tenant id (text tickets)")] = "default",
     wait: Annotated[bool, typer.Option("--wait", help="wait and print the result")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 60.0,
+    key: Annotated[
+        str | None,
+        typer.Option(help="idempotency key: submitting it again returns the same workflow"),
+    ] = None,
 ) -> None:
     """Submit a ticket (text or JSON file); print its workflow id, or the result with --wait."""
     opts: Options = ctx.obj
     batch = _ticket_arg(ticket, customer, tenant)
+    if key is not None and len(batch) != 1:
+        raise InvalidInput("--key needs exactly one ticket (a list would share one key)")
 
     async def body(runtime: Runtime) -> None:
         if opts.settings.redis_url is None:
@@ -143,7 +175,7 @@ def submit(
                 out.print(workflow_panel(record))
             return
         client = Client(runtime)
-        ids = [await client.submit(t) for t in batch]
+        ids = [await client.submit(t, key=key) for t in batch]
         if not wait:
             for wid in ids:
                 out.print(str(wid))

@@ -29,9 +29,13 @@ class ConfigurationError(OrchestratorError):
 
 
 class ServiceUnavailable(OrchestratorError):
-    def __init__(self, service: str, detail: str) -> None:
+    """``retryable``: the server may come back (unreachable, timed out), as opposed to a
+    server that can never work (pgvector missing)."""
+
+    def __init__(self, service: str, detail: str, *, retryable: bool = True) -> None:
         super().__init__(f"{service} unavailable: {detail}")
         self.service = service
+        self.retryable = retryable
 
 
 class InvalidInput(OrchestratorError):

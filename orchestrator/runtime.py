@@ -144,6 +144,7 @@ async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> No
                 "Postgres",
                 "the pgvector extension is not installed on this server "
                 "(use pgvector/pgvector images, or unset DATABASE_URL for the embedded server)",
+                retryable=False,
             )
         if apply_migrations:
             await conn.execute(await conn.fetchval(CREATE_SCHEMA_SQL, schema))

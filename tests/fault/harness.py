@@ -113,6 +113,11 @@ class Fleet:
         for _ in range(self.size):
             self.spawn()
 
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        """SIGKILL a worker on purpose: counted as a crash, not as an unexpected exit."""
+        self._crashing.add(proc.pid)
+        proc.kill()
+
     def keep_alive(self) -> None:
         for proc in list(self.procs):
             code = proc.poll()
