@@ -31,6 +31,9 @@ from orchestrator.store import prune, recovery
 log = logging.getLogger("orchestrator.reconciler")
 
 TERM_PASSES = 60  # passes per leadership term before standing for election again
+# The backlog check compares a Postgres time (the step's commit started) with a Redis
+# one (the last delivered entry's id): this covers the commit-to-XADD gap and clock skew.
+BACKLOG_MARGIN_MS = 5_000
 HOUSEKEEPING_EVERY = 10  # passes between trimming streams, dropping dead consumers, pruning
 OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_DOWN)
 
@@ -132,9 +135,10 @@ class Reconciler:
         requeued = await self._start_stalled_sessions()
         for step in stalled:
             since = backlog.get(step.agent)
-            if since is not None and step.updated_ms > since:
-                # Enqueued after the last delivered entry: its envelope is most likely
-                # still waiting in a backlog. Re-enqueuing it would only add duplicates.
+            if since is not None and step.updated_ms > since - BACKLOG_MARGIN_MS:
+                # Enqueued after (or about when) the last delivered entry was: its envelope
+                # is most likely still waiting in the backlog. Re-enqueuing it would fence
+                # out its own delivery and send it to the back of the line again.
                 continue
             requeued += await self._requeue(step)
         self.passes += 1
@@ -163,17 +167,19 @@ class Reconciler:
                 envelope = await recovery.requeue(
                     conn, step.step_id, reason="stalled", seen_attempt=step.attempt
                 )
-            if envelope is None:
-                return 0
-            with redis_errors():
-                await streams.enqueue(rt.redis, rt.keys, envelope)
-            return 1
         finally:
+            # Released before the XADD: a worker reading the new envelope at once must
+            # find the step free. A takeover in between only makes the envelope stale.
             with anyio.CancelScope(shield=True), anyio.move_on_after(1):
                 try:
                     await lock.release()
                 except REDIS_DOWN:
                     pass  # it expires by itself
+        if envelope is None:
+            return 0
+        with redis_errors():
+            await streams.enqueue(rt.redis, rt.keys, envelope)
+        return 1
 
     async def housekeeping(self) -> None:
         """Keep Redis and Postgres bounded: trim acknowledged stream entries, drop consumers

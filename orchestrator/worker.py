@@ -99,6 +99,13 @@ class Worker:
                     consumers.start_soon(self._consume, agent)
             # Every step has finished (or was abandoned after the grace period).
             background.cancel_scope.cancel()
+        # Gone on purpose: whatever is still pending on this consumer is taken over now,
+        # not when the liveness key lapses.
+        with anyio.move_on_after(1):
+            try:
+                await self.rt.redis.delete(self.rt.keys.worker_alive(self.consumer))
+            except REDIS_DOWN:
+                pass
 
     async def _start(self) -> None:
         await self._report_status()  # alive before taking any lock
