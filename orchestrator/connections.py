@@ -40,6 +40,8 @@ PG_DOWN: tuple[type[BaseException], ...] = (
 )
 PG_ANY: tuple[type[BaseException], ...] = (*PG_DOWN, asyncpg.PostgresError)
 REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
+# What a background loop waits out: any infrastructure failure, translated or raw.
+OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_DOWN)
 
 
 async def connect_redis(

@@ -13,7 +13,9 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import anyio
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 # KEYS[1] lock key; ARGV[1] token. Returns 1 if deleted, 0 if held by someone else.
 RELEASE = """
@@ -92,6 +94,14 @@ class Lock:
 
     async def release(self) -> bool:
         return bool(await self.client.eval(RELEASE, 1, self.name, self.token))
+
+    async def release_quietly(self, within: float = 1.0) -> None:
+        """Release now, even while being cancelled; best effort (it expires by itself)."""
+        with anyio.CancelScope(shield=True), anyio.move_on_after(within):
+            try:
+                await self.release()
+            except (RedisError, OSError, TimeoutError):
+                pass
 
     def keep_in(self, pipe: Any) -> None:
         """Queue a heartbeat (extend, or re-take after Redis lost it) on a pipeline."""

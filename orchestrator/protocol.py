@@ -29,7 +29,7 @@ from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
 from orchestrator import streams, tracing
-from orchestrator.connections import REDIS_DOWN, redis_errors
+from orchestrator.connections import redis_errors
 from orchestrator.context import StepContext, StepInfo, bind
 from orchestrator.errors import (
     AgentError,
@@ -170,11 +170,7 @@ class StepRunner:
         except BaseException:
             # Infrastructure error, shutdown or a defect: free the lease at once (best
             # effort); the entry stays pending and is retried or taken over.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                try:
-                    await lock.release()
-                except REDIS_DOWN:
-                    pass
+            await lock.release_quietly()
             raise
 
     async def _is_dead(self, owner: str) -> bool:

@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import anyio
 
 from orchestrator import streams
-from orchestrator.connections import PG_DOWN, REDIS_DOWN, redis_errors
-from orchestrator.errors import ServiceUnavailable
+from orchestrator.connections import OUTAGE, REDIS_DOWN, redis_errors
 from orchestrator.locks import Lock
 from orchestrator.runtime import Runtime
 from orchestrator.store import prune, recovery
@@ -35,7 +34,6 @@ TERM_PASSES = 60  # passes per leadership term before standing for election agai
 # one (the last delivered entry's id): this covers the commit-to-XADD gap and clock skew.
 BACKLOG_MARGIN_MS = 5_000
 HOUSEKEEPING_EVERY = 10  # passes between trimming streams, dropping dead consumers, pruning
-OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_DOWN)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,11 +86,7 @@ class Reconciler:
                         await stop.wait()
                 tg.cancel_scope.cancel()
         finally:
-            with anyio.CancelScope(shield=True), anyio.move_on_after(2):
-                try:
-                    await lock.release()
-                except REDIS_DOWN:
-                    pass  # it expires by itself
+            await lock.release_quietly(2)
 
     async def _keep(self, lock: Lock, scope: anyio.CancelScope) -> None:
         while True:
@@ -170,11 +164,7 @@ class Reconciler:
         finally:
             # Released before the XADD: a worker reading the new envelope at once must
             # find the step free. A takeover in between only makes the envelope stale.
-            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
-                try:
-                    await lock.release()
-                except REDIS_DOWN:
-                    pass  # it expires by itself
+            await lock.release_quietly()
         if envelope is None:
             return 0
         with redis_errors():

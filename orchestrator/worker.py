@@ -29,16 +29,14 @@ import anyio.abc
 from redis.exceptions import ResponseError
 
 from orchestrator import delayed, status, streams
-from orchestrator.connections import PG_DOWN, REDIS_DOWN
-from orchestrator.errors import ConfigurationError, OrchestratorError, ServiceUnavailable
+from orchestrator.connections import OUTAGE, REDIS_DOWN
+from orchestrator.errors import ConfigurationError, OrchestratorError
 from orchestrator.protocol import StepRunner
 from orchestrator.reconciler import Reconciler
 from orchestrator.runtime import Runtime
 from orchestrator.store import recovery
 
 log = logging.getLogger("orchestrator.worker")
-
-OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_DOWN)
 
 
 class Worker:

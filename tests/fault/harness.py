@@ -118,7 +118,7 @@ class Fleet:
         self._crashing.add(proc.pid)
         proc.kill()
 
-    def keep_alive(self) -> None:
+    def keep_alive(self, *, respawn: bool = True) -> None:
         for proc in list(self.procs):
             code = proc.poll()
             if code is None:
@@ -129,10 +129,11 @@ class Fleet:
                 self.crashes_left -= 1
             else:
                 self.unexpected.append((self._number[proc.pid], code))
-            self.spawn()
+            if respawn:
+                self.spawn()
 
     def stop(self) -> None:
-        self.keep_alive_no_respawn()
+        self.keep_alive(respawn=False)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGCONT)
@@ -146,17 +147,6 @@ class Fleet:
             if code != 0:
                 self.unexpected.append((self._number[proc.pid], code))
         self.procs.clear()
-
-    def keep_alive_no_respawn(self) -> None:
-        for proc in list(self.procs):
-            code = proc.poll()
-            if code is None:
-                continue
-            self.procs.remove(proc)
-            if code == -signal.SIGKILL and proc.pid in self._crashing:
-                self.crashes += 1
-            else:
-                self.unexpected.append((self._number[proc.pid], code))
 
 
 def scenario_settings(redis: RedisServer, pg: PostgresServer) -> Settings:
