@@ -116,20 +116,28 @@ async def pg(pool: asyncpg.Pool, *, timeout: float = 10.0) -> AsyncIterator[Conn
     try:
         yield conn
     except PG_DOWN as exc:
-        conn.terminate()
+        _discard(conn)
         raise ServiceUnavailable("Postgres", _describe(exc)) from exc
     except (asyncpg.PostgresError, OrchestratorError):
         # The server answered (or our own code refused): the connection is fine,
         # unless a transaction was left open.
         if conn.is_in_transaction():
-            conn.terminate()
+            _discard(conn)
         raise
     except BaseException:
-        conn.terminate()  # cancelled mid-statement, or a defect: its state is unknown
+        _discard(conn)  # cancelled mid-statement, or a defect: its state is unknown
         raise
     finally:
         with contextlib.suppress(*PG_DOWN):
             await pool.release(conn, timeout=timeout)
+
+
+def _discard(conn: Conn) -> None:
+    """Close a connection for good. asyncpg may have detached it from its pool proxy
+    already (the server closed it mid-statement): then there is nothing left to do."""
+    with contextlib.suppress(*PG_DOWN):
+        if not conn.is_closed():
+            conn.terminate()
 
 
 @contextlib.contextmanager

@@ -33,6 +33,10 @@ class Probe:
         self.cancel_seen: bool | None = None
         # What the refund tool's reconcile check answers for an in-doubt call.
         self.refund_found: dict[str, object] | None = None
+        # What the wire tool raises on its next calls (popped one per call), and the
+        # fencing tokens the fenced_put tool was given.
+        self.wire_errors: list[Exception] = []
+        self.tokens: list[int] = []
 
 
 def build_app(probe: Probe) -> App:
@@ -135,6 +139,71 @@ def _agents(app: App, probe: Probe) -> None:
         async def run(self, ctx: StepContext, data: TicketIn) -> Done:
             request = ModelRequest("choose", "Look things up, then answer.", data.ticket.body)
             return await ctx.model.parse_with_tools(request, Done, ["lookup"])
+
+
+def build_promise_app(probe: Probe) -> App:
+    """``build_app`` plus the agents and tools of tests/test_promise.py."""
+    app = build_app(probe)
+    _promise_tools(app, probe)
+    _promise_agents(app, probe)
+    app.pipeline("wirer", ["wirer"])
+    app.pipeline("fencer", ["fencer"])
+    app.pipeline("disconnected", ["disconnected"])
+    app.validate()
+    return app
+
+
+def _promise_tools(app: App, probe: Probe) -> None:
+    @app.tool(idempotent=False)
+    async def wire(amount: int, idempotency_key: str) -> dict[str, object]:
+        """A non-idempotent transfer; raises what ``probe.wire_errors`` holds next."""
+        probe.calls["wire"] += 1
+        if probe.wire_errors:
+            raise probe.wire_errors.pop(0)
+        return {"wired": amount}
+
+    @app.tool
+    async def fenced_put(value: str, idempotency_key: str, fencing_token: int) -> dict[str, object]:
+        """A write to a remote that refuses superseded callers by their fencing token."""
+        probe.calls["fenced_put"] += 1
+        probe.tokens.append(fencing_token)
+        return {"stored": value, "token": fencing_token}
+
+
+def _promise_agents(app: App, probe: Probe) -> None:
+    @app.agent
+    class Wirer(Agent[TicketIn, Done]):
+        name = "wirer"
+        input_model = TicketIn
+        output_model = Done
+        tools = ("wire",)
+
+        async def run(self, ctx: StepContext, data: TicketIn) -> Done:
+            sent = await ctx.tool("wire", amount=9)
+            return Done(value=f"wired {sent['wired']}")
+
+    @app.agent
+    class Fencer(Agent[TicketIn, Done]):
+        name = "fencer"
+        input_model = TicketIn
+        output_model = Done
+        tools = ("fenced_put",)
+
+        async def run(self, ctx: StepContext, data: TicketIn) -> Done:
+            put = await ctx.tool("fenced_put", value=data.ticket.subject)
+            return Done(value=f"token {put['token']}")
+
+    @app.agent
+    class Disconnected(Agent[TicketIn, Done]):
+        """Its own remote is unreachable: Python's ConnectionError, a step failure."""
+
+        name = "disconnected"
+        input_model = TicketIn
+        output_model = Done
+
+        async def run(self, ctx: StepContext, data: TicketIn) -> Done:
+            probe.calls["disconnected"] += 1
+            raise ConnectionError("the agent's own API refused the connection")
 
 
 TICKET = Ticket(tenant_id="t1", customer_id="c1", subject="hello", body="a body")
