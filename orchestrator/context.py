@@ -174,10 +174,11 @@ class StepContext:
         """
         info, timeout = self.info, self._timeout(spec)
         async with self._runtime.db() as conn:
-            if await tool_runs.start(
+            started = await tool_runs.start(
                 conn, info.workflow_id, info.step_id, info.attempt, run, timeout
-            ):
-                return await self._call_owned(spec, run)
+            )
+        if started:  # the call runs without holding a pooled connection
+            return await self._call_owned(spec, run)
         while True:
             async with self._runtime.db() as conn:
                 seen = await tool_runs.fetch(conn, run.key)
@@ -198,9 +199,8 @@ class StepContext:
 
     async def _call_owned(self, spec: ToolSpec, run: ToolRun) -> Any:
         """Make the call this execution owns, and record its outcome (fenced on the row)."""
-        pool_timeout = self._timeout(spec)
         try:
-            with anyio.fail_after(pool_timeout):
+            with anyio.fail_after(self._timeout(spec)):
                 value = await self._invoke(spec, run)
             result = _jsonable(spec.name, value)
             self._runtime.crash.reached("after_tool_effect")

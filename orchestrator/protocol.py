@@ -18,7 +18,7 @@ fence, without counting as a failure.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -54,6 +54,14 @@ INFRA_ERRORS: tuple[type[BaseException], ...] = (ServiceUnavailable,)
 
 
 @dataclass(slots=True)
+class _Attempt:
+    """One entry's execution: its envelope (with its fence) and whether it must take over."""
+
+    envelope: TaskEnvelope
+    takeover: bool
+
+
+@dataclass(slots=True)
 class _Running:
     envelope: TaskEnvelope
     entry: streams.Entry
@@ -72,7 +80,9 @@ class StepRunner:
         self.consumer = consumer
         self.running: dict[tuple[UUID, int], _Running] = {}
         self.last: dict[str, TaskEnvelope] = {}  # the latest step taken per agent
+        self.held: dict[str, Lock] = {}  # leases of steps waiting out an outage
         self.stopping = anyio.Event()
+        self.refresh_liveness: Callable[[], Awaitable[None]] = _nothing
 
     async def process(self, agent: str, entry: streams.Entry, *, takeover: bool = False) -> None:
         """Run one stream entry through the step protocol; wait out infrastructure outages.
@@ -94,11 +104,15 @@ class StepRunner:
             int(rt.settings.lease_seconds * 1000),
             owner=self.consumer,
         )
-        delay, ran = 0.1, [False]
+        attempt = _Attempt(envelope, takeover)
+        delay = 0.1
         while True:
             try:
-                await self._process(envelope, entry, lock, takeover, ran)
-                return
+                if delay > 0.1:
+                    with redis_errors():
+                        await self.refresh_liveness()  # alive again before touching the step
+                await self._process(attempt, entry, lock)
+                break
             except INFRA_ERRORS as exc:
                 log.warning(
                     "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
@@ -108,24 +122,20 @@ class StepRunner:
                     exc,
                     delay,
                 )
-            # If the agent ran, it may have written (a tool call started): the retry is a
-            # new execution with its own fence. The entry stays pending meanwhile.
-            takeover = takeover or ran[0]
+            # The lease stays held (heartbeats keep it) while the outage lasts, so the
+            # reconciler and other workers leave the step to this one; the retry runs
+            # under the same fence, as nobody else can have run it meanwhile.
+            self.held[lock.name] = lock
             with anyio.move_on_after(delay):
                 await self.stopping.wait()
             if self.stopping.is_set():
-                return
+                break
             delay = min(delay * 2, 5.0)
+        self.held.pop(lock.name, None)
 
-    async def _process(
-        self,
-        envelope: TaskEnvelope,
-        entry: streams.Entry,
-        lock: Lock,
-        takeover: bool,
-        ran: list[bool],
-    ) -> None:
+    async def _process(self, attempt: _Attempt, entry: streams.Entry, lock: Lock) -> None:
         rt = self.rt
+        envelope = attempt.envelope
         with redis_errors():
             won = await lock.take_over(self._is_dead)
         if not won:
@@ -135,7 +145,7 @@ class StepRunner:
         self.last[envelope.agent] = envelope
         try:
             async with rt.db() as conn:
-                if takeover or lock.stolen:
+                if attempt.takeover or lock.stolen:
                     taken = await steps.take_over(conn, envelope, self.consumer)
                     if taken is None:
                         log.info("not taking over step %s: closed or not due", envelope.step_id)
@@ -148,6 +158,8 @@ class StepRunner:
                         envelope.agent,
                         taken.attempt,
                     )
+                    # This execution's fence from now on, retries after an outage included.
+                    attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
                     envelope = taken
                 opened = await steps.open_step(conn, envelope)
             if not opened.runnable:
@@ -155,7 +167,6 @@ class StepRunner:
                 await self._hand_off(self._ending(envelope, entry, lock))
                 return
             rt.crash.reached("after_claim")
-            ran[0] = True
             with tracing.span(
                 rt.tracer,
                 f"step {envelope.agent}",
@@ -167,9 +178,11 @@ class StepRunner:
                 },
             ):
                 await self._run_step(envelope, entry, lock, opened)
+        except INFRA_ERRORS:
+            raise  # the lease stays with this worker, which retries (see process)
         except BaseException:
-            # Infrastructure error, shutdown or a defect: free the lease at once (best
-            # effort); the entry stays pending and is retried or taken over.
+            # Shutdown or a defect: free the lease at once (best effort); the entry stays
+            # pending and is taken over.
             await lock.release_quietly()
             raise
 
@@ -423,3 +436,7 @@ def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:
     return steps.ModelUse(
         runtime.model.name, ctx.model_calls, ctx.usage.prompt_tokens, ctx.usage.completion_tokens
     )
+
+
+async def _nothing() -> None:
+    return None

@@ -61,6 +61,7 @@ class Worker:
         self.reconcile = reconcile
         self._stop = anyio.Event()
         self.runner = StepRunner(runtime, self.consumer)
+        self.runner.refresh_liveness = self._report_status
         self._cursor: dict[str, bytes | str] = {}
 
     def stop(self) -> None:
@@ -290,14 +291,17 @@ class Worker:
         """
         rt = self.rt
         running = list(self.runner.running.values())
-        if not running:
+        held = list(self.runner.held.values())
+        if not running and not held:
             return
         pipe = rt.redis.pipeline(transaction=False)
         for r in running:
             r.lock.keep_in(pipe)
             streams.touch_in(pipe, rt.keys, r.envelope.agent, self.consumer, r.entry.id)
+        for lock in held:
+            lock.keep_in(pipe)
         replies = await pipe.execute(raise_on_error=False)
-        for r, kept in zip(running, replies[::2], strict=True):
+        for r, kept in zip(running, replies[: 2 * len(running) : 2], strict=True):
             if kept == 0:
                 self.runner.supersede(r)
         now, every = anyio.current_time(), rt.settings.lease_seconds / 3

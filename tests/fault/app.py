@@ -6,14 +6,26 @@ records every effect per idempotency key in its own process.
 
 from __future__ import annotations
 
+import json
 import os
+import time
+import urllib.error
+import urllib.request
 
 import anyio
+import anyio.to_thread
 
 from agents.base import Agent, AgentInput, AgentOutput
 from orchestrator.app import App
 from orchestrator.context import StepContext
-from tests.fault.toolserver import applied_count, post_effect
+from orchestrator.errors import ToolNotApplied
+from tests.fault.toolserver import (
+    NotApplied,
+    StaleToken,
+    ToolServerError,
+    applied_count,
+    post_effect,
+)
 
 app = App("fault", version="fault-1")
 
@@ -42,6 +54,100 @@ async def payment(label: str, idempotency_key: str) -> dict[str, object]:
 async def checked_payment(label: str, idempotency_key: str) -> dict[str, object]:
     """Not idempotent, but an in-doubt call can be checked against the server."""
     return await post_effect(_server(), idempotency_key, "plain", {"label": label})
+
+
+@app.tool(idempotent=False, reconcile=payment_applied)
+async def held_payment(label: str, idempotency_key: str) -> dict[str, object]:
+    """Not idempotent, checked: the server applies it, then holds the reply
+    ``FAULT_HOLD_SECONDS`` (a worker can be paused while the call is in flight)."""
+    hold = float(os.environ.get("FAULT_HOLD_SECONDS", "0"))
+    return await post_effect(_server(), idempotency_key, "plain", {"label": label}, hold=hold)
+
+
+def _send_after(base_url: str, body: dict[str, object], delay: float) -> dict[str, object]:
+    """Blocking ``POST /effect`` sent ``delay`` seconds from now (in a sender thread)."""
+    time.sleep(delay)
+    request = urllib.request.Request(
+        f"{base_url}/effect",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            result: dict[str, object] = json.loads(response.read())
+            return result
+    except urllib.error.HTTPError as exc:
+        reply = json.loads(exc.read() or b"{}")
+        error = StaleToken if exc.code == 409 else ToolServerError
+        raise error(f"POST /effect: HTTP {exc.code}: {reply}", exc.code, reply) from None
+
+
+@app.tool(idempotent=False, reconcile=payment_applied)
+async def fenced_payment(label: str, idempotency_key: str, fencing_token: int) -> dict[str, object]:
+    """Not idempotent, checked, fenced: the server refuses a token below one it has seen.
+
+    The request goes through a sender thread and leaves ``FAULT_SEND_DELAY_SECONDS``
+    after the call starts. A caller that gives up (its deadline, a cancellation)
+    abandons the wait, not the request: a process paused before its request left
+    sends it when it wakes up, late, with its old token.
+    """
+    body = {
+        "key": idempotency_key,
+        "kind": "fenced",
+        "payload": {"label": label},
+        "token": fencing_token,
+    }
+    delay = float(os.environ.get("FAULT_SEND_DELAY_SECONDS", "0"))
+    try:
+        return await anyio.to_thread.run_sync(
+            _send_after, _server(), body, delay, abandon_on_cancel=True
+        )
+    except StaleToken as exc:  # refused: the remote certainly did nothing
+        raise ToolNotApplied(str(exc)) from exc
+
+
+@app.tool(idempotent=False)
+async def payment_failing_after_apply(
+    label: str, idempotency_key: str, fencing_token: int
+) -> dict[str, object]:
+    """Not idempotent: the first execution's call is applied, then answered HTTP 500."""
+    return await post_effect(
+        _server(), idempotency_key, "plain", {"label": label}, fail_after_apply=fencing_token == 1
+    )
+
+
+@app.tool(idempotent=False, reconcile=payment_applied)
+async def checked_payment_failing_after_apply(
+    label: str, idempotency_key: str, fencing_token: int
+) -> dict[str, object]:
+    """As ``payment_failing_after_apply``, with a reconcile check."""
+    return await post_effect(
+        _server(), idempotency_key, "plain", {"label": label}, fail_after_apply=fencing_token == 1
+    )
+
+
+@app.tool(idempotent=False)
+async def payment_refused_once(
+    label: str, idempotency_key: str, fencing_token: int
+) -> dict[str, object]:
+    """Not idempotent: the first execution's call is refused (HTTP 503, nothing applied)."""
+    try:
+        return await post_effect(
+            _server(),
+            idempotency_key,
+            "plain",
+            {"label": label},
+            fail_before_apply=fencing_token == 1,
+        )
+    except NotApplied as exc:
+        raise ToolNotApplied(str(exc)) from exc
+
+
+@app.tool
+async def unreachable(label: str, idempotency_key: str) -> dict[str, object]:
+    """A remote that is never reachable: Python's ConnectionError on every call."""
+    raise ConnectionError(f"connection refused by the remote for {label} (fault test)")
 
 
 class Ticket(AgentInput):
@@ -81,6 +187,24 @@ class Slow(Agent[Ticket, Step]):
         return Step(effect_id=result["effect_id"])
 
 
+class Outcome(AgentOutput):
+    result: dict[str, object]
+
+
+def _recording_agent(name: str, tool: str) -> type[Agent[Ticket, Outcome]]:
+    """One call of ``tool``; its whole result is the step's output (to compare with the ledger)."""
+
+    class Recorder(Agent[Ticket, Outcome]):
+        input_model = Ticket
+        output_model = Outcome
+        tools = (tool,)
+
+        async def run(self, ctx: StepContext, data: Ticket) -> Outcome:
+            return Outcome(result=await ctx.tool(tool, label=name))
+
+    return type(f"Fault_{name}", (Recorder,), {"name": name})
+
+
 class AlwaysRaises(Agent[Ticket, Step]):
     name = "always_raises"
     input_model = Ticket
@@ -103,4 +227,17 @@ app.pipeline("pay_only", ["pay"])
 app.pipeline("checked_pay", ["first", "checked_pay"])
 app.pipeline("poison", ["always_raises"])
 app.pipeline("slow", ["slow"])
+# Outages and stale workers (test_outages.py).
+app.agent(_recording_agent("held_pay", "held_payment"))
+app.agent(_recording_agent("fenced_pay", "fenced_payment"))
+app.agent(_agent("pay_after_apply", "payment_failing_after_apply"))
+app.agent(_agent("checked_pay_after_apply", "checked_payment_failing_after_apply"))
+app.agent(_agent("pay_refused_once", "payment_refused_once"))
+app.agent(_agent("unreachable", "unreachable"))
+app.pipeline("held_pay", ["held_pay"])
+app.pipeline("fenced_pay", ["fenced_pay"])
+app.pipeline("pay_after_apply", ["pay_after_apply"])
+app.pipeline("checked_pay_after_apply", ["checked_pay_after_apply"])
+app.pipeline("pay_refused_once", ["pay_refused_once"])
+app.pipeline("unreachable", ["unreachable"])
 app.validate()

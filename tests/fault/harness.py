@@ -144,7 +144,8 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
-            if code != 0:
+            # SIGTERM kills a worker still starting (before its handlers): that is ours too.
+            if code not in (0, -signal.SIGTERM):
                 self.unexpected.append((self._number[proc.pid], code))
         self.procs.clear()
 
@@ -301,7 +302,8 @@ FROM workflows w WHERE w.id = ANY($1::uuid[])
 """
 # Attempts beyond real failures: each is a takeover or requeue, which only a fault may cause.
 MEASURE_EXCESS = """
-SELECT coalesce(max(attempt - 1 - failures), 0) FROM steps WHERE workflow_id = ANY($1::uuid[])
+SELECT coalesce(max(greatest(attempt - 1 - failures, 0)), 0)
+FROM steps WHERE workflow_id = ANY($1::uuid[])
 """
 MEASURE_EFFECT_KEYS = """
 SELECT t.idempotency_key, t.tool FROM tool_runs t JOIN steps s ON s.id = t.step_id
