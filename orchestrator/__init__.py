@@ -3,7 +3,7 @@
 from orchestrator.app import App
 from orchestrator.client import Client
 from orchestrator.context import StepContext, current
-from orchestrator.errors import AgentError, OrchestratorError, ToolError
+from orchestrator.errors import AgentError, OrchestratorError, ToolError, ToolNotApplied
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
 from orchestrator.worker import Worker
@@ -17,6 +17,7 @@ __all__ = [
     "Settings",
     "StepContext",
     "ToolError",
+    "ToolNotApplied",
     "Worker",
     "current",
     "open_runtime",

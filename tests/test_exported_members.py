@@ -15,6 +15,7 @@ def test_orchestrator_exports() -> None:
         "Settings",
         "StepContext",
         "ToolError",
+        "ToolNotApplied",
         "Worker",
         "current",
         "open_runtime",
