@@ -20,6 +20,7 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -145,19 +146,14 @@ WHERE s.status = 'queued' AND w.status = 'running' ORDER BY s.seq, s.id
 Setup = Callable[[Conn], Awaitable[None]]
 
 
+@dataclass(frozen=True)
 class Case:
-    """One statement to explain: its SQL, parameters, and whether it writes."""
+    """One statement to explain, its parameters, and what must run before it (same tx)."""
 
-    def __init__(
-        self,
-        name: str,
-        sql: str,
-        args: list[Any],
-        *,
-        write: bool = False,
-        setup: Setup | None = None,
-    ) -> None:
-        self.name, self.sql, self.args, self.write, self.setup = name, sql, args, write, setup
+    name: str
+    sql: str
+    args: list[Any]
+    setup: Setup | None = None
 
 
 async def fill(conn: Conn, n: int, running: int) -> None:
@@ -238,32 +234,28 @@ async def cases(conn: Conn, n: int) -> list[Case]:
 
     beat = [s for s in live if s["seq"] >= 1][:16]
     return [
-        Case("workflows.CREATE_WORKFLOW (submit)", workflows.CREATE_WORKFLOW, submit, write=True),
+        Case("workflows.CREATE_WORKFLOW (submit)", workflows.CREATE_WORKFLOW, submit),
         Case("steps.SELECT_OPEN", steps.SELECT_OPEN, [mid["id"]]),
         Case(
             "steps.COMPLETE_STEP (handoff)",
             steps.COMPLETE_STEP,
             completion_args(mid, final=False),
-            write=True,
         ),
         Case(
             "steps.COMPLETE_STEP (final)",
             steps.COMPLETE_STEP,
             completion_args(last, final=True),
-            write=True,
         ),
-        Case("steps.TAKE_OVER", steps.TAKE_OVER, [mid["id"], "worker-bench"], write=True),
+        Case("steps.TAKE_OVER", steps.TAKE_OVER, [mid["id"], "worker-bench"]),
         Case(
             "tool_runs.INSERT_STARTED",
             tool_runs.INSERT_STARTED,
             [key, mid["id"], 9, "refund", 1, {"order_id": "ORD-1"}, 30.0],
-            write=True,
         ),
         Case(
             "tool_runs.FINISH",
             tool_runs.FINISH,
             [key, 1, "succeeded", {"refund": "RF-1"}, None],
-            write=True,
             setup=start_call,
         ),
         Case("recovery.SELECT_STALLED", recovery.SELECT_STALLED, [120.0, 500]),
@@ -271,13 +263,12 @@ async def cases(conn: Conn, n: int) -> list[Case]:
             "recovery.HEARTBEAT (16 steps)",
             recovery.HEARTBEAT,
             [[s["id"] for s in beat], [s["attempt"] for s in beat]],
-            write=True,
         ),
         Case("recovery.STALLED_SESSIONS", recovery.STALLED_SESSIONS, [100]),
         Case("workflows.SELECT_TERMINAL (500 ids)", workflows.SELECT_TERMINAL, [sample]),
-        Case("prune.CLAIM_BATCH (500, 30 d)", prune.CLAIM_BATCH, [30 * 86400.0, 500], write=True),
+        Case("prune.CLAIM_BATCH (500, 30 d)", prune.CLAIM_BATCH, [30 * 86400.0, 500]),
         *[
-            Case(f"prune.{name}", getattr(prune, name), [prune_ids], write=True, setup=claim)
+            Case(f"prune.{name}", getattr(prune, name), [prune_ids], setup=claim)
             for name in (
                 "DELETE_CHECKPOINTS",
                 "DELETE_EVENTS",

@@ -125,11 +125,12 @@ async def main(args: argparse.Namespace) -> None:
     print("\n".join(rows))
     first, last = samples[0], samples[-1]
     between = args.workflows - min(args.batch, args.workflows)
+    print()
     for label, key in (("used_memory", "used"), ("keys' MEMORY USAGE", "owned")):
         values = [s[key] for s in samples]
         per = (last[key] - first[key]) / between if between else 0.0
         print(
-            f"\nafter housekeeping, {label}: first batch {kb(first[key])} KiB, last "
+            f"after housekeeping, {label}: first batch {kb(first[key])} KiB, last "
             f"{kb(last[key])} KiB, min {kb(min(values))} max {kb(max(values))} KiB; "
             f"{per:+.2f} bytes per workflow over the last {between:,}"
         )
