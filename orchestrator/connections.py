@@ -88,7 +88,9 @@ async def create_pool(
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn,
-            min_size=1,
+            # No floor: asyncpg would log a traceback for every failed attempt to
+            # restore it during an outage. Connections open on demand and are kept.
+            min_size=0,
             max_size=size,
             init=_init_connection,
             reset=_keep_session,
