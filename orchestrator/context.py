@@ -206,7 +206,8 @@ class StepContext:
             self._runtime.crash.reached("after_tool_effect")
         except ToolNotApplied as exc:
             await self._finish(replace(run, status="failed", error=_describe(exc)))
-            raise replace_tool(exc, spec.name) from exc
+            exc.tool = exc.tool or spec.name  # a tool may raise it without naming itself
+            raise
         except BaseException as exc:
             # Raised, timed out or cancelled after the request may have left: in doubt.
             with anyio.CancelScope(shield=True), anyio.move_on_after(IN_DOUBT_RECORD_SECONDS):
@@ -362,10 +363,3 @@ def _as_tool_error(tool: str, exc: Exception) -> OrchestratorError:
     if isinstance(exc, OrchestratorError):
         return exc
     return ToolError(f"tool {tool!r} failed: {_describe(exc)}", tool=tool)
-
-
-def replace_tool(exc: ToolNotApplied, tool: str) -> ToolNotApplied:
-    """The same not-applied error, naming its tool (a tool may raise it without one)."""
-    if not exc.tool:
-        exc.tool = tool
-    return exc

@@ -28,7 +28,7 @@ import anyio
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
-from orchestrator import streams, tracing
+from orchestrator import status, streams, tracing
 from orchestrator.connections import redis_errors
 from orchestrator.context import StepContext, StepInfo, bind
 from orchestrator.errors import (
@@ -67,8 +67,8 @@ class _Running:
     entry: streams.Entry
     lock: Lock
     since: float
+    ctx: StepContext
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
-    ctx: StepContext | None = None
     committing: bool = False  # the outcome is being written: no longer cancellable
 
 
@@ -105,10 +105,10 @@ class StepRunner:
             owner=self.consumer,
         )
         attempt = _Attempt(envelope, takeover)
-        delay = 0.1
+        delay, retry = 0.1, False
         while True:
             try:
-                if delay > 0.1:
+                if retry:
                     with redis_errors():
                         await self.refresh_liveness()  # alive again before touching the step
                 await self._process(attempt, entry, lock)
@@ -126,6 +126,7 @@ class StepRunner:
             # reconciler and other workers leave the step to this one; the retry runs
             # under the same fence, as nobody else can have run it meanwhile.
             self.held[lock.name] = lock
+            retry = True
             with anyio.move_on_after(delay):
                 await self.stopping.wait()
             if self.stopping.is_set():
@@ -188,7 +189,7 @@ class StepRunner:
 
     async def _is_dead(self, owner: str) -> bool:
         """Whether the worker named ``owner`` stopped refreshing its liveness key."""
-        return not await self.rt.redis.exists(self.rt.keys.worker_alive(owner))
+        return not (await status.alive(self.rt.redis, self.rt.keys, [owner]))[0]
 
     async def _poison(self, agent: str, entry: streams.Entry, reason: str) -> None:
         """Record an unreadable entry durably, park it on the dead-letter stream, ack it."""
@@ -218,7 +219,7 @@ class StepRunner:
         ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools, opened.replies)
         started = datetime.now(UTC)
         key = (envelope.step_id, envelope.attempt)
-        running = _Running(envelope, entry, lock, anyio.current_time(), ctx=ctx)
+        running = _Running(envelope, entry, lock, anyio.current_time(), ctx)
         self.running[key] = running
         try:
             try:
@@ -411,7 +412,7 @@ class StepRunner:
 
     def supersede(self, running: _Running) -> None:
         """Another execution owns the step now: stop this run (its writes would be refused)."""
-        if running.committing or running.ctx is None:
+        if running.committing:
             return
         log.info(
             "workflow %s step %s attempt %d was superseded; stopping it",

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from orchestrator import streams
+from orchestrator import status, streams
 from orchestrator.connections import OUTAGE, REDIS_DOWN, redis_errors
 from orchestrator.locks import Lock
 from orchestrator.runtime import Runtime
@@ -146,7 +146,6 @@ class Reconciler:
         """Re-enqueue one step under a new fence, holding its lock so no run starts meanwhile;
         0 when its lock is held (it is running) or it moved on since it was read."""
         rt = self.rt
-        assert step.workflow_id is not None
         lock = Lock(
             rt.redis,
             rt.keys.step_lock(step.workflow_id, step.seq),
@@ -177,7 +176,7 @@ class Reconciler:
         rt = self.rt
 
         async def is_alive(consumer: str) -> bool:
-            return bool(await rt.redis.exists(rt.keys.worker_alive(consumer)))
+            return (await status.alive(rt.redis, rt.keys, [consumer]))[0]
 
         with redis_errors():
             for agent in rt.app.agents:

@@ -2,7 +2,8 @@
 
 Each worker refreshes one hash per agent it serves about once a second, from
 the steps it is running, instead of writing it on every step: the view stays
-live and the hot path stays two Redis round trips per step.
+live and the hot path stays two Redis round trips per step. The same refresh
+carries the worker's liveness key, which says whether its steps may be taken over.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
+from orchestrator.keys import Keys
 from schemas import TaskEnvelope
 
 
@@ -34,6 +37,19 @@ def fields(running: Sequence[TaskEnvelope], last: TaskEnvelope | None) -> dict[F
         "checkpoint": last.seq if last else -1,
         "in_flight": 0,
     }
+
+
+async def alive(client: aioredis.Redis, keys: Keys, consumers: Sequence[str]) -> list[bool]:
+    """Whether each worker (stream consumer) still refreshes its liveness key: one round trip."""
+    pipe = client.pipeline(transaction=False)
+    for consumer in consumers:
+        pipe.exists(keys.worker_alive(consumer))
+    return [bool(n) for n in await pipe.execute()]
+
+
+def mark_alive_in(pipe: Any, keys: Keys, consumer: str, ttl_seconds: float) -> None:
+    """Queue the refresh of a worker's liveness key on a pipeline."""
+    pipe.set(keys.worker_alive(consumer), "1", px=int(ttl_seconds * 1000))
 
 
 def mark_in(pipe: Any, key: str, values: dict[FieldT, EncodableT], ttl: int) -> None:

@@ -230,10 +230,7 @@ class Worker:
         ]
         if not owners:
             return []
-        pipe = rt.redis.pipeline(transaction=False)
-        for owner in owners:
-            pipe.exists(rt.keys.worker_alive(owner))
-        alive = await pipe.execute()
+        alive = await status.alive(rt.redis, rt.keys, owners)
         ids: list[bytes] = []
         for owner, is_alive in zip(owners, alive, strict=True):
             if not is_alive and len(ids) < count:
@@ -268,9 +265,7 @@ class Worker:
         rt = self.rt
         running = sorted(self.runner.running.values(), key=lambda r: r.since)
         pipe = rt.redis.pipeline(transaction=False)
-        pipe.set(
-            rt.keys.worker_alive(self.consumer), "1", px=int(rt.settings.worker_ttl_seconds * 1000)
-        )
+        status.mark_alive_in(pipe, rt.keys, self.consumer, rt.settings.worker_ttl_seconds)
         for agent in self.agents:
             mine = [r.envelope for r in running if r.envelope.agent == agent]
             status.mark_in(

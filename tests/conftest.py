@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import asyncpg
 import pytest
 
@@ -88,6 +89,18 @@ async def drop_test_data(settings: Settings) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def cli_env(settings: Settings) -> Iterator[dict[str, str]]:
+    """Environment for a CLI subprocess on this test's schema and key prefix."""
+    yield {
+        "REDIS_URL": settings.redis_url or "",
+        "DATABASE_URL": settings.database_url or "",
+        "ORCHESTRATOR_DB_SCHEMA": settings.db_schema,
+        "ORCHESTRATOR_KEY_PREFIX": settings.key_prefix,
+    }
+    anyio.run(drop_test_data, settings)
 
 
 @pytest.fixture

@@ -5,14 +5,11 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import anyio
 import pytest
 
 from orchestrator.settings import Settings
-from tests.conftest import drop_test_data
 
 
 def run_cli(
@@ -110,17 +107,6 @@ def test_invalid_ticket_json(tmp_path: Path) -> None:
 
 def test_bad_workflow_id() -> None:
     assert_one_line_error(run_cli("status", "not-a-uuid"), "not a workflow id")
-
-
-@pytest.fixture
-def cli_env(settings: Settings) -> Iterator[dict[str, str]]:
-    yield {
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "ORCHESTRATOR_DB_SCHEMA": settings.db_schema,
-        "ORCHESTRATOR_KEY_PREFIX": settings.key_prefix,
-    }
-    anyio.run(drop_test_data, settings)
 
 
 def test_unknown_workflow(cli_env: dict[str, str]) -> None:

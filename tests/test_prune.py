@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from uuid import UUID
 
 import anyio
@@ -18,7 +18,7 @@ from orchestrator.store.prune import PruneReport, prune_finished
 from orchestrator.worker import Worker
 from schemas import WorkflowStatus
 from tests.apps import TICKET, Probe, build_app
-from tests.conftest import drop_test_data, fetch, runtime_for
+from tests.conftest import fetch, runtime_for
 from tests.test_cli import assert_one_line_error, run_cli
 
 # Per workflow: how many rows of each pruned table it has.
@@ -128,17 +128,6 @@ def test_parse_duration_rejects(text: str) -> None:
 
 def test_prune_cli_rejects_a_bad_duration() -> None:
     assert_one_line_error(run_cli("prune", "--older-than", "yesterday"), "not a duration")
-
-
-@pytest.fixture
-def cli_env(settings: Settings) -> Iterator[dict[str, str]]:
-    yield {
-        "REDIS_URL": settings.redis_url or "",
-        "DATABASE_URL": settings.database_url or "",
-        "ORCHESTRATOR_DB_SCHEMA": settings.db_schema,
-        "ORCHESTRATOR_KEY_PREFIX": settings.key_prefix,
-    }
-    anyio.run(drop_test_data, settings)
 
 
 def test_prune_cli_prints_counts(cli_env: dict[str, str]) -> None:

@@ -91,9 +91,9 @@ class Stalled:
     step_id: UUID
     agent: str
     updated_ms: int  # when the step was last enqueued or heartbeated (Postgres clock)
-    attempt: int = 0
-    workflow_id: UUID | None = None
-    seq: int = 0
+    attempt: int
+    workflow_id: UUID
+    seq: int
 
 
 async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[Stalled]:
