@@ -337,6 +337,8 @@ class PostgresServer(_Managed):
     def _prepare_for_root(self) -> None:
         entry = _ensure_system_user(PG_SYSTEM_USER)
         _ensure_readable_tree(self.bin_dir.parent)
+        # The checkout (and its venv) may sit in a private directory (mktemp -d is 0700).
+        _ensure_traversable(self.bin_dir.parent)
         for path in {self.directory, self.socket_dir}:
             _ensure_traversable(path)
             os.chown(path, entry.pw_uid, entry.pw_gid)
