@@ -1,5 +1,4 @@
-"""The Agent base class and the built-in customer-support agents."""
+"""The built-in customer-support agents, their tools, sample data and the ``Ticket`` input.
 
-from agents.base import Agent, AgentInput, AgentOutput
-
-__all__ = ["Agent", "AgentInput", "AgentOutput"]
+Installed as ``orchestrator.agents``; the runtime itself never imports it.
+"""

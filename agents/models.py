@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from agents.base import AgentInput, AgentOutput
-from schemas import Ticket
+from orchestrator.agents.ticket import Ticket
+from orchestrator.step.agent import AgentInput, AgentOutput
 
 Category = Literal["billing", "shipping", "technical", "account", "returns", "general"]
 Priority = Literal["low", "normal", "high", "urgent"]

@@ -10,9 +10,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from agents.models import ResearchFindings, TriageResult
-from orchestrator.llm import ModelRequest
-from schemas import Ticket
+from orchestrator.agents.models import ResearchFindings, TriageResult
+from orchestrator.agents.ticket import Ticket
+from orchestrator.models.llm import ModelRequest
 
 ORDER_ID = re.compile(r"\bORD-\d{3,}\b", re.IGNORECASE)
 _WORD = re.compile(r"[a-z0-9']+")

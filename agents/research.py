@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from agents.base import Agent
-from agents.models import Article, ResearchFindings, ResearchInput, SimilarTicket
-from orchestrator.context import StepContext
+from orchestrator.agents.models import Article, ResearchFindings, ResearchInput, SimilarTicket
+from orchestrator.step.agent import Agent
+from orchestrator.step.context import StepContext
 
 ORDER_CATEGORIES = frozenset({"billing", "shipping", "returns"})
 

@@ -6,12 +6,12 @@ the customer for the order number and waits (durably) for the answer.
 
 from __future__ import annotations
 
-from agents.base import Agent
-from agents.models import DraftReply, ResearchFindings, ResponseInput, ResponseResult
-from agents.offline import ORDER_ID
-from agents.research import ORDER_CATEGORIES
-from orchestrator.context import StepContext
-from orchestrator.llm import ModelRequest
+from orchestrator.agents.models import DraftReply, ResearchFindings, ResponseInput, ResponseResult
+from orchestrator.agents.offline import ORDER_ID
+from orchestrator.agents.research import ORDER_CATEGORIES
+from orchestrator.models.llm import ModelRequest
+from orchestrator.step.agent import Agent
+from orchestrator.step.context import StepContext
 
 INSTRUCTIONS = """You write the reply to a customer-support ticket. Use only the facts in
 the research (orders, help-center articles, similar past tickets); cite each one you use by

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from agents import offline, tools
-from agents.research import ResearchAgent
-from agents.response import ResponseAgent
-from agents.triage import TriageAgent
+from orchestrator.agents import offline, tools
+from orchestrator.agents.research import ResearchAgent
+from orchestrator.agents.response import ResponseAgent
+from orchestrator.agents.ticket import Ticket
+from orchestrator.agents.triage import TriageAgent
 from orchestrator.app import App
 from orchestrator.runtime import Runtime
 from orchestrator.store import memory
@@ -22,9 +23,21 @@ app.tool(tools.lookup_order)
 app.tool(tools.orders_for_customer)
 app.tool(tools.search_help_center)
 app.tool(tools.search_past_tickets)
-app.pipeline("support", ["triage", "research", "response"], default=True)
+app.pipeline(
+    "support",
+    ["triage", "research", "response"],
+    input_model=Ticket,
+    input_key="ticket",
+    from_text=Ticket.from_text,
+    default=True,
+)
 app.offline_rule("triage")(offline.triage)
 app.offline_rule("reply")(offline.reply)
+
+
+def sample_tickets() -> list[Ticket]:
+    """The bundled sample tickets (what ``orchestrator demo`` runs)."""
+    return [Ticket.model_validate(item) for item in tools.load("tickets.json")]
 
 
 @app.on_setup

@@ -12,7 +12,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from orchestrator.context import current
+from orchestrator.step.context import current
 
 _WORD = re.compile(r"[a-z0-9]+")
 MIN_SCORE = 2.0  # below this an article shares only incidental words with the query
@@ -31,7 +31,7 @@ def _words(text: str) -> set[str]:
 @cache
 def load(name: str) -> list[dict[str, Any]]:
     data: list[dict[str, Any]] = json.loads(
-        resources.files("agents").joinpath("data", name).read_text(encoding="utf-8")
+        resources.files("orchestrator.agents").joinpath("data", name).read_text(encoding="utf-8")
     )
     return data
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agents.base import Agent
-from agents.models import TriageDecision, TriageInput, TriageResult
-from orchestrator.context import StepContext
-from orchestrator.llm import ModelRequest
+from orchestrator.agents.models import TriageDecision, TriageInput, TriageResult
+from orchestrator.models.llm import ModelRequest
+from orchestrator.step.agent import Agent
+from orchestrator.step.context import StepContext
 
 INSTRUCTIONS = """You triage customer-support tickets. Classify the category (billing,
 shipping, technical, account, returns, general), the priority (low, normal, high, urgent),

@@ -19,15 +19,15 @@ from typing import Any
 
 import anyio
 
-from agents.base import Agent, AgentInput, AgentOutput
-from agents.support import app as support_app
+from orchestrator.agents.support import app as support_app
 from orchestrator.app import App
+from orchestrator.cli.demo import load_tickets
 from orchestrator.client import Client
-from orchestrator.context import StepContext
-from orchestrator.demo import load_tickets
+from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
-from orchestrator.worker import Worker
+from orchestrator.step.agent import Agent, AgentInput, AgentOutput
+from orchestrator.step.context import StepContext
 
 
 class Echo(AgentOutput):
@@ -47,7 +47,7 @@ def noop_app() -> App:
                 return Echo(ok=True)
 
         app.agent(type(f"Noop_{name}", (Noop,), {"name": name}))
-    app.pipeline("noop", ["first", "second", "third"])
+    app.pipeline("noop", ["first", "second", "third"], input_key="ticket")
     return app
 
 
@@ -97,7 +97,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
 
                 async def submit(ticket: Any) -> None:
                     async with limiter:
-                        ids.append(await client.submit(ticket))
+                        ids.append(await client.submit(None, ticket))
 
                 async with anyio.create_task_group() as submitters:
                     for i, ticket in enumerate(tickets):

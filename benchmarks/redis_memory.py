@@ -21,12 +21,12 @@ from typing import Any
 import anyio
 
 from benchmarks.pipeline import noop_app
+from orchestrator.agents.ticket import Ticket
 from orchestrator.client import Client
-from orchestrator.reconciler import Reconciler
+from orchestrator.engine.reconciler import Reconciler
+from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
-from orchestrator.worker import Worker
-from schemas import Ticket
 from tests.fault.servers import PostgresServer, RedisServer
 
 
@@ -95,7 +95,7 @@ async def main(args: argparse.Namespace) -> None:
                     async def submit(i: int, ids: list[Any] = ids) -> None:
                         async with limiter:
                             ticket = Ticket(customer_id=f"c{i}", subject="memory", body="noop")
-                            ids.append(await client.submit(ticket, pipeline="noop"))
+                            ids.append(await client.submit("noop", ticket))
 
                     start = time.perf_counter()
                     async with anyio.create_task_group() as submitters:

@@ -38,11 +38,11 @@ from uuid import UUID
 import anyio
 
 from benchmarks.takeover_app import app
+from orchestrator.agents.ticket import Ticket
 from orchestrator.client import Client
-from orchestrator.locks import owner_of
+from orchestrator.coordination.locks import owner_of
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
-from schemas import Ticket
 from tests.fault.servers import PostgresServer, RedisServer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ class Round:
 
 
 def spawn(env: dict[str, str], log: Path, concurrency: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "orchestrator.cli", "--app", APP, "worker"]
+    cmd = [sys.executable, "-m", "orchestrator", "--app", APP, "worker"]
     with log.open("wb") as out:
         return subprocess.Popen(
             [*cmd, "--concurrency", str(concurrency)],
@@ -121,7 +121,9 @@ async def running_on(rt: Runtime, ids: list[UUID], consumer: str) -> bool:
 
 async def submit(client: Client, count: int, seconds: float) -> list[UUID]:
     return [
-        await client.submit(Ticket(customer_id=f"c{i}", subject="takeover", body=str(seconds)))
+        await client.submit(
+            None, Ticket(customer_id=f"c{i}", subject="takeover", body=str(seconds))
+        )
         for i in range(count)
     ]
 

@@ -12,9 +12,9 @@ from typing import Any
 
 import anyio
 
-from agents.base import Agent, AgentInput, AgentOutput
 from orchestrator.app import App
-from orchestrator.context import StepContext
+from orchestrator.step.agent import Agent, AgentInput, AgentOutput
+from orchestrator.step.context import StepContext
 
 app = App("takeover-bench", version="1")
 
@@ -40,5 +40,5 @@ class Sleeper(Agent[Input, Slept]):
         return Slept(seconds=seconds)
 
 
-app.pipeline("sleep", ["sleeper"], default=True)
+app.pipeline("sleep", ["sleeper"], input_key="ticket", default=True)
 app.validate()

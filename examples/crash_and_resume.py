@@ -22,12 +22,13 @@ from pathlib import Path
 
 import anyio
 
-from agents.support import app
+from orchestrator.agents.support import app
+from orchestrator.agents.ticket import Ticket
 from orchestrator.client import Client
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.runtime import open_runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from schemas import Ticket, WorkflowStatus
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKET = Ticket(
@@ -40,7 +41,7 @@ TICKET = Ticket(
 
 def start_worker(env: dict[str, str], **extra: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "worker", "--concurrency", "2"],
+        [sys.executable, "-m", "orchestrator", "worker", "--concurrency", "2"],
         env={**env, **extra},
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
@@ -78,7 +79,7 @@ async def main() -> int:
             worker_a = start_worker(
                 env, ORCHESTRATOR_CRASH_AT="after_tool_effect", ORCHESTRATOR_CRASH_AFTER="2"
             )
-            wid = await client.submit(TICKET)
+            wid = await client.submit(None, TICKET)
             print(f"submitted {wid}; worker A (pid {worker_a.pid}) will die inside research")
             code = await anyio.to_thread.run_sync(worker_a.wait)
             print(f"worker A exited with {code} (-9 = SIGKILL) in the middle of the ticket")

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from agents import Agent, AgentInput, AgentOutput, offline, tools
-from agents.models import TriageResult
-from agents.research import ResearchAgent
-from agents.response import ResponseAgent
-from agents.support import seed_past_tickets
-from agents.triage import TriageAgent
-from orchestrator import App, StepContext
-from schemas import Ticket
+from orchestrator import Agent, AgentInput, AgentOutput, App, StepContext
+from orchestrator.agents import support
+from orchestrator.agents.models import TriageResult
+from orchestrator.agents.ticket import Ticket
+from orchestrator.agents.triage import TriageAgent
 
 app = App("support-with-escalation", version="0.1.0")
 
@@ -56,7 +53,6 @@ class EscalationAgent(Agent[EscalationInput, Escalation]):
         return ["research"]
 
 
-@app.agent
 class EscalatingTriage(TriageAgent):
     routes = ("escalation", "response")
 
@@ -66,17 +62,6 @@ class EscalatingTriage(TriageAgent):
         return super().route(output)
 
 
-app.agent(ResearchAgent)
-app.agent(ResponseAgent)
-for tool in (
-    tools.lookup_order,
-    tools.orders_for_customer,
-    tools.search_help_center,
-    tools.search_past_tickets,
-):
-    app.tool(tool)
-app.pipeline("support", ["triage", "research", "response"], default=True)
-app.offline_rule("triage")(offline.triage)
-app.offline_rule("reply")(offline.reply)
-app.on_setup(seed_past_tickets)
+app.include(support.app)  # everything of the built-in support app…
+app.agent(EscalatingTriage, replace=True)  # …with this triage in place of its own
 app.validate()

@@ -2,14 +2,18 @@
 
 from orchestrator.app import App
 from orchestrator.client import Client
-from orchestrator.context import StepContext, current
+from orchestrator.engine.worker import Worker
 from orchestrator.errors import AgentError, OrchestratorError, ToolError, ToolNotApplied
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
-from orchestrator.worker import Worker
+from orchestrator.step.agent import Agent, AgentInput, AgentOutput
+from orchestrator.step.context import StepContext, current
 
 __all__ = [
+    "Agent",
     "AgentError",
+    "AgentInput",
+    "AgentOutput",
     "App",
     "Client",
     "OrchestratorError",

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Awaitable, Callable, Sequence
+import json
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from pydantic import create_model
+from pydantic import BaseModel, ValidationError, create_model
 
-from orchestrator.errors import ConfigurationError
-from orchestrator.llm import OfflineRule, ToolDef
+from orchestrator.errors import ConfigurationError, InvalidInput
+from orchestrator.models.llm import OfflineRule, ToolDef
 
 if TYPE_CHECKING:
-    from agents.base import Agent
     from orchestrator.runtime import Runtime
+    from orchestrator.step.agent import Agent
 
 ToolFn = Callable[..., Awaitable[Any]]
 RUNTIME_PARAMS = frozenset({"idempotency_key", "fencing_token"})
@@ -62,28 +63,90 @@ class ToolSpec:
         return ToolDef(self.name, inspect.getdoc(self.fn) or self.name, schema)
 
 
+@dataclass(frozen=True, slots=True)
+class Pipeline:
+    """A named route through agents, and the input a workflow of it starts from."""
+
+    name: str
+    agents: tuple[str, ...]
+    input_model: type[BaseModel] | None = None  # None: any JSON object
+    input_key: str = "input"  # where the input sits in the workflow state
+    from_text: Callable[[str], BaseModel] | None = None  # plain text -> input (the CLI)
+
+    def validate_input(self, value: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
+        """The input as JSON, checked against ``input_model``; InvalidInput when it does not fit."""
+        model = self.input_model
+        try:
+            if model is None:
+                data = value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+                return dict(json.loads(json.dumps(data)))
+            checked = (
+                value
+                if isinstance(value, model)
+                else model.model_validate(
+                    value.model_dump() if isinstance(value, BaseModel) else value
+                )
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "input"
+            wanted = model.__name__ if model else "JSON"
+            raise InvalidInput(
+                f"input of pipeline {self.name!r} does not fit {wanted} ({where}: {first['msg']})"
+            ) from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidInput(f"input of pipeline {self.name!r} is not JSON: {exc}") from exc
+        return checked.model_dump(mode="json")
+
+
 class App:
     def __init__(self, name: str, *, version: str = "0") -> None:
         self.name = name
         self.version = version
         self.agents: dict[str, type[Agent[Any, Any]]] = {}
         self.tools: dict[str, ToolSpec] = {}
-        self.pipelines: dict[str, tuple[str, ...]] = {}
+        self.pipelines: dict[str, Pipeline] = {}
         self.offline_rules: dict[str, OfflineRule] = {}
         self.setup_hooks: list[SetupHook] = []
         self.default_pipeline: str | None = None
 
-    def agent(self, cls: A) -> A:
-        """Register an agent class (usable as a decorator)."""
+    def agent(self, cls: A, *, replace: bool = False) -> A:
+        """Register an agent class (``@app.agent``). ``app.agent(cls, replace=True)`` puts
+        a subclass in place of an agent of the same name (one taken in by ``include``)."""
         name = getattr(cls, "name", None)
         if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
             raise ConfigurationError(
                 f"agent {cls.__name__} needs a name of letters, digits, - or _"
             )
-        if name in self.agents:
+        if name in self.agents and not replace:
             raise ConfigurationError(f"agent {name!r} is registered twice")
+        if replace and name not in self.agents:
+            raise ConfigurationError(f"agent {name!r} replaces nothing")
         self.agents[name] = cls
         return cls
+
+    def include(self, other: App) -> None:
+        """Take in every agent, tool, pipeline, schedule, offline rule and setup hook of
+        ``other`` (the built-in support app, say); a name registered twice is an error."""
+        for name, cls in other.agents.items():
+            if name in self.agents:
+                self._twice("agent", name)
+            self.agents[name] = cls
+        for name, spec in other.tools.items():
+            if name in self.tools:
+                self._twice("tool", name)
+            self.tools[name] = spec
+        for name, pipeline in other.pipelines.items():
+            if name in self.pipelines:
+                self._twice("pipeline", name)
+            self.pipelines[name] = pipeline
+        self.default_pipeline = self.default_pipeline or other.default_pipeline
+        self.offline_rules = {**other.offline_rules, **self.offline_rules}
+        self.setup_hooks.extend(other.setup_hooks)
+
+    @staticmethod
+    def _twice(kind: str, name: str) -> None:
+        raise ConfigurationError(f"{kind} {name!r} is registered twice")
 
     @overload
     def tool(self, fn: F, /) -> F: ...
@@ -138,12 +201,29 @@ class App:
             return register(fn)
         return register
 
-    def pipeline(self, name: str, agents: Sequence[str], *, default: bool = False) -> None:
+    def pipeline(
+        self,
+        name: str,
+        agents: Sequence[str],
+        *,
+        input_model: type[BaseModel] | None = None,
+        input_key: str = "input",
+        from_text: Callable[[str], BaseModel] | None = None,
+        default: bool = False,
+    ) -> Pipeline:
+        """Declare a pipeline: its agents in their default order and the input it takes.
+
+        A submitted input is validated against ``input_model`` and stored in the
+        workflow state under ``input_key``, where the agents' input models read it.
+        ``from_text`` turns a plain-text ``orchestrator submit "..."`` into an input.
+        """
         if not agents:
             raise ConfigurationError(f"pipeline {name!r} has no agents")
-        self.pipelines[name] = tuple(agents)
+        pipeline = Pipeline(name, tuple(agents), input_model, input_key, from_text)
+        self.pipelines[name] = pipeline
         if default or self.default_pipeline is None:
             self.default_pipeline = name
+        return pipeline
 
     def offline_rule(self, purpose: str) -> Callable[[OfflineRule], OfflineRule]:
         def register(rule: OfflineRule) -> OfflineRule:
@@ -159,8 +239,8 @@ class App:
 
     def validate(self) -> None:
         """Fail at startup, not at handoff, on a pipeline or tool that names nothing."""
-        for pipeline, agents in self.pipelines.items():
-            for agent in agents:
+        for pipeline, declared in self.pipelines.items():
+            for agent in declared.agents:
                 if agent not in self.agents:
                     raise ConfigurationError(f"pipeline {pipeline!r} names unknown agent {agent!r}")
         for agent_name, cls in self.agents.items():
@@ -173,15 +253,18 @@ class App:
                         f"agent {agent_name!r} routes to unknown agent {target!r}"
                     )
 
-    def resolve_pipeline(self, name: str | None) -> tuple[str, tuple[str, ...]]:
+    def resolve_pipeline(self, name: str | None) -> Pipeline:
+        """The pipeline called ``name`` (the default one for None)."""
         chosen = name or self.default_pipeline
         if chosen is None or chosen not in self.pipelines:
-            raise ConfigurationError(f"no pipeline {chosen!r} in app {self.name!r}")
-        return chosen, self.pipelines[chosen]
+            known = ", ".join(sorted(self.pipelines)) or "none"
+            raise ConfigurationError(f"no pipeline {chosen!r} in app {self.name!r} (has {known})")
+        return self.pipelines[chosen]
 
     def default_next(self, pipeline: str, agent: str) -> tuple[str, ...]:
         """The agent after ``agent`` in ``pipeline`` (none at its end)."""
-        agents = self.pipelines.get(pipeline, ())
+        declared = self.pipelines.get(pipeline)
+        agents = declared.agents if declared else ()
         if agent in agents:
             i = agents.index(agent)
             return agents[i + 1 : i + 2]

@@ -1,22 +1,24 @@
-"""The Python API for submitting tickets and following workflows."""
+"""The Python API: submit workflows, signal, cancel and resume them, follow them."""
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
 import anyio
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
-from orchestrator import streams, tracing
+from orchestrator import tracing
+from orchestrator.coordination import streams
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import Signal, WorkflowRecord, WorkflowStatus
 from orchestrator.store import dead_letters as letters
 from orchestrator.store import recovery, workflows
 from orchestrator.store.dead_letters import DeadLetter
-from schemas import Signal, Ticket, WorkflowRecord, WorkflowStatus
 
 
 class Client:
@@ -24,28 +26,46 @@ class Client:
         self.rt = runtime
 
     async def submit(
-        self, ticket: Ticket, *, pipeline: str | None = None, key: str | None = None
+        self,
+        pipeline: str | None,
+        input: BaseModel | Mapping[str, Any],
+        *,
+        tenant: str | None = None,
+        session: str | None = None,
+        customer: str | None = None,
+        key: str | None = None,
     ) -> UUID:
-        """Record the workflow in Postgres (the commit is the acceptance), then enqueue it.
+        """Start a workflow of ``pipeline`` (None: the app's default) on ``input``.
 
-        With ``key`` (an idempotency key, per tenant) a retried submission returns the
-        workflow the first one created instead of creating a second: retry freely after
-        a timeout. Whatever the first submission failed to enqueue, the reconciler does.
+        The input is validated against the pipeline's ``input_model``. An input
+        carrying ``tenant_id``, ``session_id`` or ``customer_id`` fields (as the support
+        ``Ticket`` does) supplies them when the arguments are not given. Workflows of
+        one session run one at a time, in order, and share its transcript.
+
+        Postgres decides (the commit is the acceptance); then the first step is
+        enqueued. With ``key`` (an idempotency key, per tenant) a retried submission
+        returns the workflow the first one created: retry freely after a timeout.
+        Whatever a submission failed to enqueue, the reconciler does.
         """
-        name, agents = self.rt.app.resolve_pipeline(pipeline)
+        declared = self.rt.app.resolve_pipeline(pipeline)
+        tenant = tenant or _field(input, "tenant_id") or "default"
         with tracing.span(
-            self.rt.tracer, "workflow.submit", pipeline=name, tenant=ticket.tenant_id
+            self.rt.tracer, "workflow.submit", pipeline=declared.name, tenant=tenant
         ) as submit_span:
+            submission = workflows.Submission(
+                pipeline=declared.name,
+                first_agent=declared.agents[0],
+                state={declared.input_key: declared.validate_input(input)},
+                message=str(input) if isinstance(input, BaseModel) else json.dumps(input),
+                tenant=tenant,
+                session=session or _field(input, "session_id"),
+                customer=customer or _field(input, "customer_id") or "anonymous",
+                app_version=self.rt.app.version,
+                key=key,
+                traceparent=tracing.traceparent_of(submit_span),
+            )
             async with self.rt.db() as conn:
-                created = await workflows.create(
-                    conn,
-                    ticket,
-                    pipeline=name,
-                    first_agent=agents[0],
-                    app_version=self.rt.app.version,
-                    traceparent=tracing.traceparent_of(submit_span),
-                    key=key,
-                )
+                created = await workflows.create(conn, submission)
             submit_span.set_attribute("workflow.id", str(created.envelope.workflow_id))
         if not created.queued:  # a queued one is enqueued when its session frees up
             await streams.enqueue(self.rt.redis, self.rt.keys, created.envelope)
@@ -186,3 +206,9 @@ async def _terminal_signals(pubsub: Any, pending: set[UUID], until: float) -> se
         if signal.status.terminal and signal.workflow_id in pending:
             found.add(signal.workflow_id)
     return found
+
+
+def _field(value: BaseModel | Mapping[str, Any], name: str) -> str | None:
+    """A routing field (tenant, session, customer) the input itself carries, if any."""
+    found = value.get(name) if isinstance(value, Mapping) else getattr(value, name, None)
+    return found if isinstance(found, str) and found else None

@@ -19,13 +19,13 @@ from opentelemetry.trace import Tracer, TracerProvider
 from orchestrator import tracing
 from orchestrator.app import App
 from orchestrator.connections import connect_redis, create_pool, pg, redact
+from orchestrator.coordination.keys import Keys
+from orchestrator.coordination.ratelimit import RateLimiter
 from orchestrator.embedded import embedded_postgres, embedded_redis
-from orchestrator.embeddings import Embedder, HashingEmbedder
+from orchestrator.engine.faults import CrashPoints
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
-from orchestrator.faults import CrashPoints
-from orchestrator.keys import Keys
-from orchestrator.llm import LanguageModel, OfflineModel, OpenAIModel
-from orchestrator.ratelimit import RateLimiter
+from orchestrator.models.embeddings import Embedder, HashingEmbedder
+from orchestrator.models.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.settings import Settings
 from orchestrator.store import Conn
 from orchestrator.store.migrations import (

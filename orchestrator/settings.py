@@ -34,7 +34,7 @@ class Settings(BaseSettings):
     openai_model: str = "gpt-4o-mini"
     openai_max_retries: int = Field(default=3, ge=0)
     openai_timeout_seconds: float = Field(default=60.0, gt=0)
-    app: str = "agents.support:app"
+    app: str = "orchestrator.agents.support:app"
     key_prefix: str = Field(default="orch", pattern=r"^[A-Za-z0-9_.-]{1,32}$")
     # Postgres schema holding the tables; tests use one schema per test.
     db_schema: str = Field(default="public", pattern=r"^[a-z_][a-z0-9_]{0,62}$")

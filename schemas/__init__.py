@@ -1,10 +1,9 @@
 """Pydantic models shared by the runtime, the agents and the CLI."""
 
-from schemas.envelope import ENVELOPE_SCHEMA_VERSION, TaskEnvelope
-from schemas.events import Event, EventType, Signal
-from schemas.status import StepStatus, WorkflowStatus
-from schemas.steps import Handoff, StepRecord, ToolRunRecord, WorkflowRecord
-from schemas.ticket import Ticket
+from orchestrator.schemas.envelope import ENVELOPE_SCHEMA_VERSION, TaskEnvelope
+from orchestrator.schemas.events import Event, EventType, Signal
+from orchestrator.schemas.status import StepStatus, WorkflowStatus
+from orchestrator.schemas.steps import Handoff, StepRecord, ToolRunRecord, WorkflowRecord
 
 __all__ = [
     "ENVELOPE_SCHEMA_VERSION",
@@ -15,7 +14,6 @@ __all__ = [
     "StepRecord",
     "StepStatus",
     "TaskEnvelope",
-    "Ticket",
     "ToolRunRecord",
     "WorkflowRecord",
     "WorkflowStatus",

@@ -5,7 +5,7 @@ from uuid import UUID
 
 from pydantic import Field
 
-from schemas.base import Wire
+from orchestrator.schemas.base import Wire
 
 ENVELOPE_SCHEMA_VERSION = 1
 

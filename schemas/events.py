@@ -5,8 +5,8 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from schemas.base import Wire
-from schemas.status import WorkflowStatus
+from orchestrator.schemas.base import Wire
+from orchestrator.schemas.status import WorkflowStatus
 
 
 class EventType(StrEnum):

@@ -6,8 +6,8 @@ from uuid import UUID
 
 from pydantic import Field
 
-from schemas.base import Wire
-from schemas.status import StepStatus, WorkflowStatus
+from orchestrator.schemas.base import Wire
+from orchestrator.schemas.status import StepStatus, WorkflowStatus
 
 
 class Handoff(Wire):

@@ -6,12 +6,12 @@ from collections import Counter
 
 import anyio
 
-from agents.base import Agent, AgentInput, AgentOutput
+from orchestrator.agents.ticket import Ticket
 from orchestrator.app import App
-from orchestrator.context import StepContext
 from orchestrator.errors import AgentError
-from orchestrator.llm import ModelRequest
-from schemas import Ticket
+from orchestrator.models.llm import ModelRequest
+from orchestrator.step.agent import Agent, AgentInput, AgentOutput
+from orchestrator.step.context import StepContext
 
 
 class TicketIn(AgentInput):
@@ -43,12 +43,12 @@ def build_app(probe: Probe) -> App:
     app = App("protocol-test", version="test")
     _tools(app, probe)
     _agents(app, probe)
-    app.pipeline("gated", ["gated"])
-    app.pipeline("chooser", ["chooser"])
-    app.pipeline("refuses", ["refuses"])
-    app.pipeline("two_steps", ["gated", "flaky"])
-    app.pipeline("flaky", ["flaky"])
-    app.pipeline("refunder", ["refunder"])
+    app.pipeline("gated", ["gated"], input_key="ticket")
+    app.pipeline("chooser", ["chooser"], input_key="ticket")
+    app.pipeline("refuses", ["refuses"], input_key="ticket")
+    app.pipeline("two_steps", ["gated", "flaky"], input_key="ticket")
+    app.pipeline("flaky", ["flaky"], input_key="ticket")
+    app.pipeline("refunder", ["refunder"], input_key="ticket")
     app.validate()
     return app
 
@@ -146,9 +146,9 @@ def build_promise_app(probe: Probe) -> App:
     app = build_app(probe)
     _promise_tools(app, probe)
     _promise_agents(app, probe)
-    app.pipeline("wirer", ["wirer"])
-    app.pipeline("fencer", ["fencer"])
-    app.pipeline("disconnected", ["disconnected"])
+    app.pipeline("wirer", ["wirer"], input_key="ticket")
+    app.pipeline("fencer", ["fencer"], input_key="ticket")
+    app.pipeline("disconnected", ["disconnected"], input_key="ticket")
     app.validate()
     return app
 

@@ -105,7 +105,7 @@ def cli_env(settings: Settings) -> Iterator[dict[str, str]]:
 
 @pytest.fixture
 async def support(settings: Settings) -> AsyncIterator[Runtime]:
-    from agents.support import app
+    from orchestrator.agents.support import app
 
     async with runtime_for(settings, app) as runtime:
         yield runtime

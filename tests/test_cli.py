@@ -22,7 +22,7 @@ def run_cli(
     }
     full_env.update(env or {})
     return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args],
+        [sys.executable, "-m", "orchestrator", *args],
         env=full_env,
         capture_output=True,
         text=True,
@@ -102,7 +102,7 @@ def test_invalid_ticket_json(tmp_path: Path) -> None:
     assert_one_line_error(run_cli("submit", str(broken)), "is not valid JSON")
     wrong = tmp_path / "wrong.json"
     wrong.write_text('{"customer_id": "c1", "subject": "s", "body": "b", "priority": 1}')
-    assert_one_line_error(run_cli("submit", str(wrong)), "is not a valid ticket (priority")
+    assert_one_line_error(run_cli("submit", str(wrong)), "does not fit Ticket (priority")
 
 
 def test_bad_workflow_id() -> None:

@@ -12,16 +12,17 @@ from pathlib import Path
 import anyio
 import pytest
 
-from agents.base import Agent
-from agents.models import TriageInput, TriageResult
 from examples.custom_agent import app as custom_app
+from orchestrator.agents.models import TriageInput, TriageResult
+from orchestrator.agents.support import sample_tickets
 from orchestrator.app import App
+from orchestrator.cli.demo import run_local
 from orchestrator.client import Client
-from orchestrator.demo import load_tickets, run_local
 from orchestrator.errors import ConfigurationError
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from schemas import WorkflowStatus
+from orchestrator.step.agent import Agent
 from tests.conftest import fetch, runtime_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,7 +47,7 @@ def cli_env(settings: Settings) -> dict[str, str]:
 
 
 async def test_angry_tickets_are_routed_through_the_escalation_agent(custom: Runtime) -> None:
-    report = await run_local(custom, load_tickets(), concurrency=4, timeout=60)
+    report = await run_local(custom, sample_tickets(), concurrency=4, timeout=60)
     assert report.failed == 0
     routes = {r.state["ticket"]["subject"]: [s.agent for s in r.steps] for r in report.records}
     assert routes["THIS IS UNACCEPTABLE"] == ["triage", "escalation", "research", "response"]
@@ -62,7 +63,7 @@ async def test_custom_app_runs_under_the_cli_worker(custom: Runtime) -> None:
         [
             sys.executable,
             "-m",
-            "orchestrator.cli",
+            "orchestrator",
             "--app",
             "examples.custom_agent:app",
             "worker",
@@ -76,8 +77,8 @@ async def test_custom_app_runs_under_the_cli_worker(custom: Runtime) -> None:
     )
     try:
         client = Client(custom)
-        angry = next(t for t in load_tickets() if t.subject.isupper())
-        wid = await client.submit(angry)
+        angry = next(t for t in sample_tickets() if t.subject.isupper())
+        wid = await client.submit(None, angry)
         statuses = await client.wait([wid], timeout=60)
     finally:
         worker.terminate()

@@ -1,13 +1,15 @@
 """The public API is pinned: changing it is a deliberate act."""
 
-import agents
 import orchestrator
-import schemas
+from orchestrator import schemas
 
 
 def test_orchestrator_exports() -> None:
     assert orchestrator.__all__ == [
+        "Agent",
         "AgentError",
+        "AgentInput",
+        "AgentOutput",
         "App",
         "Client",
         "OrchestratorError",
@@ -22,10 +24,6 @@ def test_orchestrator_exports() -> None:
     ]
 
 
-def test_agents_exports() -> None:
-    assert agents.__all__ == ["Agent", "AgentInput", "AgentOutput"]
-
-
 def test_schemas_exports() -> None:
     assert sorted(schemas.__all__) == schemas.__all__
-    assert "TaskEnvelope" in schemas.__all__ and "Ticket" in schemas.__all__
+    assert "TaskEnvelope" in schemas.__all__ and "Ticket" not in schemas.__all__

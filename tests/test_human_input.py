@@ -5,13 +5,14 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from orchestrator.agents.ticket import Ticket
 from orchestrator.client import Client
+from orchestrator.engine.reconciler import Reconciler
+from orchestrator.engine.worker import Worker
 from orchestrator.errors import InvalidInput
-from orchestrator.reconciler import Reconciler
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.store import recovery
-from orchestrator.worker import Worker
-from schemas import Ticket, WorkflowStatus
 from tests.conftest import fetch
 
 pytestmark = pytest.mark.anyio
@@ -36,7 +37,7 @@ async def test_the_response_agent_asks_for_the_order_and_resumes(support: Runtim
     worker = Worker(support, concurrency=2, reconcile=False)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        wid = await client.submit(UNCLEAR)
+        wid = await client.submit(None, UNCLEAR)
         await _until(client, wid, WorkflowStatus.WAITING)
         waiting = await client.get(wid)
         assert [(s.agent, s.status.value) for s in waiting.steps] == [
@@ -81,7 +82,7 @@ async def test_a_lost_wake_up_is_covered_by_the_reconciler(support: Runtime) -> 
     worker = Worker(support, concurrency=2, reconcile=False)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        wid = await client.submit(UNCLEAR)
+        wid = await client.submit(None, UNCLEAR)
         await _until(client, wid, WorkflowStatus.WAITING)
         async with support.pool.acquire() as conn:  # the reply is recorded; Redis never hears
             await recovery.provide_input(conn, wid, "ORD-10010")
@@ -103,7 +104,7 @@ async def test_a_lost_wake_up_is_covered_by_the_reconciler(support: Runtime) -> 
 
 async def test_input_for_a_workflow_that_is_not_waiting_is_refused(support: Runtime) -> None:
     client = Client(support)
-    wid = await client.submit(UNCLEAR)
+    wid = await client.submit(None, UNCLEAR)
     with pytest.raises(InvalidInput, match="is running, not waiting for input"):
         await client.provide_input(wid, "ORD-10010")
     with pytest.raises(InvalidInput, match="empty"):
@@ -126,7 +127,7 @@ async def test_watch_sees_progress_and_the_end(support: Runtime) -> None:
         tg.start_soon(follow)
         await anyio.sleep(0.2)  # subscribed before the first handoff
         vague = Ticket(tenant_id="acme", customer_id="c9", subject="help", body="it doesn't work")
-        wid = await client.submit(vague)
+        wid = await client.submit(None, vague)
         with anyio.fail_after(20):
             while not seen or not seen[-1][1].terminal:
                 await anyio.sleep(0.05)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.embeddings import embed_offline
+from orchestrator.models.embeddings import embed_offline
 from orchestrator.runtime import Runtime
 from orchestrator.store import memory
 

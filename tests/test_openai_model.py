@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from orchestrator import delayed, streams
+from orchestrator.agents.support import sample_tickets
+from orchestrator.cli.demo import run_local
 from orchestrator.client import Client
-from orchestrator.demo import load_tickets, run_local
+from orchestrator.coordination import delayed, streams
+from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from orchestrator.worker import Worker
-from schemas import WorkflowStatus
 from tests.apps import TICKET, Probe, build_app
 from tests.conftest import fetch, runtime_for
 from tests.llm_server import ModelServer, Reply, answer, model_server, rate_limited, tool_calls
@@ -78,10 +79,10 @@ async def _run_once(rt: Runtime, agent: str) -> None:
 
 
 async def test_support_pipeline_on_a_real_client(online: Settings, server: ModelServer) -> None:
-    from agents.support import app
+    from orchestrator.agents.support import app
 
     server.default = support_answers
-    ticket = next(t for t in load_tickets() if "ORD-10007" in t.body)
+    ticket = next(t for t in sample_tickets() if "ORD-10007" in t.body)
     async with runtime_for(online, app) as runtime:
         report = await run_local(runtime, [ticket], timeout=30)
         record = report.records[0]
@@ -112,7 +113,7 @@ async def test_model_chosen_tools_run_through_the_ledger(
         [tool_calls(("lookup", {"value": "ORD-1"})), answer(json.dumps({"value": "found ORD-1"}))]
     )
     client = Client(rt)
-    wid = await client.submit(TICKET, pipeline="chooser")
+    wid = await client.submit("chooser", TICKET)
     await _run_once(rt, "chooser")
     record = await client.get(wid)
     assert record.status is WorkflowStatus.COMPLETED
@@ -139,7 +140,7 @@ async def test_model_chosen_tools_run_through_the_ledger(
 async def test_429_is_retried_after_its_retry_after(rt: Runtime, server: ModelServer) -> None:
     server.script.extend([rate_limited(0.3), answer(json.dumps({"value": "ok"}))])
     client = Client(rt)
-    wid = await client.submit(TICKET, pipeline="chooser")
+    wid = await client.submit("chooser", TICKET)
     await _run_once(rt, "chooser")
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
     (first, _), (second, _) = server.requests
@@ -151,7 +152,7 @@ async def test_malformed_output_is_a_retryable_error_and_nothing_is_lost(
 ) -> None:
     server.script.extend([answer("this is not JSON"), answer(json.dumps({"value": "ok"}))])
     client = Client(rt)
-    wid = await client.submit(TICKET, pipeline="chooser")
+    wid = await client.submit("chooser", TICKET)
     await _run_once(rt, "chooser")  # attempt 1: malformed
     import anyio
 

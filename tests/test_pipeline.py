@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from orchestrator.demo import load_tickets, run_local
+from orchestrator.agents.support import sample_tickets
+from orchestrator.cli.demo import run_local
 from orchestrator.runtime import Runtime
-from schemas import WorkflowStatus
+from orchestrator.schemas import WorkflowStatus
 from tests.conftest import fetch
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_sample_tickets_complete_with_triage_research_and_reply(support: Runtime) -> None:
-    tickets = load_tickets()
+    tickets = sample_tickets()
     assert len(tickets) >= 10
     report = await run_local(support, tickets, concurrency=4, timeout=60)
 
@@ -37,7 +38,7 @@ async def test_sample_tickets_complete_with_triage_research_and_reply(support: R
 
 
 async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) -> None:
-    report = await run_local(support, load_tickets()[:3], concurrency=2, timeout=60)
+    report = await run_local(support, sample_tickets()[:3], concurrency=2, timeout=60)
     wid = report.records[0].id
 
     attempts = await fetch(
@@ -86,7 +87,7 @@ async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) ->
 
 
 async def test_vague_ticket_skips_research_and_asks_for_details(support: Runtime) -> None:
-    vague = next(t for t in load_tickets() if t.body == "it doesn't work")
+    vague = next(t for t in sample_tickets() if t.body == "it doesn't work")
     report = await run_local(support, [vague], timeout=30)
     record = report.records[0]
     assert [s.agent for s in record.steps] == ["triage", "response"]
@@ -96,13 +97,13 @@ async def test_vague_ticket_skips_research_and_asks_for_details(support: Runtime
 async def test_a_session_id_cannot_cross_tenants(support: Runtime) -> None:
     from orchestrator.client import Client
     from orchestrator.errors import InvalidInput
-    from schemas import Ticket
+    from orchestrator.agents.ticket import Ticket
 
     client = Client(support)
     shared = {"customer_id": "c1", "subject": "s", "body": "b", "session_id": "s-1"}
-    await client.submit(Ticket(tenant_id="acme", **shared))
-    await client.submit(Ticket(tenant_id="acme", **shared))  # same tenant: same session
+    await client.submit(None, Ticket(tenant_id="acme", **shared))
+    await client.submit(None, Ticket(tenant_id="acme", **shared))  # same tenant: same session
     with pytest.raises(InvalidInput, match="belongs to another tenant"):
-        await client.submit(Ticket(tenant_id="globex", **shared))
+        await client.submit(None, Ticket(tenant_id="globex", **shared))
     rows = await fetch(support, "SELECT tenant_id FROM workflows WHERE session_id = 's-1'")
     assert [r["tenant_id"] for r in rows] == ["acme", "acme"]

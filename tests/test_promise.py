@@ -21,23 +21,23 @@ import asyncpg
 import pytest
 import redis.exceptions
 
-from orchestrator import delayed, streams
 from orchestrator.client import Client
 from orchestrator.connections import OUTAGE
-from orchestrator.context import StepContext, StepInfo, idempotency_key
+from orchestrator.coordination import delayed, streams
+from orchestrator.engine.reconciler import PassReport, Reconciler
+from orchestrator.engine.worker import Worker
 from orchestrator.errors import (
     ConfigurationError,
     FenceRejected,
     ServiceUnavailable,
     ToolNotApplied,
 )
-from orchestrator.reconciler import PassReport, Reconciler
 from orchestrator.runtime import Runtime, open_runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
+from orchestrator.step.context import StepContext, StepInfo, idempotency_key
 from orchestrator.store import recovery, tool_runs, workflows
 from orchestrator.store.tool_runs import ToolRun
-from orchestrator.worker import Worker
-from schemas import WorkflowStatus
 from tests.apps import TICKET, Probe, build_promise_app
 from tests.conftest import fetch, runtime_for
 
@@ -104,7 +104,7 @@ async def test_backlog_running_step_delivered_late_is_not_taken_for_stalled(
     fast = settings.model_copy(update={"stall_seconds": 0.2})
     async with runtime_for(fast, build_promise_app(probe)) as rt:
         client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-        late = await client.submit(TICKET, pipeline="gated")
+        late = await client.submit("gated", TICKET)
         entry = await _read(rt, "gated", worker.consumer)
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
@@ -119,7 +119,7 @@ async def test_backlog_running_step_delivered_late_is_not_taken_for_stalled(
                         late,
                     )
                 # And one waits, undelivered, behind it in the stream.
-                waiting = await client.submit(TICKET, pipeline="gated")
+                waiting = await client.submit("gated", TICKET)
                 await anyio.sleep(fast.stall_after + 0.05)
                 async with rt.db() as conn:
                     stalled = await recovery.stalled(conn, older_than=fast.stall_after)
@@ -246,7 +246,7 @@ async def test_outage_killed_connection_at_completion_is_not_a_step_failure(
     """Postgres drops the completing statement's connection: the step is retried by the
     worker under a new fence, not recorded as a failure of the agent (budget untouched)."""
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     entry = await _read(rt, "gated", worker.consumer)
     with anyio.fail_after(15):
         async with anyio.create_task_group() as tg:
@@ -270,7 +270,7 @@ async def test_tool_ledger_superseded_execution_cannot_start_a_non_idempotent_ca
     rt: Runtime, probe: Probe
 ) -> None:
     client = Client(rt)
-    wid = await client.submit(TICKET, pipeline="refunder")
+    wid = await client.submit("refunder", TICKET)
     step_id = (await client.get(wid)).steps[0].id
     run = ToolRun(idempotency_key(wid, 0, 0), 0, "charge", "started", {"amount": 7})
     async with rt.db() as conn:
@@ -294,7 +294,7 @@ async def test_tool_ledger_late_result_never_overwrites_a_settled_row(
     rt: Runtime, probe: Probe
 ) -> None:
     client = Client(rt)
-    wid = await client.submit(TICKET, pipeline="refunder")
+    wid = await client.submit("refunder", TICKET)
     step_id = (await client.get(wid)).steps[0].id
     charge = ToolRun(idempotency_key(wid, 0, 0), 0, "charge", "started", {"amount": 7})
     refund = ToolRun(idempotency_key(wid, 0, 1), 1, "refund", "started", {"amount": 7})
@@ -332,7 +332,7 @@ async def test_tool_ledger_exception_from_non_idempotent_tool_is_in_doubt_never_
 ) -> None:
     probe.wire_errors = [RuntimeError("connection reset after the request was sent")]
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="wirer")
+    wid = await client.submit("wirer", TICKET)
     await worker.process("wirer", await _read(rt, "wirer", worker.consumer))
     [run] = await fetch(rt, "SELECT status, attempt, error FROM tool_runs")
     assert (run["status"], run["attempt"]) == ("in_doubt", 1)
@@ -354,7 +354,7 @@ async def test_tool_ledger_tool_not_applied_is_failed_and_called_again(
 ) -> None:
     probe.wire_errors = [ToolNotApplied("the bank refused: daily limit reached")]
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="wirer")
+    wid = await client.submit("wirer", TICKET)
     await worker.process("wirer", await _read(rt, "wirer", worker.consumer))
     [run] = await fetch(rt, "SELECT status, attempt, error FROM tool_runs")
     assert (run["status"], run["attempt"]) == ("failed", 1)
@@ -372,7 +372,7 @@ async def test_tool_ledger_tool_not_applied_is_failed_and_called_again(
 
 async def test_tool_ledger_takeover_runs_under_a_new_attempt(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     entry = await _read(rt, "gated", worker.consumer)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
@@ -394,7 +394,7 @@ async def test_tool_ledger_lock_of_a_dead_worker_is_taken_under_a_new_attempt(
     client = Client(rt)
     paused = Worker(rt, concurrency=1, reconcile=False)
     taker = Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     entry = await _read(rt, "gated", paused.consumer)
     alive_key = rt.keys.worker_alive(paused.consumer)
     with anyio.fail_after(10):
@@ -426,9 +426,9 @@ async def test_tool_ledger_fencing_token_is_the_executions_attempt(
     rt: Runtime, probe: Probe
 ) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    first = await client.submit(TICKET, pipeline="fencer")
+    first = await client.submit("fencer", TICKET)
     await worker.process("fencer", await _read(rt, "fencer", worker.consumer))
-    second = await client.submit(TICKET, pipeline="fencer")
+    second = await client.submit("fencer", TICKET)
     await worker.process("fencer", await _read(rt, "fencer", worker.consumer), takeover=True)
     assert probe.tokens == [1, 2]
     assert (await client.get(first)).steps[0].output == {"value": "token 1"}
@@ -440,7 +440,7 @@ async def test_tool_ledger_fencing_token_is_the_executions_attempt(
 
 async def test_agent_connection_error_is_a_step_failure(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="disconnected")
+    wid = await client.submit("disconnected", TICKET)
     entry = await _read(rt, "disconnected", worker.consumer)
     with anyio.fail_after(10):  # not waited out as if it were our own Postgres or Redis
         await worker.process("disconnected", entry)
@@ -464,7 +464,7 @@ async def test_fence_and_budget_apart_requeues_do_not_spend_retries(
     assert rt.settings.max_attempts == 3
     probe.failures_left = 1
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="flaky")
+    wid = await client.submit("flaky", TICKET)
     stale = await _read(rt, "flaky", worker.consumer)
     step_id = (await client.get(wid)).steps[0].id
     async with rt.db() as conn:  # two reconciler requeues: attempt 3, no failure yet
@@ -490,7 +490,7 @@ async def test_fence_and_budget_apart_resume_restores_the_full_budget(
 ) -> None:
     probe.failures_left = 99
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-    wid = await client.submit(TICKET, pipeline="flaky")
+    wid = await client.submit("flaky", TICKET)
     for _ in range(rt.settings.max_attempts):
         await worker.process("flaky", await _next(rt, "flaky", worker.consumer))
     assert (await client.get(wid)).status is WorkflowStatus.FAILED
@@ -535,7 +535,7 @@ async def test_fenced_out_run_is_told_and_stopped(settings: Settings, probe: Pro
     fast = settings.model_copy(update={"lease_seconds": 0.3})
     async with runtime_for(fast, build_promise_app(probe)) as rt:
         client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
-        wid = await client.submit(TICKET, pipeline="gated")
+        wid = await client.submit("gated", TICKET)
         entry = await _read(rt, "gated", worker.consumer)
         with anyio.fail_after(10):
             async with anyio.create_task_group() as tg:
@@ -611,7 +611,7 @@ async def test_reclaim_acknowledges_an_entry_deleted_while_pending(rt: Runtime) 
 
 async def test_cancel_and_completion_take_locks_in_the_same_order(rt: Runtime) -> None:
     client = Client(rt)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     step_id = (await client.get(wid)).steps[0].id
     result: dict[str, Any] = {}
     async with (
@@ -667,10 +667,10 @@ async def test_missing_schema_is_refused_by_name(settings: Settings, probe: Prob
 
 async def test_submit_idempotency_same_key_returns_the_same_workflow(rt: Runtime) -> None:
     client = Client(rt)
-    first = await client.submit(TICKET, pipeline="gated", key="k1")
-    assert await client.submit(TICKET, pipeline="gated", key="k1") == first
+    first = await client.submit("gated", TICKET, key="k1")
+    assert await client.submit("gated", TICKET, key="k1") == first
     other_tenant = TICKET.model_copy(update={"tenant_id": "t2"})
-    other = await client.submit(other_tenant, pipeline="gated", key="k1")
+    other = await client.submit("gated", other_tenant, key="k1")
     assert other != first
 
     rows = await fetch(rt, "SELECT id, tenant_id, submit_key FROM workflows ORDER BY tenant_id")
@@ -742,13 +742,13 @@ async def test_bounded_housekeeping_trims_streams_drops_dead_consumers_caps_dead
     probe.gate.set()
     client, worker = Client(rt), Worker(rt, concurrency=1, reconcile=False)
     gated, flaky = rt.keys.stream("gated"), rt.keys.stream("flaky")
-    ids = [await client.submit(TICKET, pipeline="gated") for _ in range(5)]
+    ids = [await client.submit("gated", TICKET) for _ in range(5)]
     for _ in ids:
         await worker.process("gated", await _read(rt, "gated", worker.consumer))
     assert set((await client.wait(ids, timeout=10)).values()) == {WorkflowStatus.COMPLETED}
     assert await rt.redis.xlen(gated) == 5  # all acknowledged, all still there
     # One entry taken by a worker that died before acknowledging it.
-    await client.submit(TICKET, pipeline="flaky")
+    await client.submit("flaky", TICKET)
     await _read(rt, "flaky", "ghost")
     # A live worker that holds nothing.
     await rt.redis.set(rt.keys.worker_alive("idle-but-alive"), "1", px=60_000)

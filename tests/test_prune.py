@@ -9,14 +9,14 @@ from uuid import UUID
 import anyio
 import pytest
 
-from orchestrator.cli import parse_duration
+from orchestrator.cli.main import parse_duration
 from orchestrator.client import Client
+from orchestrator.engine.worker import Worker
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
 from orchestrator.store.prune import PruneReport, prune_finished
-from orchestrator.worker import Worker
-from schemas import WorkflowStatus
 from tests.apps import TICKET, Probe, build_app
 from tests.conftest import fetch, runtime_for
 from tests.test_cli import assert_one_line_error, run_cli
@@ -57,9 +57,9 @@ async def prune(rt: Runtime, *, older_than: float, batch: int = 500) -> PruneRep
 @pytest.mark.anyio
 async def test_prune_removes_old_history_and_keeps_the_record(rt: Runtime) -> None:
     client = Client(rt)
-    done = await client.submit(TICKET, pipeline="flaky")  # tools, attempt, checkpoint
-    failed = await client.submit(TICKET, pipeline="refuses")  # dead-lettered
-    recent = await client.submit(TICKET, pipeline="flaky")
+    done = await client.submit("flaky", TICKET)  # tools, attempt, checkpoint
+    failed = await client.submit("refuses", TICKET)  # dead-lettered
+    recent = await client.submit("flaky", TICKET)
     worker = Worker(rt, concurrency=4)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
@@ -70,7 +70,7 @@ async def test_prune_removes_old_history_and_keeps_the_record(rt: Runtime) -> No
         failed: WorkflowStatus.FAILED,
         recent: WorkflowStatus.COMPLETED,
     }
-    running = await client.submit(TICKET, pipeline="flaky")  # no worker: stays running
+    running = await client.submit("flaky", TICKET)  # no worker: stays running
     await fetch(
         rt,
         "UPDATE workflows SET completed_at = now() - interval '2 days', "

@@ -7,11 +7,12 @@ import time
 import anyio
 import pytest
 
-from orchestrator.demo import load_tickets, run_local
-from orchestrator.ratelimit import RateLimited, RateLimiter
+from orchestrator.agents.support import sample_tickets
+from orchestrator.cli.demo import run_local
+from orchestrator.coordination.ratelimit import RateLimited, RateLimiter
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from schemas import WorkflowStatus
 from tests.conftest import runtime_for
 
 pytestmark = pytest.mark.anyio
@@ -51,12 +52,12 @@ async def test_waiting_caller_gets_its_token_after_refill(support: Runtime) -> N
 
 
 async def test_pipeline_model_calls_respect_the_tenant_limit(settings: Settings) -> None:
-    from agents.support import app
+    from orchestrator.agents.support import app
 
     limited = settings.model_copy(update={"model_rate_per_second": 20.0, "model_burst": 2.0})
     async with runtime_for(limited, app) as runtime:
         start = time.monotonic()
-        report = await run_local(runtime, load_tickets()[:4], concurrency=4, timeout=60)
+        report = await run_local(runtime, sample_tickets()[:4], concurrency=4, timeout=60)
         seconds = time.monotonic() - start
     assert {r.status for r in report.records} == {WorkflowStatus.COMPLETED}
     # Up to 8 model calls for one tenant at 20/s after a burst of 2 take >= ~0.2 s.

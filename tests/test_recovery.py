@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from orchestrator import delayed, streams
 from orchestrator.client import Client
-from orchestrator.reconciler import Reconciler
+from orchestrator.coordination import delayed, streams
+from orchestrator.engine.reconciler import Reconciler
+from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
 from orchestrator.store import tool_runs
 from orchestrator.store.tool_runs import ToolRun
-from orchestrator.worker import Worker
-from schemas import WorkflowStatus
 from tests.apps import TICKET, Probe, build_app
 from tests.conftest import fetch, runtime_for
 
@@ -47,7 +47,7 @@ async def _one(rt: Runtime, worker: Worker, agent: str) -> None:
 async def test_retry_is_scheduled_durably_with_backoff(rt: Runtime, probe: Probe) -> None:
     probe.failures_left = 1
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="flaky")
+    wid = await client.submit("flaky", TICKET)
     await _one(rt, worker, "flaky")
     rows = await fetch(rt, "SELECT attempt, not_before > updated_at AS later FROM steps")
     assert [(r["attempt"], r["later"]) for r in rows] == [(2, True)]
@@ -59,7 +59,7 @@ async def test_retry_is_scheduled_durably_with_backoff(rt: Runtime, probe: Probe
 async def test_out_of_attempts_dead_letters_then_retry_resumes(rt: Runtime, probe: Probe) -> None:
     probe.failures_left = rt.settings.max_attempts
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="flaky")
+    wid = await client.submit("flaky", TICKET)
     for _ in range(rt.settings.max_attempts):
         await _one(rt, worker, "flaky")
     assert (await client.get(wid)).status is WorkflowStatus.FAILED
@@ -82,7 +82,7 @@ async def test_reclaim_takes_over_an_entry_whose_worker_died(rt: Runtime, probe:
     probe.gate.set()
     client = Client(rt)
     dead, alive = Worker(rt, concurrency=1), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     await streams.ensure_group(rt.redis, rt.keys, "gated")
     taken = await streams.read(rt.redis, rt.keys, "gated", dead.consumer, count=1, block_ms=1000)
     assert len(taken) == 1  # delivered to a worker that then "dies" without acknowledging
@@ -108,7 +108,7 @@ async def test_reconciler_rebuilds_work_when_redis_loses_everything(
 ) -> None:
     probe.gate.set()
     client = Client(rt)
-    ids = [await client.submit(TICKET, pipeline="gated") for _ in range(5)]
+    ids = [await client.submit("gated", TICKET) for _ in range(5)]
     # Redis loses every key of this deployment (the same as FLUSHALL for us).
     keys = [k async for k in rt.redis.scan_iter(match=f"{rt.keys.prefix}:*")]
     await rt.redis.delete(*keys)
@@ -128,7 +128,7 @@ async def test_reconciler_rebuilds_work_when_redis_loses_everything(
 
 async def test_in_doubt_call_without_reconcile_is_dead_lettered(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="refunder")
+    wid = await client.submit("refunder", TICKET)
     step = (await client.get(wid)).steps[0]
     async with rt.pool.acquire() as conn:  # a worker died after charging, before recording
         await tool_runs.start(
@@ -148,7 +148,7 @@ async def test_in_doubt_call_is_settled_by_reconcile(
 ) -> None:
     probe.refund_found = found
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="refunder")
+    wid = await client.submit("refunder", TICKET)
     step = (await client.get(wid)).steps[0]
     async with rt.pool.acquire() as conn:
         await tool_runs.start(
@@ -171,7 +171,7 @@ async def test_in_doubt_call_is_settled_by_reconcile(
 
 async def test_cancel_takes_effect_at_the_next_step_boundary(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="two_steps")
+    wid = await client.submit("two_steps", TICKET)
     await streams.ensure_group(rt.redis, rt.keys, "gated")
     [entry] = await streams.read(
         rt.redis, rt.keys, "gated", worker.consumer, count=1, block_ms=1000
@@ -200,7 +200,7 @@ async def test_poison_entry_is_recorded_in_postgres(rt: Runtime, probe: Probe) -
 
 async def test_non_retryable_error_dead_letters_at_once(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="refuses")
+    wid = await client.submit("refuses", TICKET)
     await _one(rt, worker, "refuses")
     assert (await client.get(wid)).status is WorkflowStatus.FAILED
     assert probe.calls["refuses"] == 1
@@ -210,7 +210,7 @@ async def test_non_retryable_error_dead_letters_at_once(rt: Runtime, probe: Prob
 
 async def test_worker_stops_after_running_steps_finish(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=2)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.run)
@@ -225,7 +225,7 @@ async def test_reconciler_leaves_a_live_backlog_alone(rt: Runtime, probe: Probe)
     """Steps whose envelopes still wait, undelivered, in their stream are not duplicated."""
     client = Client(rt)
     await streams.ensure_group(rt.redis, rt.keys, "gated")
-    ids = [await client.submit(TICKET, pipeline="gated") for _ in range(3)]
+    ids = [await client.submit("gated", TICKET) for _ in range(3)]
     await anyio.sleep(rt.settings.stall_after + 0.05)  # old enough to look stalled
     assert (await Reconciler(rt).pass_once()).requeued == 0
     assert await rt.redis.xlen(rt.keys.stream("gated")) == 3
@@ -246,7 +246,7 @@ async def test_live_agent_status_follows_the_running_step(rt: Runtime, probe: Pr
     key = rt.keys.agent_status("gated", worker.consumer)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
-        wid = await client.submit(TICKET, pipeline="gated")
+        wid = await client.submit("gated", TICKET)
         await probe.entered.wait()
         with anyio.fail_after(5):
             while (await rt.redis.hget(key, "status")) != b"running":

@@ -7,12 +7,13 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+from orchestrator.agents.ticket import Ticket
 from orchestrator.client import Client
-from orchestrator.reconciler import Reconciler
+from orchestrator.engine.reconciler import Reconciler
+from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from orchestrator.worker import Worker
-from schemas import Ticket, WorkflowStatus
 from tests.apps import Probe, build_app
 from tests.conftest import fetch, runtime_for
 
@@ -42,9 +43,9 @@ async def statuses(client: Client, *ids: object) -> list[WorkflowStatus]:
 
 async def test_second_ticket_waits_for_the_first_then_runs(rt: Runtime, probe: Probe) -> None:
     client = Client(rt)
-    first = await client.submit(ticket(1), pipeline="gated")
-    second = await client.submit(ticket(2), pipeline="flaky")
-    other = await client.submit(ticket(3, session="s-2"), pipeline="flaky")
+    first = await client.submit("gated", ticket(1))
+    second = await client.submit("flaky", ticket(2))
+    other = await client.submit("flaky", ticket(3, session="s-2"))
     assert await statuses(client, first, second, other) == [
         WorkflowStatus.RUNNING,
         WorkflowStatus.QUEUED,
@@ -73,8 +74,8 @@ async def test_second_ticket_waits_for_the_first_then_runs(rt: Runtime, probe: P
 
 async def test_cancelling_the_first_starts_the_next(rt: Runtime, probe: Probe) -> None:
     client = Client(rt)
-    first = await client.submit(ticket(1), pipeline="gated")
-    second = await client.submit(ticket(2), pipeline="flaky")
+    first = await client.submit("gated", ticket(1))
+    second = await client.submit("flaky", ticket(2))
     assert await client.cancel(first)
     assert await statuses(client, first, second) == [
         WorkflowStatus.CANCELLED,
@@ -90,8 +91,8 @@ async def test_cancelling_the_first_starts_the_next(rt: Runtime, probe: Probe) -
 
 async def test_a_lost_promotion_is_repaired_by_the_reconciler(rt: Runtime, probe: Probe) -> None:
     client = Client(rt)
-    first = await client.submit(ticket(1), pipeline="gated")
-    second = await client.submit(ticket(2), pipeline="flaky")
+    first = await client.submit("gated", ticket(1))
+    second = await client.submit("flaky", ticket(2))
     async with rt.pool.acquire() as conn:  # the first ended, but its worker died before promoting
         await conn.execute("UPDATE workflows SET status = 'completed' WHERE id = $1", first)
     assert (await Reconciler(rt).pass_once()).requeued == 1
@@ -109,7 +110,7 @@ async def test_concurrent_first_tickets_of_a_session_get_one_runner(rt: Runtime)
     ids: list[object] = []
 
     async def submit(n: int) -> None:
-        ids.append(await client.submit(ticket(n, session="burst"), pipeline="flaky"))
+        ids.append(await client.submit("flaky", ticket(n, session="burst")))
 
     async with anyio.create_task_group() as tg:
         for n in range(6):
@@ -123,8 +124,8 @@ async def test_resuming_a_failed_ticket_queues_it_behind_the_session(
     rt: Runtime, probe: Probe
 ) -> None:
     client = Client(rt)
-    first = await client.submit(ticket(1), pipeline="refuses")
-    second = await client.submit(ticket(2), pipeline="gated")
+    first = await client.submit("refuses", ticket(1))
+    second = await client.submit("gated", ticket(2))
     worker = Worker(rt, concurrency=2)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)

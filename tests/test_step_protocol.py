@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
-from orchestrator import delayed, streams
 from orchestrator.client import Client
-from orchestrator.context import StepContext
+from orchestrator.coordination import delayed, streams
+from orchestrator.engine.worker import Worker
 from orchestrator.errors import FenceRejected
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
+from orchestrator.step.context import StepContext
 from orchestrator.store import recovery, steps
-from orchestrator.worker import Worker
-from schemas import WorkflowStatus
 from tests.apps import TICKET, Done, Probe, TicketIn, build_app
 from tests.conftest import fetch, runtime_for
 
@@ -45,7 +45,7 @@ async def _next_entry(rt: Runtime, worker: Worker, agent: str) -> streams.Entry:
 async def test_claim_is_refused_for_a_completed_step(rt: Runtime, probe: Probe) -> None:
     probe.gate.set()
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     entry = await _next_entry(rt, worker, "gated")
     await worker.process("gated", entry)
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
@@ -63,7 +63,7 @@ async def test_claim_is_refused_for_a_completed_step(rt: Runtime, probe: Probe) 
 
 async def test_fenced_completion_loses_to_a_newer_attempt(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     stale = await _next_entry(rt, worker, "gated")
 
     async with anyio.create_task_group() as tg:
@@ -89,7 +89,7 @@ async def test_fenced_completion_loses_to_a_newer_attempt(rt: Runtime, probe: Pr
 
 async def test_stale_completion_is_rejected_by_the_store(rt: Runtime, probe: Probe) -> None:
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="gated")
+    wid = await client.submit("gated", TICKET)
     envelope = streams.decode(await _next_entry(rt, worker, "gated"))
     async with rt.pool.acquire() as conn:
         await recovery.requeue(conn, envelope.step_id)
@@ -109,7 +109,7 @@ async def test_stale_completion_is_rejected_by_the_store(rt: Runtime, probe: Pro
 async def test_rerun_step_returns_recorded_tool_results(rt: Runtime, probe: Probe) -> None:
     probe.failures_left = 1
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="flaky")
+    wid = await client.submit("flaky", TICKET)
     await worker.process("flaky", await _next_entry(rt, worker, "flaky"))  # attempt 1 fails
     record = await client.get(wid)
     assert record.steps[0].attempt == 2 and record.status is WorkflowStatus.RUNNING
@@ -138,7 +138,7 @@ async def test_failing_step_fails_the_workflow_after_max_attempts(
 ) -> None:
     probe.failures_left = 99
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit(TICKET, pipeline="flaky")
+    wid = await client.submit("flaky", TICKET)
     for _ in range(rt.settings.max_attempts):
         await worker.process("flaky", await _next_entry(rt, worker, "flaky"))
     record = await client.get(wid)
@@ -167,7 +167,7 @@ async def test_changed_code_on_resume_fails_loudly(settings: Settings) -> None:
     old = build_app(probe)
     async with runtime_for(settings, old) as rt:
         client, worker = Client(rt), Worker(rt, concurrency=1)
-        wid = await client.submit(TICKET, pipeline="flaky")
+        wid = await client.submit("flaky", TICKET)
         await worker.process("flaky", await _next_entry(rt, worker, "flaky"))  # fails, recorded
 
         new: App = build_app(Probe())

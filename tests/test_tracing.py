@@ -7,7 +7,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from orchestrator.demo import load_tickets, run_local
+from orchestrator.agents.support import sample_tickets
+from orchestrator.cli.demo import run_local
 from orchestrator.runtime import open_runtime
 from orchestrator.settings import Settings
 from tests.conftest import drop_test_data
@@ -16,12 +17,12 @@ pytestmark = pytest.mark.anyio
 
 
 async def test_a_ticket_is_one_trace_across_steps_and_tools(settings: Settings) -> None:
-    from agents.support import app
+    from orchestrator.agents.support import app
 
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    ticket = next(t for t in load_tickets() if "ORD-10007" in t.body)
+    ticket = next(t for t in sample_tickets() if "ORD-10007" in t.body)
     try:
         async with open_runtime(settings, app, tracer_provider=provider) as runtime:
             report = await run_local(runtime, [ticket], timeout=30)

@@ -15,8 +15,8 @@ from typing import Any
 from uuid import UUID
 
 from orchestrator.errors import InvalidInput, WorkflowNotFound
+from orchestrator.schemas import EventType, TaskEnvelope, WorkflowStatus
 from orchestrator.store import Conn, dead_letters
-from schemas import EventType, TaskEnvelope, WorkflowStatus
 
 # Open steps with no progress for a while (or whose retry time has come):
 # their envelope may be lost with Redis, or their worker dead.

@@ -15,9 +15,9 @@ from typing import Any
 from uuid import uuid4
 
 from orchestrator.errors import FenceRejected
+from orchestrator.schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
 from orchestrator.store import Conn, dead_letters, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
-from schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
 
 SELECT_OPEN = """
 SELECT s.status, s.attempt, s.failures, s.replies, w.status AS workflow_status,

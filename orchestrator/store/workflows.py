@@ -9,15 +9,14 @@ from uuid import UUID, uuid4
 import asyncpg
 
 from orchestrator.errors import InvalidInput, WorkflowNotFound
-from orchestrator.store import Conn
-from schemas import (
+from orchestrator.schemas import (
     StepRecord,
     StepStatus,
     TaskEnvelope,
-    Ticket,
     WorkflowRecord,
     WorkflowStatus,
 )
+from orchestrator.store import Conn
 
 # The whole submission as ONE statement: session, workflow, first message,
 # first step and event, or nothing when the session belongs to another tenant.
@@ -81,42 +80,48 @@ class Created:
     existing: bool = False  # the key was submitted before: this is that workflow, not new
 
 
-async def create(
-    conn: Conn,
-    ticket: Ticket,
-    *,
-    pipeline: str,
-    first_agent: str,
-    app_version: str,
-    traceparent: str | None = None,
-    key: str | None = None,
-) -> Created:
-    """Record a submitted ticket; return the first step's envelope for the caller to XADD.
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """A workflow to record: where it runs, for whom, and what it starts from."""
 
-    A ticket whose session already has a workflow under way is recorded as
-    ``queued``: it starts (in order) when the earlier one finishes.
+    pipeline: str
+    first_agent: str
+    state: dict[str, Any]  # the workflow state: the input under the pipeline's input key
+    message: str  # the first transcript line (what the customer or caller sent)
+    tenant: str
+    session: str | None
+    customer: str
+    app_version: str
+    key: str | None = None
+    traceparent: str | None = None
+
+
+async def create(conn: Conn, sub: Submission) -> Created:
+    """Record a submitted workflow; return the first step's envelope for the caller to XADD.
+
+    A workflow whose session already has one under way is recorded as ``queued``:
+    it starts (in order) when the earlier one finishes.
     """
     workflow_id, step_id = uuid4(), uuid4()
     envelope_id = workflow_id
-    session_id = ticket.session_id or f"session-{workflow_id}"
-    state: dict[str, Any] = {"ticket": ticket.model_dump(mode="json")}
+    session_id = sub.session or f"session-{workflow_id}"
     status = await _insert(
         conn,
         workflow_id,
         step_id,
         session_id,
-        ticket.tenant_id,
-        ticket.customer_id,
-        pipeline,
-        state,
-        app_version,
-        f"{ticket.subject}\n\n{ticket.body}",
-        first_agent,
-        {"pipeline": pipeline, "first_agent": first_agent},
-        key,
+        sub.tenant,
+        sub.customer,
+        sub.pipeline,
+        sub.state,
+        sub.app_version,
+        sub.message,
+        sub.first_agent,
+        {"pipeline": sub.pipeline, "first_agent": sub.first_agent},
+        sub.key,
     )
-    if status is None and key is not None:
-        existing = await conn.fetchval(SELECT_BY_KEY, ticket.tenant_id, key)
+    if status is None and sub.key is not None:
+        existing = await conn.fetchval(SELECT_BY_KEY, sub.tenant, sub.key)
         if existing is not None:
             workflow_id, status = existing, WorkflowStatus.QUEUED.value
     if status is None:
@@ -127,13 +132,13 @@ async def create(
             workflow_id=workflow_id,
             step_id=step_id,
             seq=0,
-            pipeline=pipeline,
-            agent=first_agent,
+            pipeline=sub.pipeline,
+            agent=sub.first_agent,
             attempt=1,
-            tenant_id=ticket.tenant_id,
+            tenant_id=sub.tenant,
             assigned_by="submit",
-            payload=state,
-            traceparent=traceparent,
+            payload=sub.state,
+            traceparent=sub.traceparent,
         ),
         existing=workflow_id != envelope_id,
     )

@@ -15,10 +15,10 @@ import urllib.request
 import anyio
 import anyio.to_thread
 
-from agents.base import Agent, AgentInput, AgentOutput
 from orchestrator.app import App
-from orchestrator.context import StepContext
 from orchestrator.errors import ToolNotApplied
+from orchestrator.step.agent import Agent, AgentInput, AgentOutput
+from orchestrator.step.context import StepContext
 from tests.fault.toolserver import (
     NotApplied,
     StaleToken,
@@ -221,12 +221,12 @@ app.agent(_agent("pay", "payment"))
 app.agent(_agent("checked_pay", "checked_payment"))
 app.agent(AlwaysRaises)
 app.agent(Slow)
-app.pipeline("three", ["first", "second", "third"], default=True)
-app.pipeline("pay", ["first", "pay"])
-app.pipeline("pay_only", ["pay"])
-app.pipeline("checked_pay", ["first", "checked_pay"])
-app.pipeline("poison", ["always_raises"])
-app.pipeline("slow", ["slow"])
+app.pipeline("three", ["first", "second", "third"], input_key="ticket", default=True)
+app.pipeline("pay", ["first", "pay"], input_key="ticket")
+app.pipeline("pay_only", ["pay"], input_key="ticket")
+app.pipeline("checked_pay", ["first", "checked_pay"], input_key="ticket")
+app.pipeline("poison", ["always_raises"], input_key="ticket")
+app.pipeline("slow", ["slow"], input_key="ticket")
 # Outages and stale workers (test_outages.py).
 app.agent(_recording_agent("held_pay", "held_payment"))
 app.agent(_recording_agent("fenced_pay", "fenced_payment"))
@@ -234,10 +234,10 @@ app.agent(_agent("pay_after_apply", "payment_failing_after_apply"))
 app.agent(_agent("checked_pay_after_apply", "checked_payment_failing_after_apply"))
 app.agent(_agent("pay_refused_once", "payment_refused_once"))
 app.agent(_agent("unreachable", "unreachable"))
-app.pipeline("held_pay", ["held_pay"])
-app.pipeline("fenced_pay", ["fenced_pay"])
-app.pipeline("pay_after_apply", ["pay_after_apply"])
-app.pipeline("checked_pay_after_apply", ["checked_pay_after_apply"])
-app.pipeline("pay_refused_once", ["pay_refused_once"])
-app.pipeline("unreachable", ["unreachable"])
+app.pipeline("held_pay", ["held_pay"], input_key="ticket")
+app.pipeline("fenced_pay", ["fenced_pay"], input_key="ticket")
+app.pipeline("pay_after_apply", ["pay_after_apply"], input_key="ticket")
+app.pipeline("checked_pay_after_apply", ["checked_pay_after_apply"], input_key="ticket")
+app.pipeline("pay_refused_once", ["pay_refused_once"], input_key="ticket")
+app.pipeline("unreachable", ["unreachable"], input_key="ticket")
 app.validate()

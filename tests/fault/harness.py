@@ -18,11 +18,12 @@ from uuid import UUID
 import anyio
 import asyncpg
 
+from orchestrator.agents.ticket import Ticket
 from orchestrator.client import Client
 from orchestrator.runtime import Runtime, open_runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
 from orchestrator.store import workflows
-from schemas import Ticket, WorkflowStatus
 from tests.fault import toolserver
 from tests.fault.app import app as fault_app
 from tests.fault.servers import PostgresServer, RedisServer
@@ -90,7 +91,7 @@ class Fleet:
             [
                 sys.executable,
                 "-m",
-                "orchestrator.cli",
+                "orchestrator",
                 "--app",
                 "tests.fault.app:app",
                 "worker",
@@ -230,7 +231,7 @@ async def run_scenario(
         for pipeline, count in pipelines.items():
             for i in range(count):
                 ticket = Ticket(tenant_id="t", customer_id=f"c{i}", subject=name, body=pipeline)
-                ids.append(await client.submit(ticket, pipeline=pipeline))
+                ids.append(await client.submit(pipeline, ticket))
         fleet.start()
         try:
             unfinished = await _drive(rt, fleet, ids, disturb, start + timeout, faults)

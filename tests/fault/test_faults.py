@@ -17,10 +17,11 @@ from typing import Any
 import anyio
 import pytest
 
+from orchestrator.agents.ticket import Ticket
 from orchestrator.client import Client
-from orchestrator.locks import Lock
+from orchestrator.coordination.locks import Lock
 from orchestrator.runtime import Runtime, open_runtime
-from schemas import Ticket, WorkflowStatus
+from orchestrator.schemas import WorkflowStatus
 from tests.fault.app import app as fault_app
 from tests.fault.harness import ROWS, Fleet, Row, scenario, scenario_settings, worker_env
 
@@ -126,7 +127,7 @@ async def test_paused_worker_is_fenced_out(servers: dict[str, Any], tmp_path: Pa
     async with open_runtime(settings, fault_app) as rt:
         first = fleet.spawn()
         wid = await Client(rt).submit(
-            Ticket(tenant_id="t", customer_id="c", subject="s", body="b"), pipeline="slow"
+            "slow", Ticket(tenant_id="t", customer_id="c", subject="s", body="b")
         )
         await _wait_running(rt, "slow")
         os.kill(first.pid, signal.SIGSTOP)

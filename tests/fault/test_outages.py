@@ -45,10 +45,10 @@ import asyncpg
 import pytest
 
 from orchestrator.client import Client
-from orchestrator.context import idempotency_key
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from schemas import WorkflowStatus
+from orchestrator.step.context import idempotency_key
 from tests.fault import harness, toolserver
 from tests.fault.harness import ROWS, Disturb, Fleet, Row, cpu_hog, run_scenario, scenario
 from tests.fault.proxy import BlackholeProxy

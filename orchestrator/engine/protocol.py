@@ -28,9 +28,11 @@ import anyio
 from opentelemetry import trace
 from pydantic import BaseModel, ValidationError
 
-from orchestrator import status, streams, tracing
+from orchestrator import tracing
 from orchestrator.connections import redis_errors
-from orchestrator.context import StepContext, StepInfo, bind
+from orchestrator.coordination import status, streams
+from orchestrator.coordination.locks import Lock
+from orchestrator.engine.retry import backoff
 from orchestrator.errors import (
     AgentError,
     FenceRejected,
@@ -39,11 +41,10 @@ from orchestrator.errors import (
     ServiceUnavailable,
     StepError,
 )
-from orchestrator.locks import Lock
-from orchestrator.retry import backoff
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
+from orchestrator.step.context import StepContext, StepInfo, bind
 from orchestrator.store import dead_letters, steps
-from schemas import Signal, TaskEnvelope, WorkflowStatus
 
 log = logging.getLogger("orchestrator.worker")
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import anyio
 
-from orchestrator import status, streams
 from orchestrator.connections import OUTAGE, REDIS_DOWN, redis_errors
-from orchestrator.locks import Lock
+from orchestrator.coordination import status, streams
+from orchestrator.coordination.locks import Lock
 from orchestrator.runtime import Runtime
 from orchestrator.store import prune, recovery
 

@@ -15,8 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.typing import EncodableT, FieldT
 
-from orchestrator.keys import Keys
-from schemas import TaskEnvelope
+from orchestrator.coordination.keys import Keys
+from orchestrator.schemas import TaskEnvelope
 
 
 def fields(running: Sequence[TaskEnvelope], last: TaskEnvelope | None) -> dict[FieldT, EncodableT]:

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
+from orchestrator.coordination.keys import Keys
+from orchestrator.coordination.locks import Lock
 from orchestrator.errors import InvalidInput
-from orchestrator.keys import Keys
-from orchestrator.locks import Lock
-from schemas import Signal, TaskEnvelope
+from orchestrator.schemas import Signal, TaskEnvelope
 
 FIELD = b"e"
 # A safety cap only: the reconciler trims acknowledged entries (trim_acknowledged).

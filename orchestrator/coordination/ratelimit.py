@@ -11,8 +11,8 @@ import time
 import anyio
 import redis.asyncio as aioredis
 
+from orchestrator.coordination.keys import Keys
 from orchestrator.errors import StepError
-from orchestrator.keys import Keys
 
 # KEYS[1] bucket hash; ARGV[1] refill rate (tokens/s), ARGV[2] capacity, ARGV[3] cost.
 # Returns {1, 0} when the tokens were taken, {0, ms} with the wait until they would be.

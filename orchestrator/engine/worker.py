@@ -28,11 +28,11 @@ import anyio
 import anyio.abc
 from redis.exceptions import ResponseError
 
-from orchestrator import delayed, status, streams
 from orchestrator.connections import OUTAGE, REDIS_DOWN
+from orchestrator.coordination import delayed, status, streams
+from orchestrator.engine.protocol import StepRunner
+from orchestrator.engine.reconciler import Reconciler
 from orchestrator.errors import ConfigurationError, OrchestratorError
-from orchestrator.protocol import StepRunner
-from orchestrator.reconciler import Reconciler
 from orchestrator.runtime import Runtime
 from orchestrator.store import recovery
 

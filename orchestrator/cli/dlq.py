@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from orchestrator.cli_support import guard, out, run_body
+from orchestrator.cli.support import guard, out, run_body
 from orchestrator.client import Client
 from orchestrator.runtime import Runtime
 

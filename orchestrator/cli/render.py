@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from schemas import WorkflowRecord, WorkflowStatus
+from orchestrator.schemas import WorkflowRecord, WorkflowStatus
 
 
 def workflow_panel(record: WorkflowRecord) -> Panel:

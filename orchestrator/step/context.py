@@ -23,10 +23,10 @@ from orchestrator.errors import (
     ToolError,
     ToolNotApplied,
 )
-from orchestrator.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
+from orchestrator.models.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.store import memory, recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
-from schemas import WorkflowStatus
 
 if TYPE_CHECKING:
     from orchestrator.app import ToolSpec

@@ -13,9 +13,9 @@ from typing import Any
 import redis.asyncio as aioredis
 from pydantic import ValidationError
 
-from orchestrator import streams
-from orchestrator.keys import Keys
-from schemas import TaskEnvelope
+from orchestrator.coordination import streams
+from orchestrator.coordination.keys import Keys
+from orchestrator.schemas import TaskEnvelope
 
 
 async def move_due(client: aioredis.Redis, keys: Keys, *, limit: int = 100) -> int:

@@ -9,23 +9,24 @@ import logging
 import re
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import typer
 from pydantic import ValidationError
 from rich.table import Table
 
-from orchestrator.cli_dlq import dlq
-from orchestrator.cli_support import Options, err, guard, out, run_body, workflow_id_arg
+from orchestrator.app import Pipeline
+from orchestrator.cli.demo import load_inputs, run_local
+from orchestrator.cli.dlq import dlq
+from orchestrator.cli.render import print_summary, steps_table, workflow_panel
+from orchestrator.cli.support import Options, err, guard, out, run_body, workflow_id_arg
 from orchestrator.client import Client
-from orchestrator.demo import load_tickets, run_local
+from orchestrator.engine.worker import Worker
 from orchestrator.errors import ConfigurationError, InvalidInput, ServiceUnavailable
-from orchestrator.render import print_summary, steps_table, workflow_panel
 from orchestrator.runtime import Runtime, open_runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.store.prune import prune_finished
-from orchestrator.worker import Worker
-from schemas import Ticket, WorkflowStatus
 
 cli = typer.Typer(
     add_completion=False,
@@ -59,11 +60,12 @@ def demo(
     concurrency: Annotated[int, typer.Option(min=1)] = 8,
 ) -> None:
     """Run the support pipeline end to end on the sample tickets."""
-    batch = load_tickets(tickets)
+    pipeline = ctx.obj.app().resolve_pipeline(None)
+    batch = load_inputs(pipeline, tickets)
 
     async def body(runtime: Runtime) -> None:
         err.print(f"model: {runtime.model.name}")
-        report = await run_local(runtime, batch, concurrency=concurrency)
+        report = await run_local(runtime, batch, pipeline=pipeline.name, concurrency=concurrency)
         for record in report.records:
             out.print(workflow_panel(record))
         print_summary(out, report.records, report.seconds)
@@ -150,9 +152,17 @@ def worker(
 @guard
 def submit(
     ctx: typer.Context,
-    ticket: Annotated[str, typer.Argument(help="ticket text, or a path to a ticket JSON file")],
-    customer: Annotated[str, typer.Option(help="customer id (text tickets)")] = "anonymous",
-    tenant: Annotated[str, typer.Option(help="tenant id (text tickets)")] = "default",
+    text: Annotated[
+        str | None,
+        typer.Argument(help="ticket text (the pipeline's text shorthand) or a JSON file"),
+    ] = None,
+    input_file: Annotated[
+        Path | None, typer.Option("--input", help="JSON file: one input object or a list")
+    ] = None,
+    pipeline: Annotated[str | None, typer.Option(help="pipeline (default: the app's)")] = None,
+    tenant: Annotated[str | None, typer.Option(help="tenant id")] = None,
+    session: Annotated[str | None, typer.Option(help="session id (workflows run in order)")] = None,
+    customer: Annotated[str | None, typer.Option(help="customer id")] = None,
     wait: Annotated[bool, typer.Option("--wait", help="wait and print the result")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait")] = 60.0,
     key: Annotated[
@@ -160,22 +170,26 @@ def submit(
         typer.Option(help="idempotency key: submitting it again returns the same workflow"),
     ] = None,
 ) -> None:
-    """Submit a ticket (text or JSON file); print its workflow id, or the result with --wait."""
+    """Submit a workflow: --input FILE (JSON), or text; print its id, or the result with --wait."""
     opts: Options = ctx.obj
-    batch = _ticket_arg(ticket, customer, tenant)
+    declared = opts.app().resolve_pipeline(pipeline)
+    batch = _inputs_arg(declared, text, input_file)
     if key is not None and len(batch) != 1:
-        raise InvalidInput("--key needs exactly one ticket (a list would share one key)")
+        raise InvalidInput("--key needs exactly one input (a list would share one key)")
+    route = {"tenant": tenant, "session": session, "customer": customer}
 
     async def body(runtime: Runtime) -> None:
         if opts.settings.redis_url is None:
             # Embedded Redis lives only as long as this process: run the steps here too.
             err.print("REDIS_URL unset: running the workflow in-process")
-            report = await run_local(runtime, batch, timeout=timeout)
+            report = await run_local(
+                runtime, batch, pipeline=declared.name, timeout=timeout, key=key
+            )
             for record in report.records:
                 out.print(workflow_panel(record))
             return
         client = Client(runtime)
-        ids = [await client.submit(t, key=key) for t in batch]
+        ids = [await client.submit(declared.name, i, key=key, **route) for i in batch]
         if not wait:
             for wid in ids:
                 out.print(str(wid))
@@ -187,14 +201,20 @@ def submit(
     run_body(opts, body, migrate=False)
 
 
-def _ticket_arg(value: str, customer: str, tenant: str) -> list[Ticket]:
-    path = Path(value)
-    if value.endswith(".json") or path.is_file():
-        return load_tickets(path)
+def _inputs_arg(pipeline: Pipeline, text: str | None, path: Path | None) -> list[Any]:
+    if (text is None) == (path is None):
+        raise InvalidInput("give either text or --input FILE")
+    if path is not None:
+        return list(load_inputs(pipeline, path))
+    assert text is not None
+    if text.endswith(".json") or Path(text).is_file():
+        return list(load_inputs(pipeline, Path(text)))
+    if pipeline.from_text is None:
+        raise InvalidInput(f"pipeline {pipeline.name!r} takes no text; give --input FILE")
     try:
-        return [Ticket(tenant_id=tenant, customer_id=customer, subject=value[:80], body=value)]
+        return [pipeline.from_text(text)]
     except ValidationError as exc:
-        raise InvalidInput(f"invalid ticket: {exc.errors()[0]['msg']}") from exc
+        raise InvalidInput(f"invalid input: {exc.errors()[0]['msg']}") from exc
 
 
 @cli.command()

@@ -1,1 +1,0 @@
-"""Runnable examples: sample tickets and custom agents."""

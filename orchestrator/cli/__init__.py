@@ -1,0 +1,1 @@
+"""The command line: typer commands, their rendering (rich) and the demo."""

@@ -1,0 +1,88 @@
+"""``orchestrator demo``: the sample tickets through the support pipeline, in one process."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import BaseModel
+
+from orchestrator.app import Pipeline
+from orchestrator.client import Client
+from orchestrator.engine.worker import Worker
+from orchestrator.errors import InvalidInput
+from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowRecord, WorkflowStatus
+
+
+@dataclass(frozen=True, slots=True)
+class DemoReport:
+    records: list[WorkflowRecord]
+    seconds: float
+
+    @property
+    def completed(self) -> int:
+        return sum(r.status is WorkflowStatus.COMPLETED for r in self.records)
+
+    @property
+    def failed(self) -> int:
+        return len(self.records) - self.completed
+
+
+SAMPLES = ("orchestrator.agents", "data/tickets.json")  # the support app's sample tickets
+
+
+def load_inputs(pipeline: Pipeline, path: Path | None = None) -> list[dict[str, Any]]:
+    """Inputs of ``pipeline`` from a JSON file (a list, or one object), each checked
+    against its input model; the bundled sample tickets by default."""
+    if path is None:
+        package, name = SAMPLES
+        text = resources.files(package).joinpath(name).read_text(encoding="utf-8")
+        where = "agents/" + name
+    else:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise InvalidInput(f"cannot read {path}: {exc.strerror}") from exc
+        where = str(path)
+    try:
+        data: Any = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{where} is not valid JSON (line {exc.lineno}: {exc.msg})") from exc
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(item, dict) for item in items):
+        raise InvalidInput(f"{where} must hold a JSON object or a non-empty list of objects")
+    for i, item in enumerate(items):
+        try:
+            pipeline.validate_input(item)
+        except InvalidInput as exc:
+            raise InvalidInput(f"{where}, item {i + 1}: {exc}") from None
+    return items
+
+
+async def run_local(
+    runtime: Runtime,
+    inputs: Sequence[BaseModel | Mapping[str, Any]],
+    *,
+    pipeline: str | None = None,
+    concurrency: int = 8,
+    timeout: float = 120.0,
+    key: str | None = None,
+) -> DemoReport:
+    """Run in-process workers for every agent, submit the inputs, wait for all to finish."""
+    worker = Worker(runtime, concurrency=concurrency)
+    client = Client(runtime)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        start = time.perf_counter()
+        ids = [await client.submit(pipeline, i, key=key) for i in inputs]
+        await client.wait(ids, timeout=timeout)
+        seconds = time.perf_counter() - start
+        worker.stop()
+    return DemoReport([await client.get(i) for i in ids], seconds)

@@ -1,0 +1,1 @@
+"""Language models (OpenAI-compatible or offline) and embedders."""
