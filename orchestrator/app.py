@@ -13,54 +13,19 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from pydantic import BaseModel, ValidationError, create_model
+from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import ConfigurationError, InvalidInput
-from orchestrator.models.llm import OfflineRule, ToolDef
+from orchestrator.models.llm import OfflineRule
+from orchestrator.step.tools import ToolFn, ToolSpec
 
 if TYPE_CHECKING:
-    from orchestrator.runtime import Runtime
     from orchestrator.step.agent import Agent
 
-ToolFn = Callable[..., Awaitable[Any]]
-RUNTIME_PARAMS = frozenset({"idempotency_key", "fencing_token"})
-SetupHook = Callable[["Runtime"], Awaitable[None]]
+# A hook gets the opened Runtime (typed loosely: the runtime module imports this one).
+SetupHook = Callable[[Any], Awaitable[None]]
 A = TypeVar("A", bound="type[Agent[Any, Any]]")
 F = TypeVar("F", bound=ToolFn)
-
-
-@dataclass(frozen=True, slots=True)
-class ToolSpec:
-    name: str
-    fn: ToolFn
-    # Idempotent tools may run again after a crash (with the same key); others never silently.
-    idempotent: bool
-    takes_key: bool
-    # For a non-idempotent tool: given the call's key and arguments, says whether an
-    # in-doubt call took effect (its result) or not (None: safe to call again).
-    reconcile: ToolFn | None = None
-    # The tool takes ``fencing_token`` (the step execution's attempt), for remotes that
-    # refuse a superseded caller.
-    takes_token: bool = False
-    timeout: float | None = None  # seconds; default ``tool_timeout_seconds``
-
-    def definition(self) -> ToolDef:
-        """How the tool is offered to a model: JSON schema of its parameters, its docstring."""
-        fields: dict[str, Any] = {}
-        for param in inspect.signature(self.fn).parameters.values():
-            if param.name in RUNTIME_PARAMS:
-                continue  # supplied by the runtime, never by the model
-            annotation = Any if param.annotation is inspect.Parameter.empty else param.annotation
-            default = ... if param.default is inspect.Parameter.empty else param.default
-            fields[param.name] = (annotation, default)
-        schema = create_model(f"{self.name}_args", **fields).model_json_schema()
-        # Strict function calling (what structured-output parsing requires): every
-        # parameter listed as required, no others allowed, no defaults.
-        properties = schema.get("properties", {})
-        for prop in properties.values():
-            prop.pop("default", None)
-        schema.update(required=list(properties), additionalProperties=False)
-        return ToolDef(self.name, inspect.getdoc(self.fn) or self.name, schema)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,8 @@ from orchestrator.connections import connect_redis, create_pool, pg, redact
 from orchestrator.coordination.keys import Keys
 from orchestrator.coordination.ratelimit import RateLimiter
 from orchestrator.embedded import embedded_postgres, embedded_redis
-from orchestrator.engine.faults import CrashPoints
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
+from orchestrator.faults import CrashPoints
 from orchestrator.models.embeddings import Embedder, HashingEmbedder
 from orchestrator.models.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.settings import Settings

@@ -95,9 +95,9 @@ async def test_vague_ticket_skips_research_and_asks_for_details(support: Runtime
 
 
 async def test_a_session_id_cannot_cross_tenants(support: Runtime) -> None:
+    from orchestrator.agents.ticket import Ticket
     from orchestrator.client import Client
     from orchestrator.errors import InvalidInput
-    from orchestrator.agents.ticket import Ticket
 
     client = Client(support)
     shared = {"customer_id": "c1", "subject": "s", "body": "b", "session_id": "s-1"}

@@ -35,7 +35,9 @@ from orchestrator.errors import (
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from orchestrator.step.context import StepContext, StepInfo, idempotency_key
+from orchestrator.step.context import StepContext
+from orchestrator.step.info import StepInfo
+from orchestrator.step.ledger import idempotency_key
 from orchestrator.store import recovery, tool_runs, workflows
 from orchestrator.store.tool_runs import ToolRun
 from tests.apps import TICKET, Probe, build_promise_app

@@ -43,7 +43,8 @@ from orchestrator.errors import (
 )
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
-from orchestrator.step.context import StepContext, StepInfo, bind
+from orchestrator.step.context import StepContext, bind
+from orchestrator.step.info import StepInfo
 from orchestrator.store import dead_letters, steps
 
 log = logging.getLogger("orchestrator.worker")

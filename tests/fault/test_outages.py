@@ -48,7 +48,7 @@ from orchestrator.client import Client
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from orchestrator.step.context import idempotency_key
+from orchestrator.step.ledger import idempotency_key
 from tests.fault import harness, toolserver
 from tests.fault.harness import ROWS, Disturb, Fleet, Row, cpu_hog, run_scenario, scenario
 from tests.fault.proxy import BlackholeProxy
