@@ -207,6 +207,54 @@ CREATE INDEX workflows_prunable ON workflows (completed_at)
 DROP INDEX workflows_running;
 """
 
+V7_GENERAL_ENGINE = """
+-- Parallel branches. Step numbers come from the workflow row (branches never collide);
+-- open_steps counts the open (queued, waiting) steps, so the workflow ends when the
+-- last branch does; join_step is the join waiting for the open branches, if any.
+-- All three change only under the workflow row's lock.
+ALTER TABLE workflows
+    ADD COLUMN next_seq integer NOT NULL DEFAULT 1,
+    ADD COLUMN open_steps integer NOT NULL DEFAULT 1,
+    ADD COLUMN join_step uuid;
+UPDATE workflows w
+SET next_seq = coalesce((SELECT max(seq) + 1 FROM steps s WHERE s.workflow_id = w.id), 1),
+    open_steps = (SELECT count(*) FROM steps s
+                  WHERE s.workflow_id = w.id AND s.status IN ('queued', 'waiting'));
+-- A join is 'pending' until its branches end. A waiting step waits for a signal
+-- (waiting_for) or a timer (not_before); waits holds the due time of each durable
+-- wait (sleep, wait_for) of the step, by ordinal, so a re-run replays them.
+ALTER TABLE steps DROP CONSTRAINT steps_status_check;
+ALTER TABLE steps ADD CONSTRAINT steps_status_check
+    CHECK (status IN ('pending', 'queued', 'waiting', 'completed', 'failed', 'cancelled'));
+ALTER TABLE steps
+    ADD COLUMN waiting_for text,
+    ADD COLUMN waits jsonb NOT NULL DEFAULT '[]';
+CREATE INDEX steps_due ON steps (not_before) WHERE status = 'waiting';
+
+-- Named signals. A signal is kept until a step's wait takes it (step_id, ordinal),
+-- so one sent before anyone waits is not lost.
+CREATE TABLE signals (
+    id          bigserial PRIMARY KEY,
+    workflow_id uuid NOT NULL REFERENCES workflows (id),
+    name        text NOT NULL,
+    payload     jsonb NOT NULL,
+    step_id     uuid REFERENCES steps (id),
+    ordinal     integer,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    taken_at    timestamptz,
+    UNIQUE (step_id, ordinal)
+);
+CREATE INDEX signals_pending ON signals (workflow_id, name, id) WHERE step_id IS NULL;
+
+-- Cron schedules: the last tick submitted, per schedule (the definition is in code).
+CREATE TABLE schedules (
+    name       text PRIMARY KEY,
+    cron       text NOT NULL,
+    last_tick  timestamptz,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -214,6 +262,7 @@ MIGRATIONS: tuple[str, ...] = (
     V4_HUMAN_INPUT,
     V5_SESSION_ORDER,
     V6_PROMISE,
+    V7_GENERAL_ENGINE,
 )
 
 CREATE_VERSION_TABLE = """
