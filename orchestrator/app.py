@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from orchestrator.errors import ConfigurationError, InvalidInput
 from orchestrator.models.llm import OfflineRule
 from orchestrator.step.tools import ToolFn, ToolSpec
+from orchestrator.store.schedules import CatchUp, Schedule
 
 if TYPE_CHECKING:
     from orchestrator.step.agent import Agent
@@ -37,6 +38,7 @@ class Pipeline:
     input_model: type[BaseModel] | None = None  # None: any JSON object
     input_key: str = "input"  # where the input sits in the workflow state
     from_text: Callable[[str], BaseModel] | None = None  # plain text -> input (the CLI)
+    max_steps: int | None = None  # None: the ``max_steps`` setting
 
     def validate_input(self, value: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
         """The input as JSON, checked against ``input_model``; InvalidInput when it does not fit."""
@@ -71,6 +73,7 @@ class App:
         self.agents: dict[str, type[Agent[Any, Any]]] = {}
         self.tools: dict[str, ToolSpec] = {}
         self.pipelines: dict[str, Pipeline] = {}
+        self.schedules: dict[str, Schedule] = {}
         self.offline_rules: dict[str, OfflineRule] = {}
         self.setup_hooks: list[SetupHook] = []
         self.default_pipeline: str | None = None
@@ -105,6 +108,10 @@ class App:
             if name in self.pipelines:
                 self._twice("pipeline", name)
             self.pipelines[name] = pipeline
+        for name, schedule in other.schedules.items():
+            if name in self.schedules:
+                self._twice("schedule", name)
+            self.schedules[name] = schedule
         self.default_pipeline = self.default_pipeline or other.default_pipeline
         self.offline_rules = {**other.offline_rules, **self.offline_rules}
         self.setup_hooks.extend(other.setup_hooks)
@@ -174,6 +181,7 @@ class App:
         input_model: type[BaseModel] | None = None,
         input_key: str = "input",
         from_text: Callable[[str], BaseModel] | None = None,
+        max_steps: int | None = None,
         default: bool = False,
     ) -> Pipeline:
         """Declare a pipeline: its agents in their default order and the input it takes.
@@ -181,14 +189,43 @@ class App:
         A submitted input is validated against ``input_model`` and stored in the
         workflow state under ``input_key``, where the agents' input models read it.
         ``from_text`` turns a plain-text ``orchestrator submit "..."`` into an input.
+        ``max_steps`` bounds the steps of one workflow (default: the ``max_steps``
+        setting): a routing loop fails with ``StepLimitReached`` instead of running on.
         """
         if not agents:
             raise ConfigurationError(f"pipeline {name!r} has no agents")
-        pipeline = Pipeline(name, tuple(agents), input_model, input_key, from_text)
+        pipeline = Pipeline(name, tuple(agents), input_model, input_key, from_text, max_steps)
         self.pipelines[name] = pipeline
         if default or self.default_pipeline is None:
             self.default_pipeline = name
         return pipeline
+
+    def schedule(
+        self,
+        name: str,
+        *,
+        cron: str,
+        pipeline: str,
+        input: BaseModel | Mapping[str, Any],
+        tenant: str = "default",
+        catch_up: CatchUp = "latest",
+        timezone: str = "UTC",
+    ) -> Schedule:
+        """Submit a workflow of ``pipeline`` on ``input`` at every tick of ``cron``.
+
+        ``cron`` is a five-field expression (minute hour day-of-month month
+        day-of-week) read in ``timezone``; a bad one raises ConfigurationError here.
+        Each tick runs once however many runtimes tick. A schedule never fires for
+        ticks before it was first seen; ticks missed while nothing ran collapse into
+        one run for the latest of them, or with ``catch_up="all"`` each get a run (at
+        most 100, the latest). See ``orchestrator.engine.schedules.tick``.
+        """
+        if name in self.schedules:
+            self._twice("schedule", name)
+        given = input if isinstance(input, BaseModel) else dict(input)
+        declared = Schedule(name, cron, pipeline, given, tenant, catch_up, timezone)
+        self.schedules[name] = declared
+        return declared
 
     def offline_rule(self, purpose: str) -> Callable[[OfflineRule], OfflineRule]:
         def register(rule: OfflineRule) -> OfflineRule:
@@ -225,6 +262,26 @@ class App:
             known = ", ".join(sorted(self.pipelines)) or "none"
             raise ConfigurationError(f"no pipeline {chosen!r} in app {self.name!r} (has {known})")
         return self.pipelines[chosen]
+
+    def step_limit(self, pipeline: str, default: int) -> int:
+        """The most steps a workflow of ``pipeline`` may run."""
+        declared = self.pipelines.get(pipeline)
+        return (declared.max_steps if declared else None) or default
+
+    @property
+    def joins(self) -> frozenset[str]:
+        """The agents declared as joins."""
+        return frozenset(name for name, cls in self.agents.items() if cls.join)
+
+    def tolerates_failed_branches(self, pipeline: str) -> bool:
+        """Whether a failed branch of ``pipeline`` leaves the workflow running: its join
+        (an agent of the pipeline declared ``join`` and ``optional_branches``) says so."""
+        declared = self.pipelines.get(pipeline)
+        return declared is not None and any(
+            self.agents[a].join and self.agents[a].optional_branches
+            for a in declared.agents
+            if a in self.agents
+        )
 
     def default_next(self, pipeline: str, agent: str) -> tuple[str, ...]:
         """The agent after ``agent`` in ``pipeline`` (none at its end)."""

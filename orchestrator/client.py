@@ -16,8 +16,9 @@ from orchestrator.coordination import streams
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, WorkflowRecord, WorkflowStatus
+from orchestrator.step.context import INPUT_SIGNAL
 from orchestrator.store import dead_letters as letters
-from orchestrator.store import recovery, workflows
+from orchestrator.store import recovery, waits, workflows
 from orchestrator.store.dead_letters import DeadLetter
 
 
@@ -91,18 +92,38 @@ class Client:
             await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
         return len(envelopes)
 
-    async def provide_input(self, workflow_id: UUID, text: str) -> None:
-        """Deliver a reply to a waiting workflow: recorded in Postgres, then the step resumes.
+    async def signal(self, workflow_id: UUID, name: str, payload: Any = None) -> bool:
+        """Send the signal ``name`` (any JSON payload) to a workflow; return whether a
+        step was waiting for it (and resumes now).
 
-        If the wake-up is lost (Redis down), the reconciler resumes the step anyway.
+        Recorded in Postgres first: a signal sent before the workflow waits is kept
+        and taken by its next ``ctx.wait_for(name)``. A lost wake-up (Redis down) is
+        re-enqueued by the reconciler.
         """
+        if not name.strip():
+            raise InvalidInput("the signal needs a name")
+        return await self._signal(workflow_id, name, payload, None)
+
+    async def provide_input(self, workflow_id: UUID, text: str) -> None:
+        """Deliver a person's reply (the signal ``"input"``, which ``ctx.ask`` waits for);
+        it is also added to the session transcript."""
         if not text.strip():
             raise InvalidInput("the reply is empty")
+        await self._signal(workflow_id, INPUT_SIGNAL, text, ("customer", "customer", text))
+
+    async def _signal(
+        self, workflow_id: UUID, name: str, payload: Any, transcript: tuple[str, str, str] | None
+    ) -> bool:
         async with self.rt.db() as conn:
-            envelope = await recovery.provide_input(conn, workflow_id, text)
+            envelope = await waits.send_signal(
+                conn, workflow_id, name, payload, transcript=transcript
+            )
+        if envelope is None:
+            return False
         await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
         signal = Signal(workflow_id=workflow_id, status=WorkflowStatus.RUNNING, seq=envelope.seq)
         await self.rt.redis.publish(self.rt.keys.progress_channel(), signal.model_dump_json())
+        return True
 
     async def dead_letters(
         self, *, include_retried: bool = False, limit: int = 50

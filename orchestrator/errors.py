@@ -6,13 +6,20 @@ OrchestratorError
 │                           waited out, never a step failure), or pgvector is missing
 ├── InvalidInput            a malformed ticket, envelope or cached value
 ├── WorkflowNotFound        no workflow with that id
-├── InputNeeded             control flow: ctx.ask() parks the step until a reply
-└── StepError               raised while running one step (carries ids)
+└── StepError               raised while running one step (carries ids, ``retry_after``)
     ├── FenceRejected       the completion lost to a newer attempt or a closed step
-    ├── NonDeterminismError a replay asked for a different tool than was recorded
+    ├── NonDeterminismError a replay asked for a different tool or wait than was recorded
+    ├── StepLimitReached    the workflow routed past its step limit (a loop?)
+    ├── WaitTimedOut        ctx.wait_for() timed out: catch it to carry on without the signal
     ├── ToolError           a tool failed (``non_retryable`` says whether to retry)
     │   └── ToolNotApplied  raised by a non-idempotent tool: the remote certainly did nothing
     └── AgentError          raise from an agent; ``non_retryable`` skips retries
+
+Control flow, not errors (BaseException, so an agent's ``except Exception`` cannot
+swallow it, as Temporal does):
+
+Parked                      ctx.ask(), ctx.wait_for(), ctx.sleep(): the step stops here and
+                            runs again once the reply, signal or time has come
 """
 
 from __future__ import annotations
@@ -48,18 +55,39 @@ class WorkflowNotFound(OrchestratorError):
         self.workflow_id = workflow_id
 
 
-class InputNeeded(OrchestratorError):
-    """Raised by ``ctx.ask`` when no reply exists yet: the workflow waits for one."""
+class Parked(BaseException):
+    """The step waits, durably, without holding a worker: for the signal ``name``
+    (``ctx.ask`` waits for ``"input"``), for ``delay`` seconds, or both (a timeout).
 
-    def __init__(self, question: str) -> None:
-        super().__init__(f"waiting for input: {question}")
+    ``due`` is an already recorded due time (epoch seconds) when a re-run parks again
+    on the same wait; ``new`` says the wait is new and its due time must be recorded.
+    """
+
+    def __init__(
+        self,
+        *,
+        name: str | None,
+        delay: float | None,
+        due: float | None = None,
+        new: bool = True,
+        question: str | None = None,
+    ) -> None:
+        what = f"signal {name!r}" if name else f"{delay}s"
+        super().__init__(f"parked: waiting for {what}")
+        self.name = name
+        self.delay = delay
+        self.due = due
+        self.new = new
         self.question = question
 
 
 class StepError(OrchestratorError):
-    """An error tied to one step; ``non_retryable`` stops further attempts."""
+    """An error tied to one step; ``non_retryable`` stops further attempts and
+    ``retry_after`` (seconds: a rate limit's wait, a remote's Retry-After) is the least
+    the backoff waits before the next one."""
 
     non_retryable: bool = False
+    retry_after: float | None = None
 
     def __init__(
         self,
@@ -69,6 +97,7 @@ class StepError(OrchestratorError):
         step_id: UUID | None = None,
         agent: str | None = None,
         non_retryable: bool | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.workflow_id = workflow_id
@@ -76,6 +105,8 @@ class StepError(OrchestratorError):
         self.agent = agent
         if non_retryable is not None:
             self.non_retryable = non_retryable
+        if retry_after is not None:
+            self.retry_after = retry_after
 
 
 class FenceRejected(StepError):
@@ -86,9 +117,29 @@ class NonDeterminismError(StepError):
     non_retryable = True
 
 
+class StepLimitReached(StepError):
+    non_retryable = True
+
+
+class WaitTimedOut(StepError):
+    """``ctx.wait_for(name, timeout=...)`` saw no signal in time."""
+
+    def __init__(self, name: str, timeout: float) -> None:
+        super().__init__(f"no signal {name!r} within {timeout:g}s", non_retryable=True)
+        self.name = name
+        self.timeout = timeout
+
+
 class ToolError(StepError):
-    def __init__(self, message: str, *, tool: str, non_retryable: bool = False) -> None:
-        super().__init__(message, non_retryable=non_retryable)
+    def __init__(
+        self,
+        message: str,
+        *,
+        tool: str,
+        non_retryable: bool = False,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, non_retryable=non_retryable, retry_after=retry_after)
         self.tool = tool
 
 

@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     home: Path = Field(default_factory=_default_home)
     lease_seconds: float = Field(default=30.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
+    # A workflow stops with StepLimitReached past this many steps (a routing loop).
+    max_steps: int = Field(default=100, ge=1)
     status_ttl_seconds: int = Field(default=300, ge=1)
     pool_size: int = Field(default=10, ge=1)
     block_ms: int = Field(default=1000, ge=1)
@@ -50,6 +52,8 @@ class Settings(BaseSettings):
     # An open step with no progress for this long is re-enqueued from Postgres.
     stall_seconds: float | None = Field(default=None, gt=0)
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
+    # How often each worker wakes due timers (sleeps, wait timeouts) from Postgres.
+    timer_interval_seconds: float = Field(default=1.0, gt=0)
     # Worker liveness: each worker refreshes a key with this TTL every third of it;
     # a worker whose key lapsed is dead (or paused) and its steps are taken over.
     worker_ttl_seconds: float = Field(default=3.0, gt=0)

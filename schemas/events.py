@@ -23,6 +23,12 @@ class EventType(StrEnum):
     WORKFLOW_RESUMED = "workflow.resumed"
     WORKFLOW_WAITING = "workflow.waiting"
     INPUT_RECEIVED = "workflow.input_received"
+    WORKFLOW_FORKED = "workflow.forked"
+    JOIN_STARTED = "workflow.join_started"
+    BRANCH_FAILED = "step.branch_failed"
+    STEP_WAITING = "step.waiting"
+    STEP_WOKEN = "step.woken"
+    SIGNAL_RECEIVED = "workflow.signal_received"
 
 
 class Event(Wire):

@@ -12,7 +12,7 @@ from orchestrator.engine.worker import Worker
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
-from orchestrator.store import recovery
+from orchestrator.store import waits
 from tests.conftest import fetch
 
 pytestmark = pytest.mark.anyio
@@ -85,7 +85,7 @@ async def test_a_lost_wake_up_is_covered_by_the_reconciler(support: Runtime) -> 
         wid = await client.submit(None, UNCLEAR)
         await _until(client, wid, WorkflowStatus.WAITING)
         async with support.pool.acquire() as conn:  # the reply is recorded; Redis never hears
-            await recovery.provide_input(conn, wid, "ORD-10010")
+            await waits.send_signal(conn, wid, "input", "ORD-10010")
         fast = Reconciler(support)
         fast.rt = support
         await anyio.sleep(0.05)
@@ -102,13 +102,30 @@ async def test_a_lost_wake_up_is_covered_by_the_reconciler(support: Runtime) -> 
     assert "ORD-10010" in (await client.get(wid)).state["response"]["citations"]
 
 
-async def test_input_for_a_workflow_that_is_not_waiting_is_refused(support: Runtime) -> None:
+async def test_input_sent_before_the_question_is_kept_for_it(support: Runtime) -> None:
     client = Client(support)
     wid = await client.submit(None, UNCLEAR)
-    with pytest.raises(InvalidInput, match="is running, not waiting for input"):
-        await client.provide_input(wid, "ORD-10010")
     with pytest.raises(InvalidInput, match="empty"):
         await client.provide_input(wid, "  ")
+    # No step asks yet (no worker ran): the reply is kept, not refused and not lost.
+    assert await client.signal(wid, "input", "ORD-10010") is False
+    worker = Worker(support, concurrency=2, reconcile=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        statuses = await client.wait([wid], timeout=20)
+        worker.stop()
+    assert statuses[wid] is WorkflowStatus.COMPLETED  # never parked: the reply was there
+    assert "ORD-10010" in (await client.get(wid)).state["response"]["citations"]
+    waited = await fetch(
+        support,
+        "SELECT count(*) AS n FROM events WHERE workflow_id = $1 AND type = $2",
+        wid,
+        "workflow.waiting",
+    )
+    assert waited[0]["n"] == 0
+    done = await client.get(wid)
+    with pytest.raises(InvalidInput, match="is completed; it takes no signals"):
+        await client.provide_input(done.id, "too late")
 
 
 async def test_watch_sees_progress_and_the_end(support: Runtime) -> None:

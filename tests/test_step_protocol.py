@@ -103,7 +103,7 @@ async def test_stale_completion_is_rejected_by_the_store(rt: Runtime, probe: Pro
             started_at=(await client.get(wid)).created_at,
         )
         with pytest.raises(FenceRejected):
-            await steps.complete(conn, envelope, outcome)
+            await steps.complete(conn, envelope, outcome, steps.OpenStep(True, ""))
 
 
 async def test_rerun_step_returns_recorded_tool_results(rt: Runtime, probe: Probe) -> None:

@@ -36,10 +36,11 @@ from orchestrator.engine.retry import backoff
 from orchestrator.errors import (
     AgentError,
     FenceRejected,
-    InputNeeded,
     InvalidInput,
+    Parked,
     ServiceUnavailable,
     StepError,
+    StepLimitReached,
 )
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
@@ -218,7 +219,9 @@ class StepRunner:
             envelope.assigned_by,
             envelope.pipeline,
         )
-        ctx = StepContext(rt, info, envelope.payload, opened.recorded, cls.tools, opened.replies)
+        ctx = StepContext(
+            rt, info, envelope.payload, opened.recorded, cls.tools, opened.waits, opened.signals
+        )
         started = datetime.now(UTC)
         key = (envelope.step_id, envelope.attempt)
         running = _Running(envelope, entry, lock, anyio.current_time(), ctx)
@@ -226,19 +229,20 @@ class StepRunner:
         try:
             try:
                 with running.scope:
-                    outcome = await self._execute(cls, ctx, envelope, started)
+                    outcome = await self._execute(cls, ctx, envelope, started, opened)
                 if running.scope.cancelled_caught:
                     raise ctx_superseded(envelope)
                 running.committing = True
                 async with rt.db() as conn:
-                    completed = await steps.complete(conn, envelope, outcome)
+                    completed = await steps.complete(conn, envelope, outcome, opened, rt.app.joins)
                 rt.crash.reached("after_commit")
                 ending = self._ending(
                     envelope, entry, lock, next=completed.next, status=completed.status
                 )
-            except InputNeeded as need:
+            except Parked as parked:
+                # Control flow (a BaseException the agent could not swallow): wait durably.
                 running.committing = True
-                ending = await self._park(envelope, entry, lock, ctx, started, need.question)
+                ending = await self._park(envelope, entry, lock, ctx, started, parked)
             except FenceRejected:
                 raise
             except INFRA_ERRORS:
@@ -256,7 +260,12 @@ class StepRunner:
         await self._hand_off(ending)
 
     async def _execute(
-        self, cls: Any, ctx: StepContext, envelope: TaskEnvelope, started: datetime
+        self,
+        cls: Any,
+        ctx: StepContext,
+        envelope: TaskEnvelope,
+        started: datetime,
+        opened: steps.OpenStep,
     ) -> steps.Outcome:
         agent = cls()
         try:
@@ -281,7 +290,7 @@ class StepRunner:
         return steps.Outcome(
             output=output.model_dump(mode="json"),
             state={**envelope.payload, **agent.state_update(output)},
-            next_agents=self._route(agent, envelope, output),
+            next_agents=self._route(agent, envelope, output, opened),
             tool_runs=ctx.tool_runs,
             messages=ctx.messages,
             worker=self.consumer,
@@ -290,16 +299,30 @@ class StepRunner:
             traceparent=tracing.traceparent_of(trace.get_current_span()),
         )
 
-    def _route(self, agent: Any, envelope: TaskEnvelope, output: BaseModel) -> tuple[str, ...]:
+    def _route(
+        self, agent: Any, envelope: TaskEnvelope, output: BaseModel, opened: steps.OpenStep
+    ) -> tuple[str, ...]:
+        app = self.rt.app
         chosen = agent.route(output)
         if chosen is None:
-            return self.rt.app.default_next(envelope.pipeline, envelope.agent)
-        unknown = [a for a in chosen if a not in self.rt.app.agents]
+            chosen = app.default_next(envelope.pipeline, envelope.agent)
+        unknown = [a for a in chosen if a not in app.agents]
         if unknown:
             raise AgentError(
                 f"routes to unknown agent(s): {', '.join(unknown)}", non_retryable=True
             )
-        return tuple(chosen)
+        limit = app.step_limit(envelope.pipeline, self.rt.settings.max_steps)
+        if chosen and opened.next_seq + len(chosen) > limit:
+            # A routing loop ends here, clearly, instead of running forever.
+            raise StepLimitReached(
+                f"step limit reached: the workflow has run {opened.next_seq} steps and may "
+                f"run {limit} (pipeline {envelope.pipeline!r}); routing to "
+                f"{', '.join(chosen)} refused",
+                workflow_id=envelope.workflow_id,
+                step_id=envelope.step_id,
+                agent=envelope.agent,
+            )
+        return tuple(dict.fromkeys(chosen))
 
     async def _park(
         self,
@@ -308,19 +331,23 @@ class StepRunner:
         lock: Lock,
         ctx: StepContext,
         started: datetime,
-        question: str,
+        parked: Parked,
     ) -> streams.Handoff:
-        """The agent asked a person something: the workflow waits, durably, for the reply."""
+        """The step waits, durably, for a signal or a time (no worker holds it meanwhile);
+        or, when the signal it waits for is already there, runs again at once."""
         async with self.rt.db() as conn:
-            await steps.park(
+            parking = await steps.park(
                 conn,
                 envelope,
-                question=question,
+                parked,
+                ordinal=ctx.waited - 1,
                 recorded=ctx.tool_runs,
                 worker=self.consumer,
                 started_at=started,
                 usage=_usage(self.rt, ctx),
             )
+        if parking.rerun is not None:
+            return self._ending(envelope, entry, lock, next=[parking.rerun])
         return self._ending(envelope, entry, lock, status=WorkflowStatus.WAITING)
 
     async def _fail(
@@ -342,14 +369,19 @@ class StepRunner:
         cls = rt.app.agents[envelope.agent]
         max_attempts = cls.max_attempts or rt.settings.max_attempts
         non_retryable = isinstance(exc, StepError) and exc.non_retryable
+        hint = exc.retry_after if isinstance(exc, StepError) else None
         failures = opened.failures + 1
         retry_after = (
             None
             if non_retryable or failures >= max_attempts
-            else backoff(
-                failures,
-                base=rt.settings.retry_base_seconds,
-                cap=rt.settings.retry_cap_seconds,
+            # The error's own hint (a rate limit's wait, a Retry-After) is the least wait.
+            else max(
+                backoff(
+                    failures,
+                    base=rt.settings.retry_base_seconds,
+                    cap=rt.settings.retry_cap_seconds,
+                ),
+                hint or 0.0,
             )
         )
         error = f"{type(exc).__name__}: {exc}"[:2000]
@@ -373,10 +405,13 @@ class StepRunner:
                 worker=self.consumer,
                 started_at=started,
                 usage=_usage(rt, ctx),
+                tolerated=rt.app.tolerates_failed_branches(envelope.pipeline),
             )
         if failure.retry is not None:
             ending = self._ending(envelope, entry, lock)
             return replace(ending, retry=failure.retry, retry_delay=failure.delay)
+        if not failure.workflow_failed:  # a branch ended; its join tolerates the failure
+            return self._ending(envelope, entry, lock, next=failure.promoted, status=failure.status)
         # Out of attempts: dead-lettered; the next ticket of its session may start.
         ending = self._ending(
             envelope, entry, lock, next=failure.promoted, status=WorkflowStatus.FAILED

@@ -30,6 +30,7 @@ from redis.exceptions import ResponseError
 
 from orchestrator.connections import OUTAGE, REDIS_DOWN
 from orchestrator.coordination import delayed, status, streams
+from orchestrator.engine import timers
 from orchestrator.engine.protocol import StepRunner
 from orchestrator.engine.reconciler import Reconciler
 from orchestrator.errors import ConfigurationError, OrchestratorError
@@ -91,6 +92,9 @@ class Worker:
                 self._every, "heartbeat", self._heartbeat, settings.lease_seconds / 3
             )
             background.start_soon(self._every, "delayed retries", self._move_delayed, 0.2)
+            background.start_soon(
+                self._every, "timers", self._wake_timers, settings.timer_interval_seconds
+            )
             if self.reconcile:
                 background.start_soon(Reconciler(self.rt, self.consumer).run, self._stop)
             async with anyio.create_task_group() as consumers:
@@ -141,6 +145,10 @@ class Worker:
     async def _move_delayed(self) -> None:
         if not self._stop.is_set():
             await delayed.move_due(self.rt.redis, self.rt.keys)
+
+    async def _wake_timers(self) -> None:
+        if not self._stop.is_set():
+            await timers.wake_due(self.rt)
 
     async def _consume(self, agent: str) -> None:
         slots = anyio.Semaphore(self.concurrency)

@@ -41,12 +41,22 @@ class Agent(Generic[InT, OutT]):
     routes: ClassVar[tuple[str, ...]] = ()  # agents route() may name besides the pipeline's
     max_attempts: ClassVar[int | None] = None  # None: the runtime's default
     timeout_seconds: ClassVar[float] = 120.0
+    # A join runs once, after every open branch of its workflow has ended, on the
+    # workflow state with every branch's output. route() naming several agents forks.
+    join: ClassVar[bool] = False
+    # For a join: a failed branch does not fail the workflow; the join runs without it
+    # and finds the error under ``branch_errors[agent]`` in the state.
+    optional_branches: ClassVar[bool] = False
 
     async def run(self, ctx: StepContext, data: InT) -> OutT:
         raise NotImplementedError
 
     def route(self, output: OutT) -> Sequence[str] | None:
-        """Agents to run next; None follows the pipeline, an empty list ends the workflow.
+        """Agents to run next; None follows the pipeline, an empty list ends this branch.
+
+        Several agents start parallel branches, each on this step's state; the
+        workflow ends when no branch is open. A branch reaching a join agent waits
+        there until every other branch has ended too.
 
         Name only agents of the pipeline or of ``routes`` (checked when the app
         loads); anything else fails the step with a non-retryable error.

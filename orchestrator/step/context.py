@@ -6,19 +6,28 @@ Temporal's activity API does; outside a step it fails clearly.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
+from datetime import timedelta
 from typing import Any
 
-from orchestrator.errors import InputNeeded, OrchestratorError, ToolError
+from orchestrator.errors import (
+    NonDeterminismError,
+    OrchestratorError,
+    Parked,
+    ToolError,
+    WaitTimedOut,
+)
 from orchestrator.models.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.step.info import StepInfo
 from orchestrator.step.ledger import ToolLedger
 from orchestrator.step.services import StepServices
-from orchestrator.store import memory, recovery
+from orchestrator.store import memory, recovery, waits
 from orchestrator.store.tool_runs import ToolRun
 
+INPUT_SIGNAL = "input"  # the signal ctx.ask() waits for: a person's reply
 _current: ContextVar[StepContext] = ContextVar("orchestrator_step_context")
 
 
@@ -30,15 +39,17 @@ class StepContext:
         state: Mapping[str, Any],
         recorded: Mapping[int, ToolRun],
         allowed_tools: tuple[str, ...],
-        replies: Sequence[str] = (),
+        waits: Sequence[float | None] = (),
+        signals: Mapping[int, tuple[str, Any]] | None = None,
     ) -> None:
         self.info = info
         self.state = state
         self._services = services
         self._ledger = ToolLedger(services, info, recorded)
         self._allowed = allowed_tools
-        self._replies = list(replies)
-        self._asked = 0
+        self._waits = list(waits)  # due times of this step's durable waits, by ordinal
+        self._signals = dict(signals or {})  # (name, payload) taken by each wait ordinal
+        self.waited = 0  # waits reached by this run: the ordinal of the next one
         self.messages: list[str] = []  # transcript lines, committed with the step
         self.usage = Usage()  # tokens of this step's model calls, recorded with its attempt
         self.model_calls = 0
@@ -61,16 +72,86 @@ class StepContext:
     def ask(self, question: str) -> str:
         """Ask the customer; returns the reply once there is one.
 
-        Without a reply yet, the step stops here and the workflow waits, durably,
-        until ``orchestrator input`` (or ``Client.provide_input``) delivers one;
-        then the step runs again from its start, with recorded tool results
-        reused, and this call returns the reply.
+        Without a reply yet, the step stops here and the workflow waits, durably and
+        without holding a worker, until ``orchestrator input`` (``Client.provide_input``:
+        the signal ``"input"``) delivers one; then the step runs again from its start,
+        with recorded tool results reused, and this call returns the reply.
         """
-        index = self._asked
-        self._asked += 1
-        if index < len(self._replies):
-            return self._replies[index]
-        raise InputNeeded(question)
+        ordinal = self._next_wait()
+        taken = self._taken(ordinal, INPUT_SIGNAL)
+        if taken is not None:
+            return str(taken[1])
+        new = not self._recorded(ordinal)
+        raise Parked(name=INPUT_SIGNAL, delay=None, question=question, new=new)
+
+    async def wait_for(self, name: str, *, timeout: timedelta | float | None = None) -> Any:
+        """Wait, durably, for the signal ``name``; return its payload.
+
+        A signal sent before this wait is kept and returned at once. Otherwise the
+        step parks without holding a worker until ``client.signal(workflow, name,
+        payload)`` (or ``orchestrator signal``) sends one, and then runs again from its
+        start (recorded tool results reused) to get here. With ``timeout`` and no
+        signal in time, raises ``WaitTimedOut`` (catch it to carry on without one).
+        """
+        seconds = _seconds(timeout)
+        ordinal = self._next_wait()
+        taken = self._taken(ordinal, name)
+        if taken is not None:
+            return taken[1]
+        recorded = self._recorded(ordinal)
+        due = self._waits[ordinal] if recorded else None
+        info = self.info
+        async with self._services.db() as conn:
+            found, payload = await waits.take_signal(
+                conn,
+                info.workflow_id,
+                info.step_id,
+                info.attempt,
+                name=name,
+                ordinal=ordinal,
+                deadline=due,
+            )
+        if found:
+            self._signals[ordinal] = (name, payload)
+            return payload
+        if due is not None and time.time() >= due:
+            raise WaitTimedOut(name, seconds or 0.0)
+        raise Parked(name=name, delay=seconds, due=due, new=not recorded)
+
+    async def sleep(self, delay: timedelta | float) -> None:
+        """Sleep, durably: the step parks without holding a worker and runs again (from
+        its start, recorded tool results reused) once ``delay`` has passed, across
+        restarts and the loss of Redis."""
+        seconds = _seconds(delay) or 0.0
+        ordinal = self._next_wait()
+        if self._recorded(ordinal):
+            due = self._waits[ordinal]
+            if due is None or time.time() >= due:
+                return
+            raise Parked(name=None, delay=None, due=due, new=False)
+        if seconds <= 0:
+            return
+        raise Parked(name=None, delay=seconds)
+
+    def _next_wait(self) -> int:
+        ordinal = self.waited
+        self.waited += 1
+        return ordinal
+
+    def _recorded(self, ordinal: int) -> bool:
+        return ordinal < len(self._waits)
+
+    def _taken(self, ordinal: int, name: str) -> tuple[str, Any] | None:
+        taken = self._signals.get(ordinal)
+        if taken is not None and taken[0] != name:
+            raise NonDeterminismError(
+                f"non-determinism: wait {ordinal} of this step took signal {taken[0]!r} when "
+                f"recorded, now waits for {name!r}; the code changed since it ran",
+                workflow_id=self.info.workflow_id,
+                step_id=self.info.step_id,
+                agent=self.info.agent,
+            )
+        return taken
 
     def say(self, text: str) -> None:
         """Append an agent message to the session transcript (committed with the step)."""
@@ -162,3 +243,7 @@ def current() -> StepContext:
 
 def bind(ctx: StepContext) -> Any:
     return _current.set(ctx)
+
+
+def _seconds(value: timedelta | float | None) -> float | None:
+    return value.total_seconds() if isinstance(value, timedelta) else value

@@ -48,7 +48,7 @@ WHERE s.id = x.id AND s.attempt = x.attempt AND s.status = 'queued'
 RETURNING s.id
 """
 LOCK_OPEN_STEPS = """
-SELECT id FROM steps WHERE workflow_id = $1 AND status IN ('queued', 'waiting')
+SELECT id FROM steps WHERE workflow_id = $1 AND status IN ('pending', 'queued', 'waiting')
 ORDER BY seq FOR UPDATE
 """
 WORKFLOW_STATUS = "SELECT status FROM workflows WHERE id = $1"
@@ -60,7 +60,7 @@ RETURNING id
 """
 CANCEL_STEPS = """
 UPDATE steps SET status = 'cancelled', updated_at = now(), completed_at = now()
-WHERE workflow_id = $1 AND status IN ('queued', 'waiting')
+WHERE workflow_id = $1 AND status IN ('pending', 'queued', 'waiting')
 """
 # A resumed step gets its retry budget back (failures = 0) and a new fence.
 REOPEN_FAILED_STEP = """
@@ -121,7 +121,7 @@ async def requeue(
             EventType.STEP_REQUEUED.value,
             {"attempt": row["attempt"], "reason": reason},
         )
-    return _envelope(row)
+    return envelope_of(row)
 
 
 async def heartbeat(conn: Conn, running: list[tuple[UUID, int]]) -> set[UUID]:
@@ -180,54 +180,22 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
             await dead_letters.mark_workflow_retried(conn, workflow_id)
             if now == WorkflowStatus.QUEUED:
                 return []  # behind a later ticket of its session: promoted when that ends
-            return [_envelope(await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id))]
+            # Sibling branches stopped when the workflow failed: they go on, new fences.
+            siblings = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
+            rows = [await conn.fetchrow(REQUEUE_STEP, s, None) for s in siblings if s != step_id]
+            reopened = envelope_of(await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id))
+            return [reopened, *(envelope_of(row) for row in rows if row is not None)]
         # Stuck: re-enqueue its open steps under new attempts (fencing out any old run).
         step_ids = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
         rows = [await conn.fetchrow(REQUEUE_STEP, step_id, None) for step_id in step_ids]
-    return [_envelope(row) for row in rows if row is not None]
+    return [envelope_of(row) for row in rows if row is not None]
 
 
-# The reply is appended to the waiting step's replies; the step re-runs under a
-# new attempt (recorded tool results are reused) and its ask() now gets the answer.
-ANSWER_STEP = """
-UPDATE steps SET status = 'queued', attempt = attempt + 1, question = NULL,
-                 replies = replies || to_jsonb($2::text), updated_at = now()
-WHERE workflow_id = $1 AND status = 'waiting'
-RETURNING id
-"""
-RESUME_WAITING = """
-UPDATE workflows SET status = 'running', updated_at = now() WHERE id = $1 AND status = 'waiting'
-RETURNING session_id, tenant_id
-"""
-INSERT_REPLY = """
-INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
-VALUES ($1, $2, $3, 'customer', 'customer', $4)
-"""
 SELECT_STEP_ENVELOPE = """
 SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
        w.tenant_id, w.pipeline
 FROM steps s JOIN workflows w ON w.id = s.workflow_id WHERE s.id = $1
 """
-
-
-async def provide_input(conn: Conn, workflow_id: UUID, text: str) -> TaskEnvelope:
-    """Deliver a person's reply durably; return the envelope that resumes the step."""
-    async with conn.transaction():
-        step_id = await conn.fetchval(ANSWER_STEP, workflow_id, text)  # steps first
-        woken = await conn.fetchrow(RESUME_WAITING, workflow_id) if step_id else None
-        if woken is None:
-            status = await workflow_status(conn, workflow_id)
-            raise InvalidInput(f"workflow {workflow_id} is {status.value}, not waiting for input")
-        await conn.execute(INSERT_REPLY, woken["session_id"], woken["tenant_id"], workflow_id, text)
-        await conn.execute(
-            INSERT_EVENT,
-            workflow_id,
-            step_id,
-            EventType.INPUT_RECEIVED.value,
-            {"length": len(text)},
-        )
-        row = await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id)
-    return _envelope(row)
 
 
 # Start the session's oldest queued workflow, if none of it is active any more.
@@ -258,7 +226,7 @@ LIMIT $1
 async def promote_next(conn: Conn, session_id: str) -> list[TaskEnvelope]:
     """Start the next queued workflow of a session; return its envelopes to enqueue."""
     step_ids = [r["id"] for r in await conn.fetch(PROMOTE_NEXT, session_id)]
-    return [_envelope(await conn.fetchrow(SELECT_STEP_ENVELOPE, s)) for s in step_ids]
+    return [envelope_of(await conn.fetchrow(SELECT_STEP_ENVELOPE, s)) for s in step_ids]
 
 
 async def promote_after(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
@@ -271,7 +239,8 @@ async def stalled_sessions(conn: Conn, limit: int = 100) -> list[str]:
     return [r["session_id"] for r in await conn.fetch(STALLED_SESSIONS, limit)]
 
 
-def _envelope(row: Any) -> TaskEnvelope:
+def envelope_of(row: Any) -> TaskEnvelope:
+    """The envelope of a step row joined with its workflow's tenant and pipeline."""
     return TaskEnvelope(
         workflow_id=row["workflow_id"],
         step_id=row["id"],

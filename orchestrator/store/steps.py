@@ -14,13 +14,16 @@ from datetime import datetime
 from typing import Any
 from uuid import uuid4
 
-from orchestrator.errors import FenceRejected
+from orchestrator.errors import FenceRejected, Parked
 from orchestrator.schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
-from orchestrator.store import Conn, dead_letters, recovery, tool_runs
+from orchestrator.store import Conn, branches, dead_letters, recovery, tool_runs, waits
 from orchestrator.store.tool_runs import ToolRun
 
 SELECT_OPEN = """
-SELECT s.status, s.attempt, s.failures, s.replies, w.status AS workflow_status,
+SELECT s.status, s.attempt, s.failures, s.waits, w.status AS workflow_status,
+       coalesce((SELECT jsonb_agg(jsonb_build_array(g.ordinal, g.name, g.payload))
+                 FROM signals g WHERE g.step_id = s.id), '[]'::jsonb) AS signals,
+       w.next_seq, w.open_steps = 1 AND w.join_step IS NULL AS alone,
        coalesce((SELECT jsonb_agg(jsonb_build_array(t.idempotency_key, t.ordinal, t.tool,
                                                     t.status, t.args, t.result, t.error,
                                                     t.attempt))
@@ -88,7 +91,7 @@ WITH closed AS (
 ), next_steps AS (
     INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
     SELECT i, c.workflow_id, q, a, $14, 'queued', $15
-    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running',
+    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running' AND $28,
          unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
     RETURNING id
 ), transcript AS (
@@ -96,10 +99,13 @@ WITH closed AS (
     SELECT w.session_id, w.tenant_id, w.id, 'agent', $14, m
     FROM closed c JOIN workflows w ON w.id = c.workflow_id, unnest($19::text[]) AS m
 ), workflow_row AS (
+    -- Only for a step alone in its workflow ($28); branches settle under the row lock
+    -- in the same transaction (store.branches).
     UPDATE workflows
-    SET state = $15, status = $20::text, updated_at = now(),
+    SET state = $15, status = $20::text, updated_at = now(), next_seq = $27,
+        open_steps = cardinality($16::uuid[]),
         completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END
-    WHERE id = (SELECT workflow_id FROM closed) AND status = 'running'
+    WHERE id = (SELECT workflow_id FROM closed) AND status = 'running' AND $28::bool
     RETURNING session_id, status
 ), event_rows AS (
     INSERT INTO events (workflow_id, step_id, type, data)
@@ -143,8 +149,12 @@ class OpenStep:
     runnable: bool
     reason: str  # why not runnable: "completed", "stale attempt", "workflow cancelled", ...
     recorded: dict[int, ToolRun] = field(default_factory=dict)
-    replies: list[str] = field(default_factory=list)  # answers to this step's questions
+    # The durable waits of earlier runs: due times by ordinal, signals taken by ordinal.
+    waits: list[float | None] = field(default_factory=list)
+    signals: dict[int, tuple[str, Any]] = field(default_factory=dict)
     failures: int = 0  # real failures so far: the retry budget, apart from the fence
+    next_seq: int = 1  # the workflow's next step number (as read: exact while alone)
+    alone: bool = True  # the only open step of its workflow, no join pending: no branches
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +213,16 @@ async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
         )
         for r in row["runs"]
     }
-    return OpenStep(True, "", recorded, list(row["replies"]), row["failures"])
+    return OpenStep(
+        True,
+        "",
+        recorded,
+        waits=list(row["waits"]),
+        signals={s[0]: (s[1], s[2]) for s in row["signals"]},
+        failures=row["failures"],
+        next_seq=row["next_seq"],
+        alone=row["alone"],
+    )
 
 
 async def take_over(conn: Conn, envelope: TaskEnvelope, by: str) -> TaskEnvelope | None:
@@ -213,12 +232,12 @@ async def take_over(conn: Conn, envelope: TaskEnvelope, by: str) -> TaskEnvelope
     return None if attempt is None else envelope.model_copy(update={"attempt": attempt})
 
 
-def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelope]:
+def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome, next_seq: int) -> list[TaskEnvelope]:
     return [
         TaskEnvelope(
             workflow_id=envelope.workflow_id,
             step_id=uuid4(),
-            seq=envelope.seq + 1 + i,
+            seq=next_seq + i,
             pipeline=envelope.pipeline,
             agent=agent,
             attempt=1,
@@ -231,10 +250,58 @@ def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome) -> list[TaskEnvelo
     ]
 
 
-async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> Completed:
-    """Close the step and hand off, in one transaction; raise FenceRejected if it lost."""
-    nxt = _next_envelopes(envelope, outcome)
-    done = not nxt
+async def complete(
+    conn: Conn,
+    envelope: TaskEnvelope,
+    outcome: Outcome,
+    opened: OpenStep,
+    joins: frozenset[str] = frozenset(),
+) -> Completed:
+    """Close the step and hand off; raise FenceRejected if it lost.
+
+    A step alone in its workflow handing to at most one non-join agent (the common
+    case) completes in ONE statement. Forks, branches and joins settle in the same
+    transaction under the workflow row's lock (``store.branches``).
+    """
+    linear = (
+        opened.alone
+        and len(outcome.next_agents) <= 1
+        and not any(a in joins for a in outcome.next_agents)
+    )
+    if not linear:
+        async with conn.transaction():
+            await _close(conn, envelope, outcome, opened, [], done=False, linear=False)
+            settled = await branches.settle(
+                conn,
+                envelope,
+                state=outcome.state,
+                next_agents=outcome.next_agents,
+                joins=joins,
+                traceparent=outcome.traceparent,
+            )
+            return Completed(settled.next, settled.status)
+    nxt = _next_envelopes(envelope, outcome, opened.next_seq)
+    row = await _close(conn, envelope, outcome, opened, nxt, done=not nxt, linear=True)
+    # Next steps are only created while the workflow runs (not after a cancel meanwhile,
+    # which left the workflow row untouched).
+    status = WorkflowStatus(row["workflow_status"] or WorkflowStatus.CANCELLED)
+    handed = nxt if row["handed"] == len(nxt) else []
+    if row["session_with_queue"] is not None:
+        # The workflow finished and tickets wait behind it in its session: start the next.
+        handed = handed + await recovery.promote_next(conn, row["session_with_queue"])
+    return Completed(handed, status)
+
+
+async def _close(
+    conn: Conn,
+    envelope: TaskEnvelope,
+    outcome: Outcome,
+    opened: OpenStep,
+    nxt: list[TaskEnvelope],
+    *,
+    done: bool,
+    linear: bool,
+) -> Any:
     events = [(EventType.STEP_COMPLETED, {"agent": envelope.agent, "attempt": envelope.attempt})]
     if done:
         events.append((EventType.WORKFLOW_COMPLETED, {}))
@@ -257,17 +324,12 @@ async def complete(conn: Conn, envelope: TaskEnvelope, outcome: Outcome) -> Comp
         [t.value for t, _ in events],
         [json.dumps(d) for _, d in events],
         *outcome.usage.row(),
+        opened.next_seq + len(nxt),
+        linear,
     )
     if row is None or not row["closed"]:
         raise _rejected("completion", envelope)
-    # Next steps are only created while the workflow runs (not after a cancel meanwhile,
-    # which left the workflow row untouched).
-    status = WorkflowStatus(row["workflow_status"] or WorkflowStatus.CANCELLED)
-    handed = nxt if row["handed"] == len(nxt) else []
-    if row["session_with_queue"] is not None:
-        # The workflow finished and tickets wait behind it in its session: start the next.
-        handed = handed + await recovery.promote_next(conn, row["session_with_queue"])
-    return Completed(handed, status)
+    return row
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,7 +346,10 @@ class Failure:
 
     retry: TaskEnvelope | None
     delay: float
-    promoted: list[TaskEnvelope] = field(default_factory=list)  # next in the session
+    # To enqueue: next in the session, or, after a tolerated branch failure, the join.
+    promoted: list[TaskEnvelope] = field(default_factory=list)
+    workflow_failed: bool = True  # False: only a branch ended (its join tolerates it)
+    status: WorkflowStatus = WorkflowStatus.FAILED
 
 
 async def fail(
@@ -297,6 +362,7 @@ async def fail(
     worker: str,
     started_at: datetime,
     usage: ModelUse | None = None,
+    tolerated: bool = False,
 ) -> Failure:
     """Record a failed attempt (keeping its tool results) in one transaction.
 
@@ -331,6 +397,10 @@ async def fail(
                 conn, envelope, [(EventType.STEP_RETRIED, {**data, "retry_after": retry_after})]
             )
             return Failure(envelope.model_copy(update={"attempt": new_attempt}), retry_after)
+        ended = await branches.fail_branch(conn, envelope, error=error, tolerated=tolerated)
+        if ended is not None:  # one branch of several: the others (and the join) go on
+            await _events(conn, envelope, [(EventType.BRANCH_FAILED, data)])
+            return Failure(None, 0.0, ended.next, workflow_failed=False, status=ended.status)
         await conn.execute(
             UPDATE_WORKFLOW,
             envelope.workflow_id,
@@ -359,34 +429,34 @@ async def fail(
     return Failure(None, 0.0, promoted)
 
 
-PARK_STEP = """
-UPDATE steps SET status = 'waiting', question = $3, updated_at = now()
-WHERE id = $1 AND attempt = $2 AND status = 'queued'
-RETURNING id
-"""
-PARK_WORKFLOW = """
-UPDATE workflows SET status = 'waiting', updated_at = now() WHERE id = $1 AND status = 'running'
-"""
-
-
 async def park(
     conn: Conn,
     envelope: TaskEnvelope,
+    parked: Parked,
     *,
-    question: str,
+    ordinal: int,
     recorded: list[ToolRun],
     worker: str,
     started_at: datetime,
     usage: ModelUse,
-) -> None:
-    """Park the step and its workflow until a reply arrives (tool results are kept)."""
+) -> waits.Parking:
+    """Park the step on a signal or timer (tool results are kept), or, when the signal
+    is already there, re-run it at once; FenceRejected when the fence moved."""
     async with conn.transaction():
-        if await conn.fetchval(PARK_STEP, envelope.step_id, envelope.attempt, question) is None:
+        parking = await waits.park(
+            conn,
+            envelope,
+            name=parked.name,
+            delay=parked.delay,
+            due=parked.due,
+            new=parked.new,
+            ordinal=ordinal,
+            question=parked.question,
+        )
+        if parking is None:
             raise _rejected("parking", envelope)
         await _record_attempt(conn, envelope, "waiting", None, worker, started_at, usage, recorded)
-        await conn.execute(PARK_WORKFLOW, envelope.workflow_id)
-        await conn.execute(INSERT_MESSAGES, envelope.workflow_id, envelope.agent, [question])
-        await _events(conn, envelope, [(EventType.WORKFLOW_WAITING, {"question": question})])
+    return parking
 
 
 def _rejected(what: str, envelope: TaskEnvelope) -> FenceRejected:

@@ -1,0 +1,246 @@
+"""Parallel branches and joins, settled under the workflow row's lock.
+
+A step whose ``route()`` names several agents forks: each becomes an open step
+(a branch). The workflow row counts its open steps (``open_steps``) and hands
+out step numbers (``next_seq``), so branches never collide. A branch routing to
+a join agent ends there: the first one creates the join step as ``pending``
+(``workflows.join_step``); when the last open branch ends, the join is queued
+on the merged state of every branch, exactly once: only the transaction that
+brings ``open_steps`` to zero promotes it, and the promotion is conditional on
+the join still being pending. With no join pending, the last branch to end
+completes the workflow.
+
+Every function here runs inside the caller's transaction, after the step's own
+row was written (lock order: step rows before the workflow row, as everywhere).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+from uuid import UUID, uuid4
+
+from orchestrator.errors import AgentError, WorkflowNotFound
+from orchestrator.schemas import EventType, TaskEnvelope, WorkflowStatus
+from orchestrator.store import Conn, recovery
+
+LOCK_WORKFLOW = """
+SELECT w.status, w.next_seq, w.open_steps, w.join_step, w.state, j.agent AS join_agent
+FROM workflows w LEFT JOIN steps j ON j.id = w.join_step
+WHERE w.id = $1
+FOR UPDATE OF w
+"""
+INSERT_STEPS = """
+INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
+SELECT i, $1, q, a, $2, s, $3
+FROM unnest($4::uuid[], $5::int[], $6::text[], $7::text[]) AS x(i, q, a, s)
+"""
+# Conditional on 'pending': a join is promoted once, whatever happens around it.
+PROMOTE_JOIN = """
+UPDATE steps SET status = 'queued', input = $2, updated_at = now()
+WHERE id = $1 AND status = 'pending'
+RETURNING id, seq, agent, assigned_by, attempt
+"""
+UPDATE_WORKFLOW = """
+UPDATE workflows
+SET state = $2, status = $3, next_seq = $4, open_steps = $5, join_step = $6,
+    updated_at = now(), completed_at = CASE WHEN $3 = 'running' THEN NULL ELSE now() END
+WHERE id = $1
+"""
+INSERT_EVENTS = """
+INSERT INTO events (workflow_id, step_id, type, data)
+SELECT $1, $2, t, d::jsonb FROM unnest($3::text[], $4::text[]) AS x(t, d)
+"""
+
+
+@dataclass(slots=True)
+class _Workflow:
+    """The locked workflow row, changed in memory, then written back once."""
+
+    id: UUID
+    status: str
+    next_seq: int
+    open_steps: int
+    join_step: UUID | None
+    join_agent: str | None
+    state: dict[str, Any]
+    events: list[tuple[EventType, dict[str, Any]]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """What a branch's end committed: envelopes to enqueue, the workflow's status."""
+
+    next: list[TaskEnvelope]
+    status: WorkflowStatus
+
+
+async def _lock(conn: Conn, workflow_id: UUID) -> _Workflow:
+    row = await conn.fetchrow(LOCK_WORKFLOW, workflow_id)
+    if row is None:
+        raise WorkflowNotFound(workflow_id)
+    return _Workflow(
+        workflow_id,
+        row["status"],
+        row["next_seq"],
+        row["open_steps"],
+        row["join_step"],
+        row["join_agent"],
+        dict(row["state"]),
+    )
+
+
+async def settle(
+    conn: Conn,
+    envelope: TaskEnvelope,
+    *,
+    state: dict[str, Any],
+    next_agents: tuple[str, ...],
+    joins: frozenset[str],
+    traceparent: str | None,
+) -> Settled:
+    """A completed step that forks, is a branch, or reaches a join: start its next
+    branches, create or promote the join, or end the workflow."""
+    wf = await _lock(conn, envelope.workflow_id)
+    if wf.status != WorkflowStatus.RUNNING:
+        # Cancelled (or failed by another branch) meanwhile: nothing more starts.
+        return Settled([], WorkflowStatus(wf.status))
+    wf.state = {**wf.state, **state}
+    wf.open_steps -= 1
+    rows: list[tuple[UUID, int, str, str]] = []
+    handed: list[TaskEnvelope] = []
+    for agent in next_agents:
+        if agent in joins:
+            if wf.join_step is None:
+                wf.join_step, wf.join_agent = uuid4(), agent
+                rows.append((wf.join_step, wf.next_seq, agent, "pending"))
+                wf.next_seq += 1
+            elif wf.join_agent != agent:
+                raise AgentError(
+                    f"routes to join {agent!r} while join {wf.join_agent!r} is pending; "
+                    "a workflow has one join at a time",
+                    non_retryable=True,
+                )
+            continue
+        step = _envelope(envelope, uuid4(), wf.next_seq, agent, 1, state, traceparent)
+        rows.append((step.step_id, step.seq, agent, "queued"))
+        handed.append(step)
+        wf.next_seq += 1
+        wf.open_steps += 1
+    if rows:
+        await conn.execute(
+            INSERT_STEPS,
+            envelope.workflow_id,
+            envelope.agent,
+            state,
+            [r[0] for r in rows],
+            [r[1] for r in rows],
+            [r[2] for r in rows],
+            [r[3] for r in rows],
+        )
+    if len(handed) > 1:
+        wf.events.append((EventType.WORKFLOW_FORKED, {"branches": [e.agent for e in handed]}))
+    handed += await _after_branch_end(conn, envelope, wf, traceparent)
+    return await _write(conn, envelope, wf, handed)
+
+
+async def fail_branch(
+    conn: Conn, envelope: TaskEnvelope, *, error: str, tolerated: bool
+) -> Settled | None:
+    """A step of a branched workflow failed for good. With ``tolerated`` (its join
+    declares optional branches) the branch just ends, its error kept in the state
+    under ``branch_errors``; otherwise None: the caller fails the workflow."""
+    wf = await _lock(conn, envelope.workflow_id)
+    branched = wf.open_steps > 1 or wf.join_step is not None
+    if not branched or not tolerated or wf.status != WorkflowStatus.RUNNING:
+        return None
+    errors = dict(wf.state.get("branch_errors") or {})
+    errors[envelope.agent] = error
+    wf.state["branch_errors"] = errors
+    wf.open_steps -= 1
+    handed = await _after_branch_end(conn, envelope, wf, envelope.traceparent)
+    return await _write(conn, envelope, wf, handed)
+
+
+async def _after_branch_end(
+    conn: Conn, envelope: TaskEnvelope, wf: _Workflow, traceparent: str | None
+) -> list[TaskEnvelope]:
+    """The last open branch ended: promote the pending join, or complete the workflow."""
+    if wf.open_steps > 0:
+        return []
+    if wf.join_step is None:
+        wf.status = WorkflowStatus.COMPLETED.value
+        wf.events.append((EventType.WORKFLOW_COMPLETED, {}))
+        return []
+    row = await conn.fetchrow(PROMOTE_JOIN, wf.join_step, wf.state)
+    wf.join_step, wf.join_agent = None, None
+    if row is None:  # not pending any more (cannot happen under the lock; stay safe)
+        wf.status = WorkflowStatus.COMPLETED.value
+        return []
+    wf.open_steps = 1
+    wf.events.append((EventType.JOIN_STARTED, {"agent": row["agent"], "seq": row["seq"]}))
+    return [
+        _envelope(
+            envelope,
+            row["id"],
+            row["seq"],
+            row["agent"],
+            row["attempt"],
+            wf.state,
+            traceparent,
+            assigned_by=row["assigned_by"],
+        )
+    ]
+
+
+async def _write(
+    conn: Conn, envelope: TaskEnvelope, wf: _Workflow, handed: list[TaskEnvelope]
+) -> Settled:
+    await conn.execute(
+        UPDATE_WORKFLOW,
+        wf.id,
+        wf.state,
+        wf.status,
+        wf.next_seq,
+        wf.open_steps,
+        wf.join_step,
+    )
+    if wf.events:
+        await conn.execute(
+            INSERT_EVENTS,
+            wf.id,
+            envelope.step_id,
+            [t.value for t, _ in wf.events],
+            [json.dumps(d) for _, d in wf.events],
+        )
+    status = WorkflowStatus(wf.status)
+    if status.terminal:
+        # Tickets waiting behind it in its session may start.
+        handed = handed + await recovery.promote_after(conn, wf.id)
+    return Settled(handed, status)
+
+
+def _envelope(
+    parent: TaskEnvelope,
+    step_id: UUID,
+    seq: int,
+    agent: str,
+    attempt: int,
+    state: dict[str, Any],
+    traceparent: str | None,
+    *,
+    assigned_by: str | None = None,
+) -> TaskEnvelope:
+    return TaskEnvelope(
+        workflow_id=parent.workflow_id,
+        step_id=step_id,
+        seq=seq,
+        pipeline=parent.pipeline,
+        agent=agent,
+        attempt=attempt,
+        tenant_id=parent.tenant_id,
+        assigned_by=assigned_by or parent.agent,
+        payload=state,
+        traceparent=traceparent or parent.traceparent,
+    )
