@@ -50,7 +50,30 @@ class ResearchInput(AgentInput):
     triage: TriageResult
 
 
+class ResearchPlan(AgentOutput):
+    """What research fans out to: the lookups run as parallel branches."""
+
+    lookups: list[Literal["order_lookup", "knowledge_search"]]
+
+
+class LookupInput(AgentInput):
+    ticket: Ticket
+    triage: TriageResult
+
+
+class OrderFindings(AgentOutput):
+    orders: list[dict[str, Any]]
+    missing_orders: list[str]
+
+
+class KnowledgeFindings(AgentOutput):
+    articles: list[Article]
+    similar_tickets: list[SimilarTicket]
+
+
 class ResearchFindings(AgentOutput):
+    """Everything the lookups found, as the reply is drafted from it."""
+
     orders: list[dict[str, Any]]
     missing_orders: list[str]
     articles: list[Article]
@@ -58,9 +81,20 @@ class ResearchFindings(AgentOutput):
 
 
 class ResponseInput(AgentInput):
+    """The join's input: each branch's output under its agent name (absent if skipped)."""
+
     ticket: Ticket
     triage: TriageResult
-    research: ResearchFindings | None = None
+    order_lookup: OrderFindings | None = None
+    knowledge_search: KnowledgeFindings | None = None
+
+    @property
+    def research(self) -> ResearchFindings | None:
+        if self.order_lookup is None and self.knowledge_search is None:
+            return None
+        orders = self.order_lookup or OrderFindings(orders=[], missing_orders=[])
+        knowledge = self.knowledge_search or KnowledgeFindings(articles=[], similar_tickets=[])
+        return ResearchFindings(**orders.model_dump(), **knowledge.model_dump())
 
 
 class DraftReply(AgentOutput):

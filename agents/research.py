@@ -1,23 +1,55 @@
-"""ResearchAgent: looks up orders, the help center and similar past tickets via tools."""
+"""Research fans out: order lookup and knowledge search run as parallel branches.
+
+Each branch is its own step (its own retries, its own tool ledger); the response
+agent joins them and drafts the reply from both.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from orchestrator.agents.models import Article, ResearchFindings, ResearchInput, SimilarTicket
+from orchestrator.agents.models import (
+    Article,
+    KnowledgeFindings,
+    LookupInput,
+    OrderFindings,
+    ResearchPlan,
+    SimilarTicket,
+)
 from orchestrator.step.agent import Agent
 from orchestrator.step.context import StepContext
 
 ORDER_CATEGORIES = frozenset({"billing", "shipping", "returns"})
 
 
-class ResearchAgent(Agent[ResearchInput, ResearchFindings]):
-    name = "research"
-    input_model = ResearchInput
-    output_model = ResearchFindings
-    tools = ("lookup_order", "orders_for_customer", "search_help_center", "search_past_tickets")
+class ResearchAgent(Agent[LookupInput, ResearchPlan]):
+    """Decides what to look up; ``route`` starts the lookups in parallel."""
 
-    async def run(self, ctx: StepContext, data: ResearchInput) -> ResearchFindings:
+    name = "research"
+    input_model = LookupInput
+    output_model = ResearchPlan
+    routes = ("order_lookup", "knowledge_search")
+
+    async def run(self, ctx: StepContext, data: LookupInput) -> ResearchPlan:
+        about_orders = bool(data.triage.order_ids) or data.triage.category in ORDER_CATEGORIES
+        lookups: list[Any] = ["order_lookup"] if about_orders else []
+        return ResearchPlan(lookups=[*lookups, "knowledge_search"])
+
+    def route(self, output: ResearchPlan) -> Sequence[str]:
+        return output.lookups
+
+
+class OrderLookupAgent(Agent[LookupInput, OrderFindings]):
+    """The orders the ticket names, or the customer's one open order."""
+
+    name = "order_lookup"
+    input_model = LookupInput
+    output_model = OrderFindings
+    tools = ("lookup_order", "orders_for_customer")
+    routes = ("response",)
+
+    async def run(self, ctx: StepContext, data: LookupInput) -> OrderFindings:
         ticket, triage = data.ticket, data.triage
         orders: list[dict[str, Any]] = []
         missing: list[str] = []
@@ -37,12 +69,30 @@ class ResearchAgent(Agent[ResearchInput, ResearchFindings]):
             ]
             if len(open_orders) == 1:
                 orders.append(open_orders[0])
+        return OrderFindings(orders=orders, missing_orders=missing)
+
+    def route(self, output: OrderFindings) -> Sequence[str]:
+        return ["response"]
+
+
+class KnowledgeSearchAgent(Agent[LookupInput, KnowledgeFindings]):
+    """Help-center articles and similar past tickets of this tenant."""
+
+    name = "knowledge_search"
+    input_model = LookupInput
+    output_model = KnowledgeFindings
+    tools = ("search_help_center", "search_past_tickets")
+    routes = ("response",)
+
+    async def run(self, ctx: StepContext, data: LookupInput) -> KnowledgeFindings:
+        ticket, triage = data.ticket, data.triage
         query = f"{ticket.subject} {ticket.body}"
         articles = await ctx.tool("search_help_center", query=query, category=triage.category)
         similar = await ctx.tool("search_past_tickets", query=query)
-        return ResearchFindings(
-            orders=orders,
-            missing_orders=missing,
+        return KnowledgeFindings(
             articles=[Article(**a) for a in articles],
             similar_tickets=[SimilarTicket(**s) for s in similar],
         )
+
+    def route(self, output: KnowledgeFindings) -> Sequence[str]:
+        return ["response"]

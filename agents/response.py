@@ -1,14 +1,20 @@
-"""ResponseAgent: drafts the reply from what research found, citing it.
+"""ResponseAgent: joins the research branches and drafts the reply, citing what they found.
 
 When the ticket is about an order that research could not identify, it asks
-the customer for the order number and waits (durably) for the answer.
+the customer for the order number and waits (durably, without holding a
+worker) for the answer; after ``reminder_after`` without one it sends a
+reminder, and after as long again it closes the ticket.
 """
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
+
 from orchestrator.agents.models import DraftReply, ResearchFindings, ResponseInput, ResponseResult
 from orchestrator.agents.offline import ORDER_ID
 from orchestrator.agents.research import ORDER_CATEGORIES
+from orchestrator.errors import WaitTimedOut
 from orchestrator.models.llm import ModelRequest
 from orchestrator.step.agent import Agent
 from orchestrator.step.context import StepContext
@@ -20,14 +26,31 @@ If the request is too vague to act on, ask for the missing details."""
 ASK_ORDER = "Could you tell me the order number this is about? It looks like ORD-12345."
 
 
+REMINDER = "Just checking in: which order is this about? Reply with its number (ORD-12345)."
+CLOSING = (
+    "We have not heard back, so we are closing this ticket for now. Reply any time with "
+    "your order number and we will pick it up again."
+)
+
+
+def _reminder_after() -> timedelta:
+    # Configurable per deployment; a day by default.
+    return timedelta(seconds=float(os.environ.get("SUPPORT_REMINDER_SECONDS", "86400")))
+
+
 class ResponseAgent(Agent[ResponseInput, ResponseResult]):
     name = "response"
     input_model = ResponseInput
     output_model = ResponseResult
     tools = ("lookup_order",)
+    join = True  # runs once, after the research branches (order lookup, knowledge search)
 
     async def run(self, ctx: StepContext, data: ResponseInput) -> ResponseResult:
-        research = await self._with_customer_order(ctx, data)
+        try:
+            research = await self._with_customer_order(ctx, data)
+        except WaitTimedOut:
+            ctx.say(CLOSING)
+            return ResponseResult(reply=CLOSING, citations=[], model=ctx.model.name)
         draft = await ctx.model.parse(
             ModelRequest(
                 purpose="reply",
@@ -56,7 +79,10 @@ class ResponseAgent(Agent[ResponseInput, ResponseResult]):
             or data.triage.category not in ORDER_CATEGORIES
         ):
             return research
-        answer = ctx.ask(ASK_ORDER)
+        try:
+            answer = ctx.ask(ASK_ORDER, timeout=_reminder_after())
+        except WaitTimedOut:
+            answer = ctx.ask(REMINDER, timeout=_reminder_after())  # a second timeout closes
         named = ORDER_ID.findall(answer)
         if not named:
             return research.model_copy(update={"missing_orders": [answer.strip()[:40]]})

@@ -1,9 +1,13 @@
-"""The built-in customer-support app: triage → research → response (the CLI's default)."""
+"""The built-in customer-support app (the CLI's default).
+
+triage → research → (order_lookup ∥ knowledge_search) → response: research fans out
+to two parallel lookups, and the response agent joins them.
+"""
 
 from __future__ import annotations
 
 from orchestrator.agents import offline, tools
-from orchestrator.agents.research import ResearchAgent
+from orchestrator.agents.research import KnowledgeSearchAgent, OrderLookupAgent, ResearchAgent
 from orchestrator.agents.response import ResponseAgent
 from orchestrator.agents.ticket import Ticket
 from orchestrator.agents.triage import TriageAgent
@@ -18,6 +22,8 @@ SAMPLE_TENANTS = ("default", "acme", "globex")
 app = App("support", version="0.1.0")
 app.agent(TriageAgent)
 app.agent(ResearchAgent)
+app.agent(OrderLookupAgent)
+app.agent(KnowledgeSearchAgent)
 app.agent(ResponseAgent)
 app.tool(tools.lookup_order)
 app.tool(tools.orders_for_customer)

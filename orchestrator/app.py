@@ -240,7 +240,10 @@ class App:
         return hook
 
     def validate(self) -> None:
-        """Fail at startup, not at handoff, on a pipeline or tool that names nothing."""
+        """Fail at startup, not at handoff, on a pipeline, tool or schedule that names
+        nothing, or a schedule whose input does not fit its pipeline."""
+        for schedule in self.schedules.values():
+            self._validate_schedule(schedule)
         for pipeline, declared in self.pipelines.items():
             for agent in declared.agents:
                 if agent not in self.agents:
@@ -254,6 +257,16 @@ class App:
                     raise ConfigurationError(
                         f"agent {agent_name!r} routes to unknown agent {target!r}"
                     )
+
+    def _validate_schedule(self, schedule: Schedule) -> None:
+        if schedule.pipeline not in self.pipelines:
+            raise ConfigurationError(
+                f"schedule {schedule.name!r} names unknown pipeline {schedule.pipeline!r}"
+            )
+        try:
+            self.pipelines[schedule.pipeline].validate_input(schedule.input)
+        except InvalidInput as exc:
+            raise ConfigurationError(f"schedule {schedule.name!r}: {exc}") from exc
 
     def resolve_pipeline(self, name: str | None) -> Pipeline:
         """The pipeline called ``name`` (the default one for None)."""

@@ -6,7 +6,7 @@ from enum import StrEnum
 class WorkflowStatus(StrEnum):
     QUEUED = "queued"  # behind an earlier workflow of the same session
     RUNNING = "running"
-    WAITING = "waiting"  # parked until a person answers a step's question
+    WAITING = "waiting"  # its only open step waits for a signal (a reply) or a timer
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -17,10 +17,11 @@ class WorkflowStatus(StrEnum):
 
 
 class StepStatus(StrEnum):
+    PENDING = "pending"  # a join, until every open branch of its workflow has ended
     # A queued step is open: a worker may be running it (its lease lives in a
     # Redis lock), and the first fenced completion closes it.
     QUEUED = "queued"
-    WAITING = "waiting"
+    WAITING = "waiting"  # parked on a signal or a timer; no worker holds it
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"

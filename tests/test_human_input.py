@@ -43,6 +43,8 @@ async def test_the_response_agent_asks_for_the_order_and_resumes(support: Runtim
         assert [(s.agent, s.status.value) for s in waiting.steps] == [
             ("triage", "completed"),
             ("research", "completed"),
+            ("order_lookup", "completed"),
+            ("knowledge_search", "completed"),
             ("response", "waiting"),
         ]
 
@@ -72,6 +74,8 @@ async def test_the_response_agent_asks_for_the_order_and_resumes(support: Runtim
     assert [(o["agent"], o["outcome"]) for o in outcomes] == [
         ("triage", "completed"),
         ("research", "completed"),
+        ("order_lookup", "completed"),
+        ("knowledge_search", "completed"),
         ("response", "waiting"),
         ("response", "completed"),
     ]

@@ -28,7 +28,13 @@ async def test_sample_tickets_complete_with_triage_research_and_reply(support: R
 
     double_charge = next(r for r in report.records if "ORD-10007" in r.state["ticket"]["body"])
     assert double_charge.state["triage"]["category"] == "billing"
-    assert [o["order_id"] for o in double_charge.state["research"]["orders"]] == ["ORD-10007"]
+    assert double_charge.state["research"]["lookups"] == ["order_lookup", "knowledge_search"]
+    assert [o["order_id"] for o in double_charge.state["order_lookup"]["orders"]] == ["ORD-10007"]
+    # Research forked into two parallel lookups; the response joined them, once.
+    agents = [s.agent for s in double_charge.steps]
+    assert sorted(agents[2:4]) == ["knowledge_search", "order_lookup"]
+    assert agents[:2] == ["triage", "research"] and agents[4:] == ["response"]
+    assert len({s.seq for s in double_charge.steps}) == len(double_charge.steps)
     assert "ORD-10007" in double_charge.state["response"]["citations"]
     assert "refunded" in double_charge.state["response"]["reply"]
 
@@ -48,24 +54,38 @@ async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) ->
         WHERE s.workflow_id = $1 GROUP BY s.agent""",
         wid,
     )
-    assert {r["agent"]: r["n"] for r in attempts} == {"triage": 1, "research": 1, "response": 1}
+    assert {r["agent"]: r["n"] for r in attempts} == {
+        "triage": 1,
+        "research": 1,
+        "order_lookup": 1,
+        "knowledge_search": 1,
+        "response": 1,
+    }
 
     checkpoints = await fetch(
         support,
         "SELECT seq, agent, state FROM checkpoints WHERE workflow_id = $1 ORDER BY seq",
         wid,
     )
-    assert [c["agent"] for c in checkpoints] == ["triage", "research", "response"]
-    assert set(checkpoints[-1]["state"]) == {"ticket", "triage", "research", "response"}
+    assert [c["agent"] for c in checkpoints][:2] == ["triage", "research"]
+    assert [c["agent"] for c in checkpoints][-1] == "response"
+    assert set(checkpoints[-1]["state"]) == {
+        "ticket",
+        "triage",
+        "research",
+        "order_lookup",
+        "knowledge_search",
+        "response",
+    }
 
     runs = await fetch(
         support,
-        "SELECT idempotency_key, tool, status FROM tool_runs "
-        "WHERE workflow_id = $1 ORDER BY ordinal",
+        "SELECT s.seq, t.idempotency_key, t.tool, t.status FROM tool_runs t "
+        "JOIN steps s ON s.id = t.step_id WHERE t.workflow_id = $1 ORDER BY s.seq, t.ordinal",
         wid,
     )
     assert runs and all(r["status"] == "succeeded" for r in runs)
-    assert runs[0]["idempotency_key"] == f"{wid}:1:0"
+    assert runs[0]["idempotency_key"] == f"{wid}:{runs[0]['seq']}:0"
 
     transcript = await fetch(
         support,
@@ -79,8 +99,12 @@ async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) ->
     events = await fetch(support, "SELECT type FROM events WHERE workflow_id = $1 ORDER BY id", wid)
     assert [e["type"] for e in events] == [
         "workflow.submitted",
-        "step.completed",
-        "step.completed",
+        "step.completed",  # triage
+        "step.completed",  # research
+        "workflow.forked",  # into order_lookup and knowledge_search
+        "step.completed",  # the first lookup to end
+        "step.completed",  # the second: the last open branch
+        "workflow.join_started",  # response, once
         "step.completed",
         "workflow.completed",
     ]

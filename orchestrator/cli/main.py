@@ -5,6 +5,7 @@ Every failure is one line on stderr and a non-zero exit; ``--debug`` adds the tr
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import asdict
@@ -332,6 +333,31 @@ def input_(
     async def body(runtime: Runtime) -> None:
         await Client(runtime).provide_input(wid, text)
         out.print(f"delivered to {wid}; it resumes now")
+
+    run_body(ctx.obj, body, migrate=False)
+
+
+@cli.command("signal")
+@guard
+def signal_(
+    ctx: typer.Context,
+    workflow: Annotated[str, typer.Argument(help="workflow id")],
+    name: Annotated[str, typer.Argument(help="signal name, as the agent waits for it")],
+    payload: Annotated[str, typer.Argument(help="JSON payload, e.g. '{\"ok\": true}'")] = "null",
+) -> None:
+    """Send a named signal to a workflow: kept until a step waits for it, or wakes it."""
+    wid = workflow_id_arg(workflow)
+    try:
+        value = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"the payload is not JSON ({exc.msg} at column {exc.colno})") from None
+
+    async def body(runtime: Runtime) -> None:
+        woke = await Client(runtime).signal(wid, name, value)
+        if woke:
+            out.print(f"signal {name!r} delivered to {wid}; the waiting step resumes")
+        else:
+            out.print(f"signal {name!r} recorded for {wid}; its next wait for it takes it")
 
     run_body(ctx.obj, body, migrate=False)
 

@@ -30,17 +30,21 @@ def workflow_panel(record: WorkflowRecord) -> Panel:
                 f"sentiment {triage['sentiment']} · model {triage['model']}"
             )
         )
-    research = state.get("research")
-    if research:
-        found = [f"order {o['order_id']} {o['status']}" for o in research["orders"]]
-        found += [f"missing {m}" for m in research["missing_orders"]]
-        found += [f"kb {a['id']}" for a in research["articles"]]
-        found += [f"past {s['id']} ({s['score']:.2f})" for s in research["similar_tickets"]]
+    orders, knowledge = state.get("order_lookup"), state.get("knowledge_search")
+    if orders or knowledge:
+        found = [f"order {o['order_id']} {o['status']}" for o in (orders or {}).get("orders", [])]
+        found += [f"missing {m}" for m in (orders or {}).get("missing_orders", [])]
+        found += [f"kb {a['id']}" for a in (knowledge or {}).get("articles", [])]
+        found += [
+            f"past {s['id']} ({s['score']:.2f})"
+            for s in (knowledge or {}).get("similar_tickets", [])
+        ]
         parts.append(Text("research: " + ("; ".join(found) or "nothing found")))
     elif triage:
         parts.append(Text("research: skipped (triage found nothing to look up)"))
+    shown = {"ticket", "triage", "research", "order_lookup", "knowledge_search", "response"}
     for name, value in state.items():
-        if name not in {"ticket", "triage", "research", "response"}:  # a custom agent's output
+        if name not in shown:  # a custom agent's output
             parts.append(Text(f"{name + ':':<9} {json.dumps(value)[:300]}"))
     response = state.get("response")
     if response:

@@ -24,6 +24,7 @@ import anyio
 from orchestrator.connections import OUTAGE, REDIS_DOWN, redis_errors
 from orchestrator.coordination import status, streams
 from orchestrator.coordination.locks import Lock
+from orchestrator.engine import schedules
 from orchestrator.runtime import Runtime
 from orchestrator.store import prune, recovery
 
@@ -127,6 +128,7 @@ class Reconciler:
                 for agent in {s.agent for s in stalled}
             }
         requeued = await self._start_stalled_sessions()
+        await schedules.tick(rt)  # due cron ticks; idempotent, so two leaders are harmless
         for step in stalled:
             since = backlog.get(step.agent)
             if since is not None and step.updated_ms > since - BACKLOG_MARGIN_MS:

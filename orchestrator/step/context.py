@@ -69,20 +69,25 @@ class StepContext:
             status = await recovery.workflow_status(conn, self.info.workflow_id)
         return status is WorkflowStatus.CANCELLED
 
-    def ask(self, question: str) -> str:
+    def ask(self, question: str, *, timeout: timedelta | float | None = None) -> str:
         """Ask the customer; returns the reply once there is one.
 
         Without a reply yet, the step stops here and the workflow waits, durably and
         without holding a worker, until ``orchestrator input`` (``Client.provide_input``:
         the signal ``"input"``) delivers one; then the step runs again from its start,
-        with recorded tool results reused, and this call returns the reply.
+        with recorded tool results reused, and this call returns the reply. With
+        ``timeout`` and no reply in time, raises ``WaitTimedOut``.
         """
+        seconds = _seconds(timeout)
         ordinal = self._next_wait()
         taken = self._taken(ordinal, INPUT_SIGNAL)
         if taken is not None:
             return str(taken[1])
-        new = not self._recorded(ordinal)
-        raise Parked(name=INPUT_SIGNAL, delay=None, question=question, new=new)
+        recorded = self._recorded(ordinal)
+        due = self._waits[ordinal] if recorded else None
+        if due is not None and time.time() >= due:
+            raise WaitTimedOut(INPUT_SIGNAL, seconds or 0.0)
+        raise Parked(name=INPUT_SIGNAL, delay=seconds, due=due, question=question, new=not recorded)
 
     async def wait_for(self, name: str, *, timeout: timedelta | float | None = None) -> Any:
         """Wait, durably, for the signal ``name``; return its payload.
