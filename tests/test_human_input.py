@@ -155,3 +155,66 @@ async def test_watch_sees_progress_and_the_end(support: Runtime) -> None:
         worker.stop()
     assert seen == [(0, WorkflowStatus.RUNNING), (1, WorkflowStatus.COMPLETED)]
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+
+async def test_an_unanswered_question_gets_a_reminder_then_the_ticket_closes(
+    support: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUPPORT_REMINDER_SECONDS", "0.5")
+    client = Client(support)
+    worker = Worker(support, concurrency=2, reconcile=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        wid = await client.submit(None, UNCLEAR)
+        statuses = await client.wait([wid], timeout=30)  # nobody ever answers
+        worker.stop()
+    assert statuses[wid] is WorkflowStatus.COMPLETED
+    record = await client.get(wid)
+    assert record.state["response"]["reply"].startswith("We have not heard back")
+    transcript = await fetch(
+        support,
+        """
+        SELECT m.role, m.content FROM messages m JOIN workflows w ON w.session_id = m.session_id
+        WHERE w.id = $1 ORDER BY m.id""",
+        wid,
+    )
+    said = [m["content"][:24] for m in transcript if m["role"] == "agent"]
+    assert said == [
+        "Could you tell me the or",
+        "Just checking in: which ",
+        "We have not heard back, ",
+    ]
+    woken = await fetch(
+        support,
+        "SELECT count(*) AS n FROM events WHERE workflow_id = $1 AND type = 'step.woken'",
+        wid,
+    )
+    assert woken[0]["n"] == 2  # the two timeouts, each woken once by a timer
+
+
+async def test_a_reply_after_the_reminder_is_still_taken(
+    support: Runtime, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SUPPORT_REMINDER_SECONDS", "0.5")
+    client = Client(support)
+    worker = Worker(support, concurrency=2, reconcile=False)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.run)
+        wid = await client.submit(None, UNCLEAR)
+        with anyio.fail_after(20):
+            while True:  # the reminder went out: the second question waits
+                rows = await fetch(
+                    support,
+                    "SELECT count(*) AS n FROM messages WHERE workflow_id = $1 "
+                    "AND content LIKE 'Just checking in%'",
+                    wid,
+                )
+                if rows[0]["n"]:
+                    break
+                await anyio.sleep(0.05)
+        monkeypatch.setenv("SUPPORT_REMINDER_SECONDS", "60")
+        await client.provide_input(wid, "it is ORD-10010")
+        statuses = await client.wait([wid], timeout=20)
+        worker.stop()
+    assert statuses[wid] is WorkflowStatus.COMPLETED
+    assert "ORD-10010" in (await client.get(wid)).state["response"]["citations"]
