@@ -39,6 +39,18 @@ from orchestrator.store import recovery
 
 log = logging.getLogger("orchestrator.worker")
 
+# run_until_idle: open steps that will run without anything from outside, by the time $1
+# (seconds from now). A queued step of a queued workflow waits behind its session; a
+# waiting one with no due time waits for a signal.
+_BUSY_STEPS = """
+SELECT count(*) FILTER (WHERE s.status = 'queued' AND w.status = 'running'
+                          AND (s.not_before IS NULL OR s.not_before <= due.at)) AS queued,
+       count(*) FILTER (WHERE s.status = 'waiting' AND s.not_before <= due.at) AS timers
+FROM steps s JOIN workflows w ON w.id = s.workflow_id,
+     (SELECT now() + make_interval(secs => $1) AS at) AS due
+WHERE s.status IN ('queued', 'waiting') AND w.status IN ('running', 'waiting')
+"""
+
 
 class Worker:
     def __init__(
@@ -80,6 +92,73 @@ class Worker:
             raise OrchestratorError(
                 f"worker {self.consumer} stopped by a defect: {type(first).__name__}: {first}"
             ) from first
+
+    async def run_until_idle(self, *, timeout: float = 30.0, poll_seconds: float = 0.05) -> None:
+        """Run this worker until the deployment is idle, then stop it and return (for tests).
+
+        Idle means all of these at once (checked in this order, so work moving from one
+        place to the next is never missed):
+
+        * Postgres: no step is queued in a running workflow (waiting in a stream, being
+          run, or retrying) and no waiting step has a timer (a ``ctx.sleep``, a wait's
+          timeout), unless its due time is past this call's deadline (``timeout``
+          seconds from its start): a timer or retry due before then is waited for, one
+          due later counts as parked;
+        * this worker runs no step and waits out no outage for one;
+        * no stream of this worker's agents has entries undelivered or pending
+          (delivered but not acknowledged, by any consumer).
+
+        A workflow parked on a signal with no timeout (``ctx.ask``, ``ctx.wait_for``
+        without one) is idle: nothing inside the deployment will move it; so are
+        workflows queued behind it in its session. Submit first, then call this; to go
+        on after sending a signal or a reply, call it again. Not while ``run()`` runs.
+
+        Raises TimeoutError, naming what is still busy, when not idle within ``timeout``
+        seconds (the worker is stopped first: a running step gets the shutdown grace).
+        """
+        self._stop, self.runner.stopping = anyio.Event(), anyio.Event()  # runnable again
+        busy, deadline = ["not checked yet"], anyio.current_time() + timeout
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.run)
+                with anyio.move_on_after(timeout):
+                    while busy:
+                        await anyio.sleep(poll_seconds)
+                        busy = await self._busy(deadline - anyio.current_time())
+                self.stop()
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None
+        if busy:
+            raise TimeoutError(
+                f"worker {self.consumer} not idle after {timeout:g}s: {'; '.join(busy)}"
+            )
+
+    async def _busy(self, within: float) -> list[str]:
+        """What keeps the deployment from being idle for ``within`` seconds (see
+        ``run_until_idle``)."""
+        rt, busy = self.rt, []
+        try:
+            async with rt.db() as conn:
+                row = await conn.fetchrow(_BUSY_STEPS, max(within, 0.0))
+            queued, timers = (row["queued"], row["timers"]) if row is not None else (0, 0)
+            if queued:
+                busy.append(f"{queued} queued step(s)")
+            if timers:
+                busy.append(f"{timers} step(s) waiting on a timer due before the deadline")
+            if self.runner.running or self.runner.held:
+                busy.append("a step running in this worker")
+            for agent in self.agents:
+                if await streams.undelivered_since(rt.redis, rt.keys, agent) is not None:
+                    busy.append(f"undelivered entries on the {agent} stream")
+                try:
+                    pending = await streams.pending_by_consumer(rt.redis, rt.keys, agent)
+                except ResponseError:
+                    pending = {}  # no stream or group yet: nothing was delivered
+                if pending:
+                    busy.append(f"{sum(pending.values())} pending entries on the {agent} stream")
+        except OUTAGE as exc:
+            busy.append(f"outage: {exc}")
+        return busy
 
     async def _run(self) -> None:
         await self._until_up("starting", self._start)
