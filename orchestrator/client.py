@@ -17,8 +17,7 @@ from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, WorkflowRecord, WorkflowStatus
 from orchestrator.step.context import INPUT_SIGNAL
-from orchestrator.store import dead_letters as letters
-from orchestrator.store import recovery, waits, workflows
+from orchestrator.store import workflows
 from orchestrator.store.dead_letters import DeadLetter
 
 
@@ -65,8 +64,7 @@ class Client:
                 key=key,
                 traceparent=tracing.traceparent_of(submit_span),
             )
-            async with self.rt.db() as conn:
-                created = await workflows.create(conn, submission)
+            created = await self.rt.store.submit(submission)
             submit_span.set_attribute("workflow.id", str(created.envelope.workflow_id))
         if not created.queued:  # a queued one is enqueued when its session frees up
             await streams.enqueue(self.rt.redis, self.rt.keys, created.envelope)
@@ -78,16 +76,14 @@ class Client:
         No new step starts; a running step sees it through ``ctx.cancelled()``
         and its completion hands off to nobody. The next ticket of its session starts.
         """
-        async with self.rt.db() as conn:
-            promoted = await recovery.cancel(conn, workflow_id)
+        promoted = await self.rt.store.cancel(workflow_id)
         for envelope in promoted or []:
             await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
         return promoted is not None
 
     async def resume(self, workflow_id: UUID) -> int:
         """Re-run a failed or stuck workflow from its last checkpoint; return steps enqueued."""
-        async with self.rt.db() as conn:
-            envelopes = await recovery.resume(conn, workflow_id)
+        envelopes = await self.rt.store.resume(workflow_id)
         for envelope in envelopes:
             await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
         return len(envelopes)
@@ -114,10 +110,7 @@ class Client:
     async def _signal(
         self, workflow_id: UUID, name: str, payload: Any, transcript: tuple[str, str, str] | None
     ) -> bool:
-        async with self.rt.db() as conn:
-            envelope = await waits.send_signal(
-                conn, workflow_id, name, payload, transcript=transcript
-            )
+        envelope = await self.rt.store.signal(workflow_id, name, payload, transcript)
         if envelope is None:
             return False
         await streams.enqueue(self.rt.redis, self.rt.keys, envelope)
@@ -128,12 +121,10 @@ class Client:
     async def dead_letters(
         self, *, include_retried: bool = False, limit: int = 50
     ) -> list[DeadLetter]:
-        async with self.rt.db() as conn:
-            return await letters.list_letters(conn, include_retried=include_retried, limit=limit)
+        return await self.rt.store.dead_letters(include_retried=include_retried, limit=limit)
 
     async def dead_letter(self, letter_id: int) -> DeadLetter:
-        async with self.rt.db() as conn:
-            letter = await letters.get(conn, letter_id)
+        letter = await self.rt.store.dead_letter(letter_id)
         if letter is None:
             raise InvalidInput(f"no dead letter {letter_id}")
         return letter
@@ -156,10 +147,9 @@ class Client:
         self, *, status: WorkflowStatus | None = None, tenant: str | None = None, limit: int = 20
     ) -> list[dict[str, Any]]:
         """The most recent workflows, newest first."""
-        async with self.rt.db() as conn:
-            return await workflows.recent(
-                conn, status=status.value if status else None, tenant=tenant, limit=limit
-            )
+        return await self.rt.store.recent(
+            status=status.value if status else None, tenant=tenant, limit=limit
+        )
 
     async def watch(self) -> AsyncIterator[Signal]:
         """Live progress and completion signals (Pub/Sub: a view, not a durable feed)."""
@@ -178,8 +168,7 @@ class Client:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
-        async with self.rt.db() as conn:
-            return await workflows.get(conn, workflow_id)
+        return await self.rt.store.workflow(workflow_id)
 
     async def wait(
         self, workflow_ids: Iterable[UUID], *, timeout: float | None = None, poll: float = 0.5
@@ -201,8 +190,7 @@ class Client:
                     if anyio.current_time() >= next_full:
                         to_check, next_full = set(pending), anyio.current_time() + poll
                     if to_check:
-                        async with self.rt.db() as conn:
-                            done = await workflows.terminal_statuses(conn, list(to_check))
+                        done = await self.rt.store.terminal(list(to_check))
                         result.update(done)
                         pending.difference_update(done)
                     to_check = await _terminal_signals(pubsub, pending, next_full)

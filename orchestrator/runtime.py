@@ -35,6 +35,7 @@ from orchestrator.store.migrations import (
     schema_exists,
     schema_version,
 )
+from orchestrator.store.operations import Store
 
 # Postgres quotes the identifier itself (%I): no schema name is ever formatted by Python.
 CREATE_SCHEMA_SQL = "SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text)"
@@ -57,6 +58,11 @@ class Runtime:
         """A pooled connection, bounded in time; infrastructure failures raise
         ``ServiceUnavailable`` (see ``orchestrator.connections.pg``)."""
         return pg(self.pool, timeout=self.settings.pg_timeout_seconds)
+
+    @property
+    def store(self) -> Store:
+        """Postgres behind named operations: what the engine and the client call."""
+        return Store(self.db)
 
 
 def build_model(settings: Settings, app: App) -> LanguageModel:

@@ -46,7 +46,7 @@ from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
 from orchestrator.step.context import StepContext, bind
 from orchestrator.step.info import StepInfo
-from orchestrator.store import dead_letters, steps
+from orchestrator.store import steps
 
 log = logging.getLogger("orchestrator.worker")
 
@@ -148,24 +148,23 @@ class StepRunner:
             return
         self.last[envelope.agent] = envelope
         try:
-            async with rt.db() as conn:
-                if attempt.takeover or lock.stolen:
-                    taken = await steps.take_over(conn, envelope, self.consumer)
-                    if taken is None:
-                        log.info("not taking over step %s: closed or not due", envelope.step_id)
-                        await self._hand_off(self._ending(envelope, entry, lock))
-                        return
-                    log.info(
-                        "workflow %s step %s (%s): taking over as attempt %d",
-                        envelope.workflow_id,
-                        envelope.seq,
-                        envelope.agent,
-                        taken.attempt,
-                    )
-                    # This execution's fence from now on, retries after an outage included.
-                    attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
-                    envelope = taken
-                opened = await steps.open_step(conn, envelope)
+            if attempt.takeover or lock.stolen:
+                taken = await rt.store.take_over(envelope, self.consumer)
+                if taken is None:
+                    log.info("not taking over step %s: closed or not due", envelope.step_id)
+                    await self._hand_off(self._ending(envelope, entry, lock))
+                    return
+                log.info(
+                    "workflow %s step %s (%s): taking over as attempt %d",
+                    envelope.workflow_id,
+                    envelope.seq,
+                    envelope.agent,
+                    taken.attempt,
+                )
+                # This execution's fence from now on, retries after an outage included.
+                attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
+                envelope = taken
+            opened = await rt.store.open(envelope)
             if not opened.runnable:
                 log.info("skipping %s step %s: %s", envelope.agent, envelope.step_id, opened.reason)
                 await self._hand_off(self._ending(envelope, entry, lock))
@@ -199,8 +198,7 @@ class StepRunner:
         log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, reason)
         raw = entry.fields.get(streams.FIELD, b"")
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
-        async with self.rt.db() as conn:
-            await dead_letters.add(conn, agent=agent, reason=reason, envelope=text)
+        await self.rt.store.poison(agent=agent, reason=reason, envelope=text)
         with redis_errors():
             await streams.dead_letter(self.rt.redis, self.rt.keys, agent, entry, reason)
 
@@ -233,8 +231,7 @@ class StepRunner:
                 if running.scope.cancelled_caught:
                     raise ctx_superseded(envelope)
                 running.committing = True
-                async with rt.db() as conn:
-                    completed = await steps.complete(conn, envelope, outcome, opened, rt.app.joins)
+                completed = await rt.store.complete(envelope, outcome, opened, rt.app.joins)
                 rt.crash.reached("after_commit")
                 ending = self._ending(
                     envelope, entry, lock, next=completed.next, status=completed.status
@@ -335,17 +332,15 @@ class StepRunner:
     ) -> streams.Handoff:
         """The step waits, durably, for a signal or a time (no worker holds it meanwhile);
         or, when the signal it waits for is already there, runs again at once."""
-        async with self.rt.db() as conn:
-            parking = await steps.park(
-                conn,
-                envelope,
-                parked,
-                ordinal=ctx.waited - 1,
-                recorded=ctx.tool_runs,
-                worker=self.consumer,
-                started_at=started,
-                usage=_usage(self.rt, ctx),
-            )
+        parking = await self.rt.store.park(
+            envelope,
+            parked,
+            ordinal=ctx.waited - 1,
+            recorded=ctx.tool_runs,
+            worker=self.consumer,
+            started_at=started,
+            usage=_usage(self.rt, ctx),
+        )
         if parking.rerun is not None:
             return self._ending(envelope, entry, lock, next=[parking.rerun])
         return self._ending(envelope, entry, lock, status=WorkflowStatus.WAITING)
@@ -395,18 +390,16 @@ class StepRunner:
             "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
             error,
         )
-        async with rt.db() as conn:
-            failure = await steps.fail(
-                conn,
-                envelope,
-                error=error,
-                retry_after=retry_after,
-                recorded=ctx.tool_runs,
-                worker=self.consumer,
-                started_at=started,
-                usage=_usage(rt, ctx),
-                tolerated=rt.app.tolerates_failed_branches(envelope.pipeline),
-            )
+        failure = await rt.store.fail(
+            envelope,
+            error=error,
+            retry_after=retry_after,
+            recorded=ctx.tool_runs,
+            worker=self.consumer,
+            started_at=started,
+            usage=_usage(rt, ctx),
+            tolerated=rt.app.tolerates_failed_branches(envelope.pipeline),
+        )
         if failure.retry is not None:
             ending = self._ending(envelope, entry, lock)
             return replace(ending, retry=failure.retry, retry_delay=failure.delay)

@@ -26,7 +26,7 @@ from orchestrator.coordination import status, streams
 from orchestrator.coordination.locks import Lock
 from orchestrator.engine import schedules
 from orchestrator.runtime import Runtime
-from orchestrator.store import prune, recovery
+from orchestrator.store import recovery
 
 log = logging.getLogger("orchestrator.reconciler")
 
@@ -106,12 +106,10 @@ class Reconciler:
     async def _start_stalled_sessions(self) -> int:
         """Sessions whose active workflow ended without starting the next (a lost promotion)."""
         rt, started = self.rt, 0
-        async with rt.db() as conn:
-            for session_id in await recovery.stalled_sessions(conn):
-                for promoted in await recovery.promote_next(conn, session_id):
-                    with redis_errors():
-                        await streams.enqueue(rt.redis, rt.keys, promoted)
-                    started += 1
+        for promoted in await rt.store.promote_stalled_sessions():
+            with redis_errors():
+                await streams.enqueue(rt.redis, rt.keys, promoted)
+            started += 1
         return started
 
     async def pass_once(self) -> PassReport:
@@ -120,8 +118,7 @@ class Reconciler:
         with redis_errors():
             for agent in rt.app.agents:
                 await streams.ensure_group(rt.redis, rt.keys, agent)
-        async with rt.db() as conn:
-            stalled = await recovery.stalled(conn, older_than=rt.settings.stall_after)
+        stalled = await rt.store.stalled(older_than=rt.settings.stall_after)
         with redis_errors():
             backlog = {
                 agent: await streams.undelivered_since(rt.redis, rt.keys, agent)
@@ -158,10 +155,9 @@ class Reconciler:
             if not await lock.acquire():
                 return 0  # leased: a live worker runs it
         try:
-            async with rt.db() as conn:
-                envelope = await recovery.requeue(
-                    conn, step.step_id, reason="stalled", seen_attempt=step.attempt
-                )
+            envelope = await rt.store.requeue(
+                step.step_id, reason="stalled", seen_attempt=step.attempt
+            )
         finally:
             # Released before the XADD: a worker reading the new envelope at once must
             # find the step free. A takeover in between only makes the envelope stale.
@@ -185,7 +181,4 @@ class Reconciler:
                 await streams.trim_acknowledged(rt.redis, rt.keys, agent)
                 await streams.delete_consumers(rt.redis, rt.keys, agent, is_alive)
         if rt.settings.prune_after_days is not None:
-            async with rt.db() as conn:
-                await prune.prune_finished(
-                    conn, older_than_seconds=rt.settings.prune_after_days * 86400
-                )
+            await rt.store.prune(older_than_seconds=rt.settings.prune_after_days * 86400)

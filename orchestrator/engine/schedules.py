@@ -37,7 +37,6 @@ from orchestrator.app import App
 from orchestrator.client import Client
 from orchestrator.errors import ConfigurationError, InvalidInput
 from orchestrator.runtime import Runtime
-from orchestrator.store import schedules as store
 from orchestrator.store.schedules import Schedule
 
 log = logging.getLogger("orchestrator.schedules")
@@ -87,11 +86,9 @@ async def _tick_one(
     runtime: Runtime, client: Client, schedule: Schedule, now: datetime
 ) -> list[UUID]:
     latest = schedule.latest(now)
-    async with runtime.db() as conn:
-        last = await store.sight(conn, schedule.name, schedule.cron, latest or now)
+    last = await runtime.store.sight_schedule(schedule.name, schedule.cron, latest or now)
     if last is None:  # a row without a tick (made by hand): first sight again
-        async with runtime.db() as conn:
-            await store.advance(conn, schedule.name, latest or now)
+        await runtime.store.advance_schedule(schedule.name, latest or now)
         return []
     submitted: list[UUID] = []
     for due in schedule.due(last, now):
@@ -100,8 +97,7 @@ async def _tick_one(
         )
         # A crash here leaves the tick unrecorded: the next tick submits it again under
         # the same key and gets this workflow back.
-        async with runtime.db() as conn:
-            await store.advance(conn, schedule.name, due)
+        await runtime.store.advance_schedule(schedule.name, due)
         log.info("schedule %s: workflow %s for tick %s", schedule.name, workflow_id, due)
         submitted.append(workflow_id)
     return submitted

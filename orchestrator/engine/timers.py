@@ -13,13 +13,11 @@ from __future__ import annotations
 from orchestrator.connections import redis_errors
 from orchestrator.coordination import streams
 from orchestrator.runtime import Runtime
-from orchestrator.store import waits
 
 
 async def wake_due(rt: Runtime, *, limit: int = 100) -> int:
     """Wake due timers and enqueue their steps; return how many woke."""
-    async with rt.db() as conn:
-        woken = await waits.wake_due(conn, limit=limit)
+    woken = await rt.store.wake_due(limit=limit)
     with redis_errors():
         for envelope in woken:
             await streams.enqueue(rt.redis, rt.keys, envelope)

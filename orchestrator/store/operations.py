@@ -1,0 +1,280 @@
+"""The store interface: the named operations the engine and the client call.
+
+Each operation borrows a pooled connection for itself (bounded in time;
+infrastructure failures raise ``ServiceUnavailable``) and runs the aggregate
+module's function; multi-statement operations are one transaction there. So
+the engine says *what* happens to a step or a workflow (``complete``, ``fail``,
+``park``, ``requeue``, ``cancel``, ``signal``...) and never holds a raw
+connection. ``tests/test_store.py`` is its own suite, against real Postgres.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from orchestrator.errors import Parked
+from orchestrator.schemas import TaskEnvelope, WorkflowRecord, WorkflowStatus
+from orchestrator.store import (
+    Conn,
+    dead_letters,
+    memory,
+    prune,
+    recovery,
+    schedules,
+    steps,
+    tool_runs,
+    waits,
+    workflows,
+)
+from orchestrator.store.dead_letters import DeadLetter
+from orchestrator.store.tool_runs import ToolRun
+
+Connect = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
+
+
+class Store:
+    """Postgres, the truth, behind named operations (see the module docstring)."""
+
+    def __init__(self, connect: Connect) -> None:
+        self._connect = connect
+
+    # Workflows
+    async def submit(self, submission: workflows.Submission) -> workflows.Created:
+        """Record a submitted workflow; its first step's envelope is for the caller to XADD."""
+        async with self._connect() as conn:
+            return await workflows.create(conn, submission)
+
+    async def workflow(self, workflow_id: UUID) -> WorkflowRecord:
+        """A workflow with its steps; WorkflowNotFound if unknown."""
+        async with self._connect() as conn:
+            return await workflows.get(conn, workflow_id)
+
+    async def workflow_status(self, workflow_id: UUID) -> WorkflowStatus:
+        async with self._connect() as conn:
+            return await recovery.workflow_status(conn, workflow_id)
+
+    async def terminal(self, workflow_ids: list[UUID]) -> dict[UUID, WorkflowStatus]:
+        """The statuses of those of ``workflow_ids`` that have finished."""
+        async with self._connect() as conn:
+            return await workflows.terminal_statuses(conn, workflow_ids)
+
+    async def recent(
+        self, *, status: str | None, tenant: str | None, limit: int
+    ) -> list[dict[str, Any]]:
+        async with self._connect() as conn:
+            return await workflows.recent(conn, status=status, tenant=tenant, limit=limit)
+
+    async def cancel(self, workflow_id: UUID) -> list[TaskEnvelope] | None:
+        """Cancel an unfinished workflow (None if finished); returns what starts next."""
+        async with self._connect() as conn:
+            return await recovery.cancel(conn, workflow_id)
+
+    async def resume(self, workflow_id: UUID) -> list[TaskEnvelope]:
+        """Re-open a failed or stuck workflow; returns the envelopes to enqueue."""
+        async with self._connect() as conn:
+            return await recovery.resume(conn, workflow_id)
+
+    async def signal(
+        self,
+        workflow_id: UUID,
+        name: str,
+        payload: Any,
+        transcript: tuple[str, str, str] | None = None,
+    ) -> TaskEnvelope | None:
+        """Record a signal; returns the envelope of the step it woke, if one waited."""
+        async with self._connect() as conn:
+            return await waits.send_signal(conn, workflow_id, name, payload, transcript=transcript)
+
+    # Steps: the step protocol
+    async def open(self, envelope: TaskEnvelope) -> steps.OpenStep:
+        """Whether the step may run under this envelope's fence, and what it recorded."""
+        async with self._connect() as conn:
+            return await steps.open_step(conn, envelope)
+
+    async def take_over(self, envelope: TaskEnvelope, by: str) -> TaskEnvelope | None:
+        """A new fence for a redelivered step; None when closed or not due."""
+        async with self._connect() as conn:
+            return await steps.take_over(conn, envelope, by)
+
+    async def complete(
+        self,
+        envelope: TaskEnvelope,
+        outcome: steps.Outcome,
+        opened: steps.OpenStep,
+        joins: frozenset[str],
+    ) -> steps.Completed:
+        """Close the step fenced on its attempt and hand off; FenceRejected if it lost."""
+        async with self._connect() as conn:
+            return await steps.complete(conn, envelope, outcome, opened, joins)
+
+    async def fail(
+        self,
+        envelope: TaskEnvelope,
+        *,
+        error: str,
+        retry_after: float | None,
+        recorded: list[ToolRun],
+        worker: str,
+        started_at: datetime,
+        usage: steps.ModelUse,
+        tolerated: bool,
+    ) -> steps.Failure:
+        """Record a failed attempt: retry later, end a tolerated branch, or dead-letter."""
+        async with self._connect() as conn:
+            return await steps.fail(
+                conn,
+                envelope,
+                error=error,
+                retry_after=retry_after,
+                recorded=recorded,
+                worker=worker,
+                started_at=started_at,
+                usage=usage,
+                tolerated=tolerated,
+            )
+
+    async def park(
+        self,
+        envelope: TaskEnvelope,
+        parked: Parked,
+        *,
+        ordinal: int,
+        recorded: list[ToolRun],
+        worker: str,
+        started_at: datetime,
+        usage: steps.ModelUse,
+    ) -> waits.Parking:
+        """Park the step on a signal or a timer (or re-run it if the signal is there)."""
+        async with self._connect() as conn:
+            return await steps.park(
+                conn,
+                envelope,
+                parked,
+                ordinal=ordinal,
+                recorded=recorded,
+                worker=worker,
+                started_at=started_at,
+                usage=usage,
+            )
+
+    async def poison(self, *, agent: str, reason: str, envelope: str) -> int:
+        """Keep an unreadable stream entry as a dead letter."""
+        async with self._connect() as conn:
+            return await dead_letters.add(conn, agent=agent, reason=reason, envelope=envelope)
+
+    async def heartbeat(self, running: list[tuple[UUID, int]]) -> set[UUID]:
+        """Refresh running steps (id, attempt); returns those still at that attempt."""
+        async with self._connect() as conn:
+            return await recovery.heartbeat(conn, running)
+
+    # Recovery and timers
+    async def stalled(self, *, older_than: float) -> list[recovery.Stalled]:
+        async with self._connect() as conn:
+            return await recovery.stalled(conn, older_than=older_than)
+
+    async def requeue(
+        self, step_id: UUID, *, reason: str, seen_attempt: int | None = None
+    ) -> TaskEnvelope | None:
+        """Bump an open step's fence (only from ``seen_attempt``); its new envelope."""
+        async with self._connect() as conn:
+            return await recovery.requeue(conn, step_id, reason=reason, seen_attempt=seen_attempt)
+
+    async def promote_stalled_sessions(self) -> list[TaskEnvelope]:
+        """Start the next workflow of sessions whose promotion was lost."""
+        started: list[TaskEnvelope] = []
+        async with self._connect() as conn:
+            for session_id in await recovery.stalled_sessions(conn):
+                started += await recovery.promote_next(conn, session_id)
+        return started
+
+    async def wake_due(self, *, limit: int = 100) -> list[TaskEnvelope]:
+        """Wake steps whose timer is due; their envelopes, to enqueue."""
+        async with self._connect() as conn:
+            return await waits.wake_due(conn, limit=limit)
+
+    async def take_signal(
+        self,
+        workflow_id: UUID,
+        step_id: UUID,
+        attempt: int,
+        *,
+        name: str,
+        ordinal: int,
+        deadline: float | None,
+    ) -> tuple[bool, Any]:
+        async with self._connect() as conn:
+            return await waits.take_signal(
+                conn, workflow_id, step_id, attempt, name=name, ordinal=ordinal, deadline=deadline
+            )
+
+    # The tool ledger
+    async def start_tool_run(
+        self, workflow_id: UUID, step_id: UUID, attempt: int, run: ToolRun, timeout: float
+    ) -> bool:
+        async with self._connect() as conn:
+            return await tool_runs.start(conn, workflow_id, step_id, attempt, run, timeout)
+
+    async def tool_run(self, key: str) -> ToolRun | None:
+        async with self._connect() as conn:
+            return await tool_runs.fetch(conn, key)
+
+    async def take_tool_run(
+        self,
+        seen: ToolRun,
+        *,
+        step_id: UUID,
+        attempt: int,
+        status: str,
+        result: Any = None,
+        timeout: float = 0.0,
+    ) -> bool:
+        """Make another execution's settled or lapsed call this one's (fenced on the row)."""
+        async with self._connect() as conn:
+            return await tool_runs.take(
+                conn,
+                seen,
+                step_id=step_id,
+                attempt=attempt,
+                status=status,
+                result=result,
+                timeout=timeout,
+            )
+
+    async def finish_tool_run(self, run: ToolRun, attempt: int) -> bool:
+        async with self._connect() as conn:
+            return await tool_runs.finish(conn, run, attempt)
+
+    # Memory, dead letters, schedules, pruning
+    async def search_memory(
+        self, *, tenant_id: str, kind: str, embedding: list[float], limit: int
+    ) -> list[memory.Memory]:
+        async with self._connect() as conn:
+            return await memory.search(
+                conn, tenant_id=tenant_id, kind=kind, embedding=embedding, limit=limit
+            )
+
+    async def dead_letters(self, *, include_retried: bool, limit: int) -> list[DeadLetter]:
+        async with self._connect() as conn:
+            return await dead_letters.list_letters(
+                conn, include_retried=include_retried, limit=limit
+            )
+
+    async def dead_letter(self, letter_id: int) -> DeadLetter | None:
+        async with self._connect() as conn:
+            return await dead_letters.get(conn, letter_id)
+
+    async def sight_schedule(self, name: str, cron: str, first_tick: datetime) -> datetime | None:
+        async with self._connect() as conn:
+            return await schedules.sight(conn, name, cron, first_tick)
+
+    async def advance_schedule(self, name: str, tick: datetime) -> bool:
+        async with self._connect() as conn:
+            return await schedules.advance(conn, name, tick)
+
+    async def prune(self, *, older_than_seconds: float) -> prune.PruneReport:
+        async with self._connect() as conn:
+            return await prune.prune_finished(conn, older_than_seconds=older_than_seconds)
