@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import json
+import os
+import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, overload
@@ -307,10 +309,16 @@ class App:
 
 
 def load_app(path: str) -> App:
-    """Import ``module:attr`` and return the App it names."""
+    """Import ``module:attr`` and return the App it names.
+
+    The current directory is importable first, as for uvicorn and celery, so
+    ``--app mypkg.flows:app`` works from the project folder.
+    """
     module_name, sep, attr = path.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigurationError(f"--app must look like module:attr, got {path!r}")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

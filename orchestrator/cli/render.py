@@ -15,13 +15,14 @@ from orchestrator.schemas import WorkflowRecord, WorkflowStatus
 
 def workflow_panel(record: WorkflowRecord) -> Panel:
     state: dict[str, Any] = record.state
-    ticket = state.get("ticket", {})
-    parts: list[Any] = [
-        Text(
-            f"{ticket.get('subject', '')}  ({ticket.get('tenant_id')}/{ticket.get('customer_id')})",
-            style="bold",
+    ticket = state.get("ticket")
+    if isinstance(ticket, dict):  # the support app's input
+        title = (
+            f"{ticket.get('subject', '')}  ({ticket.get('tenant_id')}/{ticket.get('customer_id')})"
         )
-    ]
+    else:  # any other pipeline: its input, briefly
+        title = f"{record.pipeline}: {json.dumps(state.get('input', record.input))[:120]}"
+    parts: list[Any] = [Text(title, style="bold")]
     triage = state.get("triage")
     if triage:
         parts.append(

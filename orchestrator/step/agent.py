@@ -37,7 +37,8 @@ class Agent(Generic[InT, OutT]):
     name: ClassVar[str]
     input_model: ClassVar[type[BaseModel]]
     output_model: ClassVar[type[BaseModel]]
-    tools: ClassVar[tuple[str, ...]] = ()  # the only tools this agent may call
+    # The only tools this agent may call; empty (the default) allows every registered tool.
+    tools: ClassVar[tuple[str, ...]] = ()
     routes: ClassVar[tuple[str, ...]] = ()  # agents route() may name besides the pipeline's
     max_attempts: ClassVar[int | None] = None  # None: the runtime's default
     timeout_seconds: ClassVar[float] = 120.0
