@@ -13,6 +13,8 @@ Sentiment = Literal["positive", "neutral", "negative", "angry"]
 
 
 class TriageInput(AgentInput):
+    """The triage agent's input: the ticket."""
+
     ticket: Ticket
 
 
@@ -28,10 +30,14 @@ class TriageDecision(AgentOutput):
 
 
 class TriageResult(TriageDecision):
+    """The triage decision and the model that made it."""
+
     model: str  # which model decided (the offline one says so)
 
 
 class Article(AgentOutput):
+    """A help-center article found for the ticket, with its keyword score."""
+
     id: str
     title: str
     snippet: str
@@ -39,6 +45,8 @@ class Article(AgentOutput):
 
 
 class SimilarTicket(AgentOutput):
+    """A similar resolved ticket of the tenant, with its similarity score."""
+
     id: str
     subject: str
     resolution: str
@@ -46,6 +54,8 @@ class SimilarTicket(AgentOutput):
 
 
 class ResearchInput(AgentInput):
+    """The ticket and its triage (the built-in agents take ``LookupInput``, alike)."""
+
     ticket: Ticket
     triage: TriageResult
 
@@ -57,16 +67,22 @@ class ResearchPlan(AgentOutput):
 
 
 class LookupInput(AgentInput):
+    """Input of the research agent and both lookups: the ticket and its triage."""
+
     ticket: Ticket
     triage: TriageResult
 
 
 class OrderFindings(AgentOutput):
+    """The orders found, and the named order ids not found on the customer's account."""
+
     orders: list[dict[str, Any]]
     missing_orders: list[str]
 
 
 class KnowledgeFindings(AgentOutput):
+    """Help-center articles and similar past tickets found for the ticket."""
+
     articles: list[Article]
     similar_tickets: list[SimilarTicket]
 
@@ -90,6 +106,8 @@ class ResponseInput(AgentInput):
 
     @property
     def research(self) -> ResearchFindings | None:
+        """Both branches' findings in one (empty for a skipped branch); None when research
+        did not run at all."""
         if self.order_lookup is None and self.knowledge_search is None:
             return None
         orders = self.order_lookup or OrderFindings(orders=[], missing_orders=[])
@@ -105,4 +123,6 @@ class DraftReply(AgentOutput):
 
 
 class ResponseResult(DraftReply):
+    """The reply sent to the customer, what it cites, and the model that wrote it."""
+
     model: str

@@ -98,6 +98,8 @@ URGENT = ("urgent", "asap", "immediately", "locked out", "can't log in", "charge
 
 
 def triage(request: ModelRequest) -> Mapping[str, Any]:
+    """Triage ``request.context["ticket"]``: category by keyword counts, sentiment and
+    priority by phrases, and the order ids the text names."""
     ticket: Ticket = request.context["ticket"]
     text = f"{ticket.subject}\n{ticket.body}"
     lower = text.lower()
@@ -142,6 +144,8 @@ def _sentiment(text: str, lower: str) -> str:
 
 
 def reply(request: ModelRequest) -> Mapping[str, Any]:
+    """A templated reply from the ticket, triage and research in ``request.context``,
+    citing each order, article and past ticket it uses."""
     ticket: Ticket = request.context["ticket"]
     tri: TriageResult = request.context["triage"]
     research: ResearchFindings | None = request.context.get("research")

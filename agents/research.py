@@ -32,11 +32,13 @@ class ResearchAgent(Agent[LookupInput, ResearchPlan]):
     routes = ("order_lookup", "knowledge_search")
 
     async def run(self, ctx: StepContext, data: LookupInput) -> ResearchPlan:
+        """The knowledge search always; the order lookup too for a ticket about orders."""
         about_orders = bool(data.triage.order_ids) or data.triage.category in ORDER_CATEGORIES
         lookups: list[Any] = ["order_lookup"] if about_orders else []
         return ResearchPlan(lookups=[*lookups, "knowledge_search"])
 
     def route(self, output: ResearchPlan) -> Sequence[str]:
+        """The planned lookups, as parallel branches."""
         return output.lookups
 
 
@@ -50,6 +52,8 @@ class OrderLookupAgent(Agent[LookupInput, OrderFindings]):
     routes = ("response",)
 
     async def run(self, ctx: StepContext, data: LookupInput) -> OrderFindings:
+        """Look up each order id triage found; with none named on an order ticket, take the
+        customer's open order if there is exactly one."""
         ticket, triage = data.ticket, data.triage
         orders: list[dict[str, Any]] = []
         missing: list[str] = []
@@ -72,6 +76,7 @@ class OrderLookupAgent(Agent[LookupInput, OrderFindings]):
         return OrderFindings(orders=orders, missing_orders=missing)
 
     def route(self, output: OrderFindings) -> Sequence[str]:
+        """On to the response agent, which joins the branches."""
         return ["response"]
 
 
@@ -85,6 +90,8 @@ class KnowledgeSearchAgent(Agent[LookupInput, KnowledgeFindings]):
     routes = ("response",)
 
     async def run(self, ctx: StepContext, data: LookupInput) -> KnowledgeFindings:
+        """Search the help center (favouring the triaged category) and the tenant's past
+        tickets for the ticket's subject and body."""
         ticket, triage = data.ticket, data.triage
         query = f"{ticket.subject} {ticket.body}"
         articles = await ctx.tool("search_help_center", query=query, category=triage.category)
@@ -95,4 +102,5 @@ class KnowledgeSearchAgent(Agent[LookupInput, KnowledgeFindings]):
         )
 
     def route(self, output: KnowledgeFindings) -> Sequence[str]:
+        """On to the response agent, which joins the branches."""
         return ["response"]

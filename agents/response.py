@@ -39,6 +39,9 @@ def _reminder_after() -> timedelta:
 
 
 class ResponseAgent(Agent[ResponseInput, ResponseResult]):
+    """Joins the research branches and drafts the reply; asks for a missing order number
+    first, and closes the ticket if none comes (see the module doc)."""
+
     name = "response"
     input_model = ResponseInput
     output_model = ResponseResult
@@ -46,6 +49,8 @@ class ResponseAgent(Agent[ResponseInput, ResponseResult]):
     join = True  # runs once, after the research branches (order lookup, knowledge search)
 
     async def run(self, ctx: StepContext, data: ResponseInput) -> ResponseResult:
+        """Draft the reply with the model and say it in the transcript; the closing message
+        instead when the customer never named the order."""
         try:
             research = await self._with_customer_order(ctx, data)
         except WaitTimedOut:

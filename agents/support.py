@@ -48,6 +48,8 @@ def sample_tickets() -> list[Ticket]:
 
 @app.on_setup
 async def seed_past_tickets(runtime: Runtime) -> None:
+    """Put the bundled past tickets into each sample tenant's memory (a setup hook, run
+    after migrations); ones already there are left as they are."""
     async with runtime.pool.acquire() as conn:
         for tenant in SAMPLE_TENANTS:
             for past in tools.load("past_tickets.json"):

@@ -30,6 +30,7 @@ def _words(text: str) -> set[str]:
 
 @cache
 def load(name: str) -> list[dict[str, Any]]:
+    """A bundled data file (``data/<name>``), read once and cached: do not modify it."""
     data: list[dict[str, Any]] = json.loads(
         resources.files("orchestrator.agents").joinpath("data", name).read_text(encoding="utf-8")
     )
@@ -45,6 +46,7 @@ async def lookup_order(order_id: str, customer_id: str) -> dict[str, Any] | None
 
 
 async def orders_for_customer(customer_id: str) -> list[dict[str, Any]]:
+    """Every order of this customer, whatever its status."""
     return [o for o in load("orders.json") if o["customer_id"] == customer_id]
 
 

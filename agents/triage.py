@@ -17,11 +17,14 @@ mentioned (like ORD-10007), say whether looking up orders or help articles would
 
 
 class TriageAgent(Agent[TriageInput, TriageResult]):
+    """Classifies the ticket with the model and decides whether research is needed."""
+
     name = "triage"
     input_model = TriageInput
     output_model = TriageResult
 
     async def run(self, ctx: StepContext, data: TriageInput) -> TriageResult:
+        """The model's triage decision, labelled with the model's name."""
         ticket = data.ticket
         decision = await ctx.model.parse(
             ModelRequest(
@@ -35,5 +38,6 @@ class TriageAgent(Agent[TriageInput, TriageResult]):
         return TriageResult(**decision.model_dump(), model=ctx.model.name)
 
     def route(self, output: TriageResult) -> Sequence[str] | None:
+        """The pipeline (research) when research is needed, else straight to the response."""
         # Nothing to look up: go straight to the reply (which asks for details).
         return None if output.needs_research else ["response"]

@@ -47,6 +47,9 @@ OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_
 async def connect_redis(
     url: str, *, max_connections: int = 128, timeout: float = 5.0, block_seconds: float = 1.0
 ) -> aioredis.Redis:
+    """A Redis client on a pool of at most ``max_connections``, pinged once; ``timeout``
+    and ``block_seconds`` (the longest XREADGROUP BLOCK) are in seconds. Raises
+    ``ServiceUnavailable`` when Redis cannot be reached."""
     # A blocking pool: when every connection is busy a caller waits for one
     # instead of failing with "Too many connections" under load. The socket
     # timeout covers the longest blocking read (XREADGROUP BLOCK) plus ``timeout``.
@@ -81,6 +84,9 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 async def create_pool(
     dsn: str, *, schema: str = "public", size: int = 10, timeout: float = 10.0
 ) -> asyncpg.Pool:
+    """A pool of at most ``size`` Postgres connections, opened on demand, with ``schema``
+    first on the search path and jsonb as Python values. ``timeout`` (seconds) bounds
+    connecting and every statement."""
     settings: dict[str, Any] = {
         "search_path": f"{schema},public",
         "application_name": "orchestrator",

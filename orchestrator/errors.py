@@ -32,6 +32,9 @@ class OrchestratorError(Exception):
 
 
 class ConfigurationError(OrchestratorError):
+    """Bad settings, a bad ``--app`` path, or an app set up wrong (unknown agents, a bad
+    schedule)."""
+
     pass
 
 
@@ -46,10 +49,14 @@ class ServiceUnavailable(OrchestratorError):
 
 
 class InvalidInput(OrchestratorError):
+    """A malformed ticket, envelope, command-line argument or cached value."""
+
     pass
 
 
 class WorkflowNotFound(OrchestratorError):
+    """No workflow with that id; the id is on ``workflow_id``."""
+
     def __init__(self, workflow_id: UUID | str) -> None:
         super().__init__(f"no workflow {workflow_id}")
         self.workflow_id = workflow_id
@@ -110,14 +117,22 @@ class StepError(OrchestratorError):
 
 
 class FenceRejected(StepError):
+    """This attempt lost its fence: a newer attempt took the step, or the step is already
+    closed, so nothing it does may be committed. Never retried."""
+
     non_retryable = True
 
 
 class NonDeterminismError(StepError):
+    """A re-run asked for a different tool call or wait than the one recorded at that
+    point, so the recorded results cannot be replayed. Never retried."""
+
     non_retryable = True
 
 
 class StepLimitReached(StepError):
+    """The workflow routed past its pipeline's step limit (a routing loop?). Never retried."""
+
     non_retryable = True
 
 
@@ -131,6 +146,8 @@ class WaitTimedOut(StepError):
 
 
 class ToolError(StepError):
+    """A tool failed; ``tool`` names it and ``non_retryable`` says whether to retry."""
+
     def __init__(
         self,
         message: str,
@@ -144,6 +161,9 @@ class ToolError(StepError):
 
 
 class AgentError(StepError):
+    """Raise from an agent to fail the step; ``non_retryable=True`` skips retries. The
+    runtime raises it too (input or output that does not fit, a timeout, a failed model call)."""
+
     pass
 
 

@@ -15,6 +15,9 @@ POINTS = frozenset({"after_claim", "after_tool_effect", "after_commit", "after_x
 
 
 class CrashPoints:
+    """SIGKILLs this process the ``after``-th time it reaches the crash point ``at``;
+    with ``at=None`` every check is a no-op. An unknown point raises ValueError."""
+
     def __init__(self, at: str | None, after: int) -> None:
         if at is not None and at not in POINTS:
             raise ValueError(f"unknown crash point {at!r}; known: {', '.join(sorted(POINTS))}")
@@ -23,6 +26,8 @@ class CrashPoints:
         self._seen: Counter[str] = Counter()
 
     def reached(self, point: str) -> None:
+        """Count a visit to ``point``; SIGKILL this process if it is the armed one and the
+        count has reached ``after``. Does not return in that case."""
         if self.at != point:
             return
         self._seen[point] += 1

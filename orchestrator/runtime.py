@@ -43,6 +43,9 @@ CREATE_SCHEMA_SQL = "SELECT format('CREATE SCHEMA IF NOT EXISTS %I', $1::text)"
 
 @dataclass(frozen=True, slots=True)
 class Runtime:
+    """Settings, app, clients and model of one process, opened and closed together by
+    ``open_runtime`` and passed explicitly."""
+
     settings: Settings
     app: App
     keys: Keys
@@ -66,6 +69,7 @@ class Runtime:
 
 
 def build_model(settings: Settings, app: App) -> LanguageModel:
+    """The OpenAI model when an API key is set, else the offline model on the app's rules."""
     if settings.openai_api_key:
         client = AsyncOpenAI(
             api_key=settings.openai_api_key,

@@ -76,4 +76,6 @@ class Settings(BaseSettings):
 
     @property
     def stall_after(self) -> float:
+        """Seconds an open step may go without progress before it is re-enqueued:
+        ``stall_seconds``, or twice the lease when that is unset."""
         return self.stall_seconds or 2 * self.lease_seconds

@@ -23,6 +23,7 @@ _PROPAGATOR = TraceContextTextMapPropagator()
 
 
 def tracer(provider: TracerProvider | None = None) -> Tracer:
+    """The runtime's tracer, from ``provider`` or the globally configured one."""
     return trace.get_tracer("orchestrator", tracer_provider=provider)
 
 
@@ -34,6 +35,7 @@ def traceparent_of(span: Span) -> str | None:
 
 
 def parent_context(traceparent: str | None) -> Context | None:
+    """The context a W3C ``traceparent`` carries, or None (a new trace) when there is none."""
     return _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
 
 

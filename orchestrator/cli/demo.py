@@ -23,15 +23,19 @@ from orchestrator.schemas import WorkflowRecord, WorkflowStatus
 
 @dataclass(frozen=True, slots=True)
 class DemoReport:
+    """The workflows of a local run, as they ended, and its wall-clock seconds."""
+
     records: list[WorkflowRecord]
     seconds: float
 
     @property
     def completed(self) -> int:
+        """How many workflows completed."""
         return sum(r.status is WorkflowStatus.COMPLETED for r in self.records)
 
     @property
     def failed(self) -> int:
+        """How many workflows did not complete."""
         return len(self.records) - self.completed
 
 

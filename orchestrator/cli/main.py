@@ -43,6 +43,8 @@ def root(
     app: Annotated[str | None, typer.Option("--app", help="module:attr of the App")] = None,
     debug: Annotated[bool, typer.Option("--debug", help="show tracebacks")] = False,
 ) -> None:
+    """Read the settings and set up logging before any command; the commands find the
+    Options on ``ctx.obj``."""
     opts = Options(app)
     level = (
         logging.DEBUG
@@ -413,6 +415,7 @@ cli.add_typer(dlq, name="dlq")
 
 
 def main() -> None:
+    """The ``orchestrator`` script."""
     cli()
 
 

@@ -14,6 +14,8 @@ from orchestrator.schemas import WorkflowRecord, WorkflowStatus
 
 
 def workflow_panel(record: WorkflowRecord) -> Panel:
+    """One workflow as a panel: its input, triage, research, other agents' output, the
+    reply and any error; green when it completed, red otherwise."""
     state: dict[str, Any] = record.state
     ticket = state.get("ticket")
     if isinstance(ticket, dict):  # the support app's input
@@ -64,6 +66,7 @@ def workflow_panel(record: WorkflowRecord) -> Panel:
 
 
 def steps_table(record: WorkflowRecord) -> Table:
+    """The workflow's steps in order: agent, status, attempt, completion time, error."""
     table = Table("seq", "agent", "status", "attempt", "completed at", "error")
     for step in record.steps:
         table.add_row(
@@ -78,6 +81,7 @@ def steps_table(record: WorkflowRecord) -> Table:
 
 
 def print_summary(console: Console, records: list[WorkflowRecord], seconds: float) -> None:
+    """Print one line: how many tickets completed and failed, wall time, workflows/s."""
     completed = sum(r.status is WorkflowStatus.COMPLETED for r in records)
     rate = len(records) / seconds if seconds > 0 else 0.0
     console.print(

@@ -52,6 +52,9 @@ def guard(command: Callable[..., None]) -> Callable[..., None]:
 
 
 class Options:
+    """What every command shares: the settings from the environment and the app path
+    (``--app``, else the ``app`` setting). Bad settings raise ConfigurationError."""
+
     def __init__(self, app_path: str | None) -> None:
         try:
             self.settings = Settings()
@@ -63,10 +66,13 @@ class Options:
         self.app_path = app_path or self.settings.app
 
     def app(self) -> App:
+        """Import the App at ``app_path``; ConfigurationError when it cannot."""
         return load_app(self.app_path)
 
 
 def run_body(opts: Options, body: Callable[[Runtime], Awaitable[T]], *, migrate: bool = True) -> T:
+    """Open a runtime (applying migrations unless ``migrate=False``), run ``body`` on it in
+    a new event loop, close it, and return what ``body`` returned."""
     app = opts.app()
 
     async def main() -> T:
@@ -77,6 +83,7 @@ def run_body(opts: Options, body: Callable[[Runtime], Awaitable[T]], *, migrate:
 
 
 def workflow_id_arg(value: str) -> UUID:
+    """A workflow id from the command line; InvalidInput when it is not a UUID."""
     try:
         return UUID(value)
     except ValueError:

@@ -21,6 +21,8 @@ class Keys:
         return f"{self.prefix}:stream:{agent}"
 
     def dead_letter_stream(self) -> str:
+        """Stream of entries that could not be processed or ran out of attempts (a view;
+        the durable dead letters are rows in Postgres)."""
         return f"{self.prefix}:stream:dead-letter"
 
     def delayed(self) -> str:
@@ -57,4 +59,5 @@ class Keys:
 
     @staticmethod
     def group(agent: str) -> str:
+        """The consumer group of an agent's stream: named after the agent."""
         return agent

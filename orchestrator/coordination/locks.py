@@ -57,11 +57,15 @@ return 0
 
 
 def owner_of(token: bytes | str) -> str:
+    """The owner (consumer name) a lock token names; "" when it names none."""
     text = token.decode(errors="replace") if isinstance(token, bytes) else token
     return text.rpartition("|")[0]
 
 
 class Lock:
+    """A lock on the key ``name`` that expires after ``ttl_ms`` unless extended; its token
+    names ``owner``, so others can tell whether its holder is dead."""
+
     def __init__(self, client: aioredis.Redis, name: str, ttl_ms: int, owner: str = "") -> None:
         self.client = client
         self.name = name
@@ -70,6 +74,7 @@ class Lock:
         self.stolen = False  # taken from a dead holder: whatever it ran must be fenced out
 
     async def acquire(self) -> bool:
+        """Take the lock if nobody holds it (SET NX PX); False if someone does."""
         return bool(await self.client.set(self.name, self.token, nx=True, px=self.ttl_ms))
 
     async def take_over(self, is_dead: Callable[[str], Awaitable[bool]]) -> bool:
@@ -90,9 +95,12 @@ class Lock:
         return self.stolen
 
     async def extend(self) -> bool:
+        """Reset the TTL to ``ttl_ms`` if this token still holds the lock; False if lost."""
         return bool(await self.client.eval(EXTEND, 1, self.name, self.token, self.ttl_ms))
 
     async def release(self) -> bool:
+        """Delete the lock if this token still holds it; False if it expired or is someone
+        else's."""
         return bool(await self.client.eval(RELEASE, 1, self.name, self.token))
 
     async def release_quietly(self, within: float = 1.0) -> None:

@@ -50,6 +50,9 @@ class RateLimited(StepError):
 
 
 class RateLimiter:
+    """One token bucket per tenant: ``rate`` tokens a second, holding at most ``burst``;
+    ``take`` waits at most ``max_wait`` seconds. ValueError if rate <= 0 or burst < 1."""
+
     def __init__(
         self, client: aioredis.Redis, keys: Keys, *, rate: float, burst: float, max_wait: float
     ) -> None:

@@ -26,11 +26,15 @@ DEAD_LETTER_MAXLEN = 10_000  # the durable dead letters are rows in Postgres
 
 @dataclass(frozen=True, slots=True)
 class Entry:
+    """One stream entry as read: its id and raw fields (the envelope is under ``FIELD``)."""
+
     id: bytes
     fields: dict[FieldT, EncodableT]
 
 
 async def ensure_group(client: aioredis.Redis, keys: Keys, agent: str) -> None:
+    """Create the agent's stream and consumer group (reading from the start) unless the
+    group exists already."""
     try:
         await client.xgroup_create(keys.stream(agent), keys.group(agent), id="0", mkstream=True)
     except ResponseError as exc:
@@ -41,6 +45,8 @@ async def ensure_group(client: aioredis.Redis, keys: Keys, agent: str) -> None:
 async def read(
     client: aioredis.Redis, keys: Keys, agent: str, consumer: str, *, count: int, block_ms: int
 ) -> list[Entry]:
+    """Up to ``count`` new entries for ``consumer``, waiting at most ``block_ms`` ms; they
+    stay pending on it until acknowledged."""
     reply: Any = await client.xreadgroup(
         keys.group(agent), consumer, {keys.stream(agent): ">"}, count=count, block=block_ms
     )
@@ -111,6 +117,8 @@ async def pending_by_consumer(client: aioredis.Redis, keys: Keys, agent: str) ->
 async def pending_of(
     client: aioredis.Redis, keys: Keys, agent: str, owner: str, *, count: int
 ) -> list[bytes]:
+    """Ids of up to ``count`` entries pending on the consumer ``owner`` (to claim them when
+    it is dead)."""
     rows: Any = await client.xpending_range(
         keys.stream(agent), keys.group(agent), "-", "+", count, consumername=owner
     )
@@ -178,10 +186,12 @@ async def undelivered_since(client: aioredis.Redis, keys: Keys, agent: str) -> i
 
 
 def encode(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:
+    """The stream fields carrying ``envelope`` (as JSON under ``FIELD``)."""
     return {FIELD: envelope.model_dump_json().encode()}
 
 
 def decode(entry: Entry) -> TaskEnvelope:
+    """The envelope in a stream entry; InvalidInput when it is missing or malformed."""
     raw = entry.fields.get(FIELD)
     if not isinstance(raw, bytes | str):
         raise InvalidInput(f"stream entry {entry.id!r} has no envelope field")
@@ -194,6 +204,7 @@ def decode(entry: Entry) -> TaskEnvelope:
 
 
 async def enqueue(client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope) -> None:
+    """XADD an envelope to its agent's stream."""
     await _add(client, keys, envelope)
 
 
@@ -219,6 +230,9 @@ class Handoff:
 
 
 async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
+    """Send ``h`` in one pipelined round trip: next envelopes, the delayed retry, the dead
+    letter, the ack, the signal, the lock release. Not a transaction: Postgres holds the
+    truth."""
     pipe = client.pipeline(transaction=False)
     for envelope in h.next:
         _add(pipe, keys, envelope)

@@ -22,19 +22,28 @@ _STOP = frozenset(
 
 
 class Embedder(Protocol):
+    """Turns text into a vector for semantic memory; ``name`` says which embedder made it."""
+
     name: str
 
-    async def embed(self, text: str) -> list[float]: ...
+    async def embed(self, text: str) -> list[float]:
+        """The embedding of ``text`` (``DIMENSIONS`` floats, as the memories table stores)."""
+        ...
 
 
 class HashingEmbedder:
+    """The offline embedder: ``embed_offline`` behind the ``Embedder`` interface."""
+
     name = f"offline-hashing-{DIMENSIONS}"
 
     async def embed(self, text: str) -> list[float]:
+        """``embed_offline(text)``: deterministic, no network."""
         return embed_offline(text)
 
 
 def embed_offline(text: str) -> list[float]:
+    """Hashed word unigrams and bigrams (stop words dropped) as a unit vector of
+    ``DIMENSIONS`` floats; all zeros when the text has no words."""
     words = [w for w in _WORD.findall(text.lower()) if w not in _STOP]
     features = words + [f"{a} {b}" for a, b in itertools.pairwise(words)]
     vec = [0.0] * DIMENSIONS

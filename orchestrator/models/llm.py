@@ -27,6 +27,9 @@ OFFLINE_MODEL_NAME = "offline-rules-v1 (deterministic, no API key)"
 
 @dataclass(frozen=True, slots=True)
 class ModelRequest:
+    """One model call. Only ``instructions`` and ``content`` are sent to a real model;
+    ``context`` carries values for the offline rules."""
+
     purpose: str  # what the call is for ("triage", "reply"): offline rules key on it
     instructions: str
     content: str
@@ -35,6 +38,8 @@ class ModelRequest:
 
 @dataclass(frozen=True, slots=True)
 class Usage:
+    """Tokens used by model calls; add two with ``+``."""
+
     prompt_tokens: int = 0
     completion_tokens: int = 0
 
@@ -47,6 +52,8 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class Completion(Generic[T]):
+    """A parsed answer and the tokens it took."""
+
     value: T
     usage: Usage
 
@@ -65,6 +72,8 @@ ToolRunner = Callable[[str, dict[str, Any]], Awaitable[Any]]
 
 
 class LanguageModel(Protocol):
+    """What every model call goes through; ``name`` is recorded with each step's usage."""
+
     name: str
 
     async def complete(
@@ -74,13 +83,18 @@ class LanguageModel(Protocol):
         tools: Sequence[ToolDef] = (),
         run_tool: ToolRunner | None = None,
         max_turns: int = 6,
-    ) -> Completion[T]: ...
+    ) -> Completion[T]:
+        """An answer parsed as ``output``; with ``tools``, the model may call them through
+        ``run_tool`` for at most ``max_turns`` turns."""
+        ...
 
 
 OfflineRule = Callable[[ModelRequest], Mapping[str, Any]]
 
 
 class OfflineModel:
+    """Deterministic, no network or key: the app's rule for a request's ``purpose`` answers."""
+
     def __init__(self, rules: Mapping[str, OfflineRule]) -> None:
         self.name = OFFLINE_MODEL_NAME
         self._rules = dict(rules)
@@ -93,6 +107,9 @@ class OfflineModel:
         run_tool: ToolRunner | None = None,
         max_turns: int = 6,
     ) -> Completion[T]:
+        """The rule's answer validated as ``output``, with zero usage. ConfigurationError when
+        tools are offered or no rule fits the purpose; a non-retryable AgentError when the
+        rule's answer does not fit ``output``."""
         if tools:
             raise ConfigurationError(
                 "the offline model cannot choose tools; call them from the agent, "
@@ -125,6 +142,7 @@ class OpenAIModel:
         self._model = model
 
     async def aclose(self) -> None:
+        """Close the OpenAI client (and its HTTP connections)."""
         await self._client.close()
 
     async def complete(
@@ -135,6 +153,9 @@ class OpenAIModel:
         run_tool: ToolRunner | None = None,
         max_turns: int = 6,
     ) -> Completion[T]:
+        """An answer parsed as ``output``, running the tools the model calls through
+        ``run_tool`` for at most ``max_turns`` turns; usage adds up every turn. Failures raise
+        AgentError: retryable when the server is unavailable, not when it refuses."""
         messages: list[Any] = [
             {"role": "system", "content": request.instructions},
             {"role": "user", "content": request.content},

@@ -26,6 +26,8 @@ LIMIT $4
 
 @dataclass(frozen=True, slots=True)
 class Memory:
+    """A remembered item found by ``search``; ``score`` is its cosine similarity."""
+
     key: str
     content: str
     metadata: dict[str, Any]
@@ -43,6 +45,8 @@ async def remember(
     embedder: str,
     embedding: list[float],
 ) -> None:
+    """Store an item for ``tenant_id``; a key the tenant already has for ``kind`` is kept
+    as it was (nothing is overwritten). ``embedder`` names what made ``embedding``."""
     await conn.execute(
         UPSERT,
         tenant_id,
@@ -58,5 +62,6 @@ async def remember(
 async def search(
     conn: Conn, *, tenant_id: str, kind: str, embedding: list[float], limit: int
 ) -> list[Memory]:
+    """The tenant's ``limit`` items of ``kind`` nearest to ``embedding``, most similar first."""
     rows = await conn.fetch(SEARCH, tenant_id, kind, Vector(embedding).to_text(), limit)
     return [Memory(r["key"], r["content"], r["metadata"], float(r["score"])) for r in rows]

@@ -298,6 +298,7 @@ async def migrate(conn: Conn) -> list[int]:
 
 
 async def schema_exists(conn: Conn, schema: str) -> bool:
+    """Whether the Postgres schema ``schema`` exists."""
     return await conn.fetchval(SCHEMA_EXISTS, schema) is not None
 
 
@@ -311,4 +312,5 @@ async def schema_version(conn: Conn, schema: str) -> int:
 
 
 async def pgvector_available(conn: Conn) -> bool:
+    """Whether the server offers the pgvector extension (installed or only installable)."""
     return await conn.fetchval(PGVECTOR_AVAILABLE) is not None

@@ -88,6 +88,8 @@ INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1
 
 @dataclass(frozen=True, slots=True)
 class Stalled:
+    """An open step of a running workflow that has made no progress for too long."""
+
     step_id: UUID
     agent: str
     updated_ms: int  # when the step was last enqueued or heartbeated (Postgres clock)
@@ -97,6 +99,8 @@ class Stalled:
 
 
 async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[Stalled]:
+    """Up to ``limit`` open, due steps of running workflows not enqueued or heartbeated for
+    ``older_than`` seconds, oldest first."""
     rows = await conn.fetch(SELECT_STALLED, older_than, limit)
     return [
         Stalled(r["id"], r["agent"], r["updated_ms"], r["attempt"], r["workflow_id"], r["seq"])
@@ -133,6 +137,7 @@ async def heartbeat(conn: Conn, running: list[tuple[UUID, int]]) -> set[UUID]:
 
 
 async def workflow_status(conn: Conn, workflow_id: UUID) -> WorkflowStatus:
+    """The workflow's status; raises WorkflowNotFound."""
     status = await conn.fetchval(WORKFLOW_STATUS, workflow_id)
     if status is None:
         raise WorkflowNotFound(workflow_id)
@@ -236,6 +241,8 @@ async def promote_after(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
 
 
 async def stalled_sessions(conn: Conn, limit: int = 100) -> list[str]:
+    """Up to ``limit`` sessions with a queued workflow but none running or waiting: nothing
+    will start their next one unless it is promoted."""
     return [r["session_id"] for r in await conn.fetch(STALLED_SESSIONS, limit)]
 
 

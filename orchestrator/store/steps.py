@@ -167,6 +167,8 @@ class ModelUse:
     completion_tokens: int = 0
 
     def row(self) -> tuple[str | None, int, int, int]:
+        """The attempt row's values: model (None when no call was made), calls, prompt
+        and completion tokens."""
         return (
             self.model if self.calls else None,
             self.calls,
@@ -191,6 +193,8 @@ class Outcome:
 
 
 async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
+    """What the worker needs to run the step; not ``runnable`` (with the reason) when the
+    step is unknown or closed, its workflow is not running, or the attempt is stale."""
     row = await conn.fetchrow(SELECT_OPEN, envelope.step_id)
     if row is None:
         return OpenStep(False, "unknown step")

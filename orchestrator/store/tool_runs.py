@@ -70,6 +70,8 @@ FROM tool_runs WHERE idempotency_key = $1
 
 @dataclass(frozen=True, slots=True)
 class ToolRun:
+    """One tool call in the ledger: its key, ordinal in the step, arguments and outcome."""
+
     key: str
     ordinal: int
     tool: str
@@ -97,6 +99,8 @@ def columns(runs: list[ToolRun]) -> tuple[list[Any], ...]:
 async def insert_finished(
     conn: Conn, workflow_id: UUID, step_id: UUID, attempt: int, runs: list[ToolRun]
 ) -> None:
+    """Record finished calls inside the step's completion (or failure) transaction; a row
+    that already succeeded is never overwritten."""
     if not runs:
         return
     await conn.execute(
@@ -145,6 +149,7 @@ async def take(
 
 
 async def fetch(conn: Conn, key: str) -> ToolRun | None:
+    """The ledger row of the call ``key``, or None."""
     row = await conn.fetchrow(SELECT_ONE, key)
     if row is None:
         return None

@@ -75,6 +75,8 @@ ORDER BY created_at DESC LIMIT $3
 
 @dataclass(frozen=True, slots=True)
 class Created:
+    """What ``create`` recorded: the first step's envelope, and whether to hold it back."""
+
     queued: bool  # True: behind another workflow of its session, not to be enqueued yet
     envelope: TaskEnvelope
     existing: bool = False  # the key was submitted before: this is that workflow, not new
@@ -157,6 +159,7 @@ async def _insert(conn: Conn, *args: Any) -> str | None:
 
 
 async def get(conn: Conn, workflow_id: UUID) -> WorkflowRecord:
+    """The workflow with its steps in order; raises WorkflowNotFound."""
     row = await conn.fetchrow(SELECT_WORKFLOW, workflow_id)
     if row is None:
         raise WorkflowNotFound(workflow_id)
@@ -176,4 +179,5 @@ async def terminal_statuses(conn: Conn, workflow_ids: list[UUID]) -> dict[UUID, 
 async def recent(
     conn: Conn, *, status: str | None, tenant: str | None, limit: int
 ) -> list[dict[str, Any]]:
+    """The newest ``limit`` workflows, filtered by ``status`` and ``tenant`` when given."""
     return [dict(r) for r in await conn.fetch(LIST_RECENT, status, tenant, limit)]
