@@ -43,7 +43,6 @@ from __future__ import annotations
 import inspect
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Generic, Literal, TypeAlias, TypeVar, overload
@@ -84,8 +83,8 @@ from orchestrator.step.context import INPUT_SIGNAL, StepContext, bind
 from orchestrator.step.info import StepInfo
 from orchestrator.step.services import Limiter
 from orchestrator.step.tools import RUNTIME_PARAMS, ToolSpec
-from orchestrator.store import Conn
 from orchestrator.store.memory import Memory
+from orchestrator.store.operations import Store
 from orchestrator.store.tool_runs import ToolRun
 
 __all__ = [
@@ -433,7 +432,8 @@ class _Services:
     crash: CrashPoints = field(default_factory=lambda: CrashPoints(None, 1))
     model_limiter: Limiter | None = None
 
-    def db(self) -> AbstractAsyncContextManager[Conn]:
+    @property
+    def store(self) -> Store:
         raise NeedsServers(
             "AgentHarness has no database: this step needed Postgres. Non-idempotent tools "
             "and ctx.search_memory() need a Worker on real Redis and Postgres; in a harness, "

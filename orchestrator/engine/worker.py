@@ -35,21 +35,8 @@ from orchestrator.engine.protocol import StepRunner
 from orchestrator.engine.reconciler import Reconciler
 from orchestrator.errors import ConfigurationError, OrchestratorError
 from orchestrator.runtime import Runtime
-from orchestrator.store import recovery
 
 log = logging.getLogger("orchestrator.worker")
-
-# run_until_idle: open steps that will run without anything from outside, by the time $1
-# (seconds from now). A queued step of a queued workflow waits behind its session; a
-# waiting one with no due time waits for a signal.
-_BUSY_STEPS = """
-SELECT count(*) FILTER (WHERE s.status = 'queued' AND w.status = 'running'
-                          AND (s.not_before IS NULL OR s.not_before <= due.at)) AS queued,
-       count(*) FILTER (WHERE s.status = 'waiting' AND s.not_before <= due.at) AS timers
-FROM steps s JOIN workflows w ON w.id = s.workflow_id,
-     (SELECT now() + make_interval(secs => $1) AS at) AS due
-WHERE s.status IN ('queued', 'waiting') AND w.status IN ('running', 'waiting')
-"""
 
 
 class Worker:
@@ -138,9 +125,7 @@ class Worker:
         ``run_until_idle``)."""
         rt, busy = self.rt, []
         try:
-            async with rt.db() as conn:
-                row = await conn.fetchrow(_BUSY_STEPS, max(within, 0.0))
-            queued, timers = (row["queued"], row["timers"]) if row is not None else (0, 0)
+            queued, timers = await rt.store.busy(within=max(within, 0.0))
             if queued:
                 busy.append(f"{queued} queued step(s)")
             if timers:
@@ -390,10 +375,7 @@ class Worker:
         long = [r for r in running if now - r.since >= every and not r.committing]
         if not long:
             return
-        async with rt.db() as conn:
-            current = await recovery.heartbeat(
-                conn, [(r.envelope.step_id, r.envelope.attempt) for r in long]
-            )
+        current = await rt.store.heartbeat([(r.envelope.step_id, r.envelope.attempt) for r in long])
         for r in long:
             if r.envelope.step_id not in current:
                 self.runner.supersede(r)

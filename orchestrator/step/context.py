@@ -24,7 +24,7 @@ from orchestrator.schemas import WorkflowStatus
 from orchestrator.step.info import StepInfo
 from orchestrator.step.ledger import ToolLedger
 from orchestrator.step.services import StepServices
-from orchestrator.store import memory, recovery, waits
+from orchestrator.store import memory
 from orchestrator.store.tool_runs import ToolRun
 
 INPUT_SIGNAL = "input"  # the signal ctx.ask() waits for: a person's reply
@@ -65,8 +65,7 @@ class StepContext:
         cancelled, or another execution of the step superseded this one."""
         if self.superseded:
             return True
-        async with self._services.db() as conn:
-            status = await recovery.workflow_status(conn, self.info.workflow_id)
+        status = await self._services.store.workflow_status(self.info.workflow_id)
         return status is WorkflowStatus.CANCELLED
 
     def ask(self, question: str, *, timeout: timedelta | float | None = None) -> str:
@@ -106,16 +105,9 @@ class StepContext:
         recorded = self._recorded(ordinal)
         due = self._waits[ordinal] if recorded else None
         info = self.info
-        async with self._services.db() as conn:
-            found, payload = await waits.take_signal(
-                conn,
-                info.workflow_id,
-                info.step_id,
-                info.attempt,
-                name=name,
-                ordinal=ordinal,
-                deadline=due,
-            )
+        found, payload = await self._services.store.take_signal(
+            info.workflow_id, info.step_id, info.attempt, name=name, ordinal=ordinal, deadline=due
+        )
         if found:
             self._signals[ordinal] = (name, payload)
             return payload
@@ -185,10 +177,9 @@ class StepContext:
     async def search_memory(self, kind: str, query: str, *, limit: int = 3) -> list[memory.Memory]:
         """Semantic search over this tenant's memories (the tenant is not the caller's choice)."""
         embedding = await self._services.embedder.embed(query)
-        async with self._services.db() as conn:
-            return await memory.search(
-                conn, tenant_id=self.info.tenant_id, kind=kind, embedding=embedding, limit=limit
-            )
+        return await self._services.store.search_memory(
+            tenant_id=self.info.tenant_id, kind=kind, embedding=embedding, limit=limit
+        )
 
 
 class StepModel:

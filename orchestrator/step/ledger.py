@@ -27,7 +27,6 @@ from orchestrator.errors import (
 from orchestrator.step.info import StepInfo
 from orchestrator.step.services import StepServices
 from orchestrator.step.tools import ToolSpec
-from orchestrator.store import tool_runs
 from orchestrator.store.tool_runs import ToolRun
 
 _CHANGED = object()  # the ledger row changed under us: look again
@@ -104,15 +103,13 @@ class ToolLedger:
         and only after the deadline settles it (a reconcile check) or stops (in doubt).
         """
         info, timeout = self.info, self._timeout(spec)
-        async with self._services.db() as conn:
-            started = await tool_runs.start(
-                conn, info.workflow_id, info.step_id, info.attempt, run, timeout
-            )
+        started = await self._services.store.start_tool_run(
+            info.workflow_id, info.step_id, info.attempt, run, timeout
+        )
         if started:  # the call runs without holding a pooled connection
             return await self._call_owned(spec, run)
         while True:
-            async with self._services.db() as conn:
-                seen = await tool_runs.fetch(conn, run.key)
+            seen = await self._services.store.tool_run(run.key)
             if seen is None:
                 raise self._fenced_out(f"tool call {run.key}")
             if seen.status == "succeeded":
@@ -180,14 +177,12 @@ class ToolLedger:
 
     async def _take(self, seen: ToolRun, status: str, **values: Any) -> bool:
         info = self.info
-        async with self._services.db() as conn:
-            return await tool_runs.take(
-                conn, seen, step_id=info.step_id, attempt=info.attempt, status=status, **values
-            )
+        return await self._services.store.take_tool_run(
+            seen, step_id=info.step_id, attempt=info.attempt, status=status, **values
+        )
 
     async def _finish(self, run: ToolRun) -> bool:
-        async with self._services.db() as conn:
-            return await tool_runs.finish(conn, run, self.info.attempt)
+        return await self._services.store.finish_tool_run(run, self.info.attempt)
 
     def _timeout(self, spec: ToolSpec) -> float:
         return spec.timeout or self._services.settings.tool_timeout_seconds

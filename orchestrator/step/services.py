@@ -8,7 +8,6 @@ kit can run an agent on a lighter implementation.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from opentelemetry.trace import Tracer
@@ -18,7 +17,7 @@ from orchestrator.models.embeddings import Embedder
 from orchestrator.models.llm import LanguageModel
 from orchestrator.settings import Settings
 from orchestrator.step.tools import ToolSpec
-from orchestrator.store import Conn
+from orchestrator.store.operations import Store
 
 
 class ToolRegistry(Protocol):
@@ -57,4 +56,5 @@ class StepServices(Protocol):
     @property
     def embedder(self) -> Embedder: ...
 
-    def db(self) -> AbstractAsyncContextManager[Conn]: ...
+    @property
+    def store(self) -> Store: ...

@@ -191,6 +191,11 @@ class Store:
                 started += await recovery.promote_next(conn, session_id)
         return started
 
+    async def busy(self, *, within: float) -> tuple[int, int]:
+        """Queued steps that will run, and timers due, ``within`` seconds from now."""
+        async with self._connect() as conn:
+            return await recovery.busy(conn, within=within)
+
     async def wake_due(self, *, limit: int = 100) -> list[TaskEnvelope]:
         """Wake steps whose timer is due; their envelopes, to enqueue."""
         async with self._connect() as conn:

@@ -83,6 +83,17 @@ WHERE id = $1
 RETURNING status
 """
 OPEN_STEP_IDS = "SELECT id FROM steps WHERE workflow_id = $1 AND status = 'queued' ORDER BY seq"
+# run_until_idle: open steps that will run without anything from outside, by the time $1
+# (seconds from now). A queued step of a queued workflow waits behind its session; a
+# waiting one with no due time waits for a signal.
+BUSY_STEPS = """
+SELECT count(*) FILTER (WHERE s.status = 'queued' AND w.status = 'running'
+                          AND (s.not_before IS NULL OR s.not_before <= due.at)) AS queued,
+       count(*) FILTER (WHERE s.status = 'waiting' AND s.not_before <= due.at) AS timers
+FROM steps s JOIN workflows w ON w.id = s.workflow_id,
+     (SELECT now() + make_interval(secs => $1) AS at) AS due
+WHERE s.status IN ('queued', 'waiting') AND w.status IN ('running', 'waiting')
+"""
 INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1, $2, $3, $4)"
 
 
@@ -259,3 +270,10 @@ def envelope_of(row: Any) -> TaskEnvelope:
         assigned_by=row["assigned_by"],
         payload=row["input"],
     )
+
+
+async def busy(conn: Conn, *, within: float) -> tuple[int, int]:
+    """(queued steps that will run, waiting steps whose timer is due) ``within`` seconds
+    from now: the work ``Worker.run_until_idle`` waits for."""
+    row = await conn.fetchrow(BUSY_STEPS, within)
+    return (row["queued"], row["timers"]) if row is not None else (0, 0)
