@@ -172,5 +172,5 @@ class ToolNotApplied(ToolError):
     (it refused, or the request never left). Any other exception from such a tool is
     *in doubt*: the effect may have happened, so it is never simply called again."""
 
-    def __init__(self, message: str, *, tool: str = "") -> None:
-        super().__init__(message, tool=tool)
+    def __init__(self, message: str, *, tool: str = "", retry_after: float | None = None) -> None:
+        super().__init__(message, tool=tool, retry_after=retry_after)

@@ -20,7 +20,7 @@ from orchestrator.client import Client
 from orchestrator.coordination import delayed, streams
 from orchestrator.coordination.ratelimit import RateLimited
 from orchestrator.engine.worker import Worker
-from orchestrator.errors import AgentError, ToolError
+from orchestrator.errors import AgentError, ToolError, ToolNotApplied
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
@@ -62,6 +62,23 @@ def build(errors: Errors) -> App:
             echoed = await ctx.tool("remote", value=data.ticket.subject)
             return Done(value=echoed["echo"])
 
+    @app.tool(idempotent=False)
+    async def charge(value: str, idempotency_key: str) -> dict[str, str]:
+        if errors.tool:
+            raise errors.tool.pop(0)
+        return {"echo": value, "key": idempotency_key}
+
+    @app.agent
+    class Charger(Agent[TicketIn, Done]):
+        name = "charger"
+        input_model = TicketIn
+        output_model = Done
+        tools = ("charge",)
+
+        async def run(self, ctx: StepContext, data: TicketIn) -> Done:
+            charged = await ctx.tool("charge", value=data.ticket.subject)
+            return Done(value=charged["echo"])
+
     @app.agent
     class Once(Agent[TicketIn, Done]):
         name = "once"
@@ -74,6 +91,7 @@ def build(errors: Errors) -> App:
 
     app.pipeline("hinted", ["hinted"], input_key="ticket")
     app.pipeline("once", ["once"], input_key="ticket")
+    app.pipeline("charger", ["charger"], input_key="ticket")
     app.validate()
     return app
 
@@ -187,3 +205,18 @@ async def test_a_hint_does_not_retry_a_step_that_may_not_retry(
     assert (await client.get(wid)).status is WorkflowStatus.FAILED
     assert await fetch(rt, "SELECT id FROM events WHERE type = 'step.retried'") == []
     assert len(await client.dead_letters()) == 1
+
+
+async def test_a_non_idempotent_tool_refused_with_a_hint_is_retried_after_it(
+    rt: Runtime, errors: Errors
+) -> None:
+    # A 429 with Retry-After: the remote certainly did nothing, and says when to come back.
+    errors.tool.append(ToolNotApplied("429 Too Many Requests", retry_after=2.0))
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit("charger", TICKET)
+    await _one(rt, worker, "charger")
+    assert (await client.get(wid)).status is WorkflowStatus.RUNNING
+    wait, retry_after = await _scheduled(rt)
+    assert retry_after == 2.0 and 1.99 <= wait <= 2.01
+    [run] = await fetch(rt, "SELECT status FROM tool_runs WHERE tool = 'charge'")
+    assert run["status"] == "failed"  # not in doubt: the next attempt calls it again
