@@ -191,6 +191,9 @@ ROWS: list[Row] = []  # every scenario of the session, printed by conftest at th
 
 # A disturbance returns how many faults it injected (None: one).
 Disturb = Callable[[Runtime, Fleet], Awaitable[int | None]]
+# Run after the measurement, on the scenario's open runtime and workflow ids; what it
+# returns is in the facts under "inspected" (for a test's own queries and checks).
+Inspect = Callable[[Runtime, list[UUID]], Awaitable[Any]]
 
 
 async def run_scenario(
@@ -207,10 +210,14 @@ async def run_scenario(
     disturb: Disturb | None = None,
     timeout: float = 120.0,
     worker_urls: tuple[str, str] | None = None,
+    excess_query: str | None = None,
+    inspect: Inspect | None = None,
 ) -> tuple[Row, dict[str, Any]]:
     """Submit the workflows, run the fleet (and the disturbance), then measure.
 
     ``worker_urls``: (Redis, Postgres) URLs for the workers only (through a proxy).
+    ``excess_query``: how excess attempts are measured (default ``MEASURE_EXCESS``;
+    ``MEASURE_EXCESS_PARKED`` for steps that sleep or wait). ``inspect``: see ``Inspect``.
     """
     settings = scenario_settings(redis, pg)
     toolserver.reset(tool_url)
@@ -238,7 +245,9 @@ async def run_scenario(
         finally:
             fleet.stop()
         seconds = time.monotonic() - start
-        facts = await _measure(rt, ids, tool_url)
+        facts = await _measure(rt, ids, tool_url, excess_query or MEASURE_EXCESS)
+        if inspect is not None:
+            facts["inspected"] = await inspect(rt, ids)
     row = Row(
         name,
         len(ids),
@@ -306,20 +315,31 @@ MEASURE_EXCESS = """
 SELECT coalesce(max(greatest(attempt - 1 - failures, 0)), 0)
 FROM steps WHERE workflow_id = ANY($1::uuid[])
 """
+# As MEASURE_EXCESS, for steps that park (sleep, wait for a signal): each park is
+# followed by one wake-up (timer, signal, or a signal already there), which raises the
+# fence once without any fault; a park is an attempt row with outcome 'waiting'.
+MEASURE_EXCESS_PARKED = """
+SELECT coalesce(max(greatest(s.attempt - 1 - s.failures
+                             - (SELECT count(*) FROM step_attempts a
+                                WHERE a.step_id = s.id AND a.outcome = 'waiting'), 0)), 0)
+FROM steps s WHERE s.workflow_id = ANY($1::uuid[])
+"""
 MEASURE_EFFECT_KEYS = """
 SELECT t.idempotency_key, t.tool FROM tool_runs t JOIN steps s ON s.id = t.step_id
 WHERE t.workflow_id = ANY($1::uuid[]) AND s.status = 'completed'
 """
 
 
-async def _measure(rt: Runtime, ids: list[UUID], tool_url: str) -> dict[str, Any]:
+async def _measure(
+    rt: Runtime, ids: list[UUID], tool_url: str, excess_query: str = MEASURE_EXCESS
+) -> dict[str, Any]:
     for _ in range(50):
         try:
             async with rt.pool.acquire() as conn:
                 rows = await conn.fetch(MEASURE_WORKFLOWS, ids)
                 twice = await conn.fetchval(MEASURE_STEPS)
                 keys = await conn.fetch(MEASURE_EFFECT_KEYS, ids)
-                excess = await conn.fetchval(MEASURE_EXCESS, ids)
+                excess = await conn.fetchval(excess_query, ids)
             break
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await anyio.sleep(0.2)

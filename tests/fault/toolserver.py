@@ -22,18 +22,23 @@ Endpoints (JSON bodies):
     "applied, then failed"}``; a refused call still gets its 409.
   - ``"hold": seconds``: decide and apply first, then wait ``hold`` seconds before
     replying; meanwhile the call counts in ``in_flight`` / ``in_flight_keys``.
+  - ``"tag": str``: also count the call, and the effect if one is applied, under
+    ``tag`` (see ``GET /tags``): a caller's own label of what the effect is (say
+    workflow and step name), independent of the key the runtime chose.
 
 * ``GET /effects?key=K`` -> ``{"key": K, "applied": n}`` (effects applied for ``K``).
 * ``GET /stats`` -> ``{"calls": int, "effects": int, "by_key": {key: applied},
   "calls_by_key": {key: calls}, "refused": int, "refused_by_key": {key: refused},
   "in_flight": int, "in_flight_keys": [key, ...]}`` (every valid ``POST /effect``
   counts as a call, refused and failed ones included).
+* ``GET /tags`` -> ``{"by_tag": {tag: applied}, "calls_by_tag": {tag: calls}}``: the
+  calls that carried a ``tag``.
 * ``POST /reset`` clears everything (calls still held finish normally).
 
 The module also holds the clients: :func:`post_effect` / :func:`applied_count`
 (asyncio, minimal HTTP/1.1, for tools inside worker processes; non-2xx replies
 raise :class:`ToolServerError`, :class:`StaleToken` for 409 and
-:class:`NotApplied` for 503), :func:`stats` / :func:`in_flight` / :func:`reset`
+:class:`NotApplied` for 503), :func:`stats` / :func:`tags` / :func:`in_flight` / :func:`reset`
 (sync, for the test process) and :func:`run_toolserver`, which runs the server
 subprocess for the duration of a ``with`` block. Stdlib only.
 """
@@ -76,6 +81,7 @@ class EffectCall:
     hold: float = 0.0
     fail_before_apply: bool = False
     fail_after_apply: bool = False
+    tag: str | None = None
 
     @classmethod
     def parse(cls, body: object) -> EffectCall:
@@ -94,7 +100,10 @@ class EffectCall:
         flags = (body.get("fail_before_apply", False), body.get("fail_after_apply", False))
         if not all(isinstance(flag, bool) for flag in flags):
             raise ValueError('"fail_before_apply" / "fail_after_apply" must be booleans')
-        return cls(str(key), str(kind), token, float(hold), *flags)
+        tag = body.get("tag")
+        if tag is not None and not isinstance(tag, str):
+            raise ValueError('"tag" must be a string')
+        return cls(str(key), str(kind), token, float(hold), *flags, tag=tag)
 
 
 class ToolState:
@@ -115,6 +124,8 @@ class ToolState:
             self._highest_token: dict[str, int] = {}
             self._refused_by_key: dict[str, int] = {}
             self._in_flight: Counter[str] = Counter()
+            self._applied_by_tag: Counter[str] = Counter()
+            self._calls_by_tag: Counter[str] = Counter()
 
     def effect(self, key: str, kind: str) -> dict[str, Any]:
         """Count a call and apply (or dedupe) its effect; the original entry point."""
@@ -130,6 +141,8 @@ class ToolState:
         with self._lock:
             self._calls += 1
             self._calls_by_key[key] = self._calls_by_key.get(key, 0) + 1
+            if call.tag is not None:
+                self._calls_by_tag[call.tag] += 1
             if call.hold > 0:
                 self._in_flight[key] += 1
             if call.fail_before_apply:
@@ -142,6 +155,8 @@ class ToolState:
                     return 409, {**refusal, "highest": highest}
                 self._highest_token[key] = call.token
             result = self._apply(key, call.kind)
+            if call.tag is not None and result["applied"]:
+                self._applied_by_tag[call.tag] += 1
             if call.fail_after_apply:
                 return 500, {"error": "applied, then failed", **result}
             return 200, result
@@ -182,6 +197,10 @@ class ToolState:
                 "in_flight_keys": sorted(self._in_flight.elements()),
             }
 
+    def tags(self) -> dict[str, Any]:
+        with self._lock:
+            return {"by_tag": dict(self._applied_by_tag), "calls_by_tag": dict(self._calls_by_tag)}
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: ToolHTTPServer
@@ -209,6 +228,8 @@ class _Handler(BaseHTTPRequestHandler):
         state = self.server.state
         if url.path == "/stats":
             self._reply(200, state.stats())
+        elif url.path == "/tags":
+            self._reply(200, state.tags())
         elif url.path == "/effects":
             keys = parse_qs(url.query).get("key")
             if not keys:
@@ -385,8 +406,11 @@ async def post_effect(
     hold: float | None = None,
     fail_after_apply: bool = False,
     fail_before_apply: bool = False,
+    tag: str | None = None,
 ) -> dict[str, object]:
     """``POST /effect``; returns ``{"effect_id", "key", "applied"}``.
+
+    ``tag``: also counted under this label (see :func:`tags`).
 
     Raises :class:`StaleToken` (409), :class:`NotApplied` (503) or
     :class:`ToolServerError` (any other non-2xx, e.g. 500 for ``fail_after_apply``).
@@ -401,6 +425,8 @@ async def post_effect(
         body["fail_after_apply"] = True
     if fail_before_apply:
         body["fail_before_apply"] = True
+    if tag is not None:
+        body["tag"] = tag
     if timeout is None:
         timeout = 5.0 + (hold or 0.0)
     return await _request(base_url, "POST", "/effect", body, timeout)
@@ -426,6 +452,11 @@ def _sync_request(base_url: str, method: str, path: str, timeout: float) -> dict
 def stats(base_url: str, timeout: float = 5.0) -> dict[str, Any]:
     """``GET /stats`` from the test process."""
     return _sync_request(base_url, "GET", "/stats", timeout)
+
+
+def tags(base_url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """``GET /tags`` from the test process: ``{"by_tag": ..., "calls_by_tag": ...}``."""
+    return _sync_request(base_url, "GET", "/tags", timeout)
 
 
 def in_flight(base_url: str, timeout: float = 5.0) -> list[str]:
