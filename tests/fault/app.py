@@ -240,4 +240,144 @@ app.pipeline("pay_after_apply", ["pay_after_apply"], input_key="ticket")
 app.pipeline("checked_pay_after_apply", ["checked_pay_after_apply"], input_key="ticket")
 app.pipeline("pay_refused_once", ["pay_refused_once"], input_key="ticket")
 app.pipeline("unreachable", ["unreachable"], input_key="ticket")
+
+
+# --------------------------------------------------------------------------- branches, waits
+# test_branches.py: a fork into three parallel branches and a join; a durable sleep; a
+# wait for a signal. Each effect is also counted by the tool server under the tag
+# "<workflow id>:<label>", so a second execution of a step under another step number
+# (another idempotency key) would still show as a second effect of that label.
+
+BRANCHES = ("fan_a", "fan_b", "fan_c")
+
+
+@app.tool
+async def tagged_effect(label: str, idempotency_key: str) -> dict[str, object]:
+    """As ``effect`` (idempotent per key), also counted per (workflow, label)."""
+    workflow = idempotency_key.split(":")[0]
+    return await post_effect(
+        _server(), idempotency_key, "idempotent", {"label": label}, tag=f"{workflow}:{label}"
+    )
+
+
+async def _tagged(ctx: StepContext, label: str) -> object:
+    result = await ctx.tool("tagged_effect", label=label)
+    return result["effect_id"]
+
+
+class FanFork(Agent[Ticket, Step]):
+    """One effect, then three parallel branches."""
+
+    name = "fan_fork"
+    input_model = Ticket
+    output_model = Step
+    tools = ("tagged_effect",)
+
+    async def run(self, ctx: StepContext, data: Ticket) -> Step:
+        return Step(effect_id=await _tagged(ctx, self.name))
+
+    def route(self, output: Step) -> list[str]:
+        return list(BRANCHES)
+
+
+def _branch(name: str) -> type[Agent[Ticket, Step]]:
+    class Branch(Agent[Ticket, Step]):
+        input_model = Ticket
+        output_model = Step
+        tools = ("tagged_effect",)
+
+        async def run(self, ctx: StepContext, data: Ticket) -> Step:
+            await anyio.sleep(float(os.environ.get("FAULT_STEP_SECONDS", "0")))
+            return Step(effect_id=await _tagged(ctx, name))
+
+        def route(self, output: Step) -> list[str]:
+            return ["fan_join"]
+
+    return type(f"Fault_{name}", (Branch,), {"name": name})
+
+
+class BranchOutputs(AgentInput):
+    """The join's input: each branch's output, as the merged workflow state holds it."""
+
+    fan_a: dict[str, object] | None = None
+    fan_b: dict[str, object] | None = None
+    fan_c: dict[str, object] | None = None
+
+
+class Joined(AgentOutput):
+    effect_id: object
+    saw: dict[str, object]  # branch -> the effect id in its output, as the join found it
+
+
+class FanJoin(Agent[BranchOutputs, Joined]):
+    """Runs once after every branch ended; records which branch outputs it saw."""
+
+    name = "fan_join"
+    input_model = BranchOutputs
+    output_model = Joined
+    tools = ("tagged_effect",)
+    join = True
+
+    async def run(self, ctx: StepContext, data: BranchOutputs) -> Joined:
+        saw = {
+            branch: output.get("effect_id")
+            for branch in BRANCHES
+            if (output := getattr(data, branch)) is not None
+        }
+        return Joined(effect_id=await _tagged(ctx, self.name), saw=saw)
+
+
+class Nap(Agent[Ticket, Step]):
+    """An effect, a durable sleep of ``FAULT_NAP_SECONDS``, another effect."""
+
+    name = "nap"
+    input_model = Ticket
+    output_model = Step
+    tools = ("tagged_effect",)
+
+    async def run(self, ctx: StepContext, data: Ticket) -> Step:
+        await _tagged(ctx, "nap_before")
+        await ctx.sleep(float(os.environ.get("FAULT_NAP_SECONDS", "2")))
+        return Step(effect_id=await _tagged(ctx, "nap_after"))
+
+
+class Approved(AgentOutput):
+    effect_id: object
+    approval: object  # the payload of the signal "approval"
+
+
+class Approve(Agent[Ticket, Approved]):
+    """An effect, a durable wait for the signal "approval", another effect."""
+
+    name = "approve"
+    input_model = Ticket
+    output_model = Approved
+    tools = ("tagged_effect",)
+    pause_before_wait = 0.0
+
+    async def run(self, ctx: StepContext, data: Ticket) -> Approved:
+        await _tagged(ctx, "approve_asked")
+        await anyio.sleep(self.pause_before_wait)
+        approval = await ctx.wait_for("approval")
+        return Approved(effect_id=await _tagged(ctx, "approve_done"), approval=approval)
+
+
+class ApproveLate(Approve):
+    """As ``approve``, a second late to its wait: a signal sent meanwhile is kept for it."""
+
+    name = "approve_late"
+    pause_before_wait = 1.0
+
+
+app.agent(FanFork)
+for _name in BRANCHES:
+    app.agent(_branch(_name))
+app.agent(FanJoin)
+app.agent(Nap)
+app.agent(Approve)
+app.agent(ApproveLate)
+app.pipeline("fanout", ["fan_fork", *BRANCHES, "fan_join"], input_key="ticket")
+app.pipeline("nap", ["nap"], input_key="ticket")
+app.pipeline("approve", ["approve"], input_key="ticket")
+app.pipeline("approve_late", ["approve_late"], input_key="ticket")
 app.validate()
