@@ -69,6 +69,9 @@ class Pipeline:
 
 
 class App:
+    """The application: its agents, tools, pipelines, schedules, offline model rules and setup
+    hooks (loaded by the CLI as ``module:attr``)."""
+
     def __init__(self, name: str, *, version: str = "0") -> None:
         self.name = name
         self.version = version
@@ -230,6 +233,9 @@ class App:
         return declared
 
     def offline_rule(self, purpose: str) -> Callable[[OfflineRule], OfflineRule]:
+        """Register the offline model's rule for requests of ``purpose`` (used when no API key
+        is set)."""
+
         def register(rule: OfflineRule) -> OfflineRule:
             self.offline_rules[purpose] = rule
             return rule

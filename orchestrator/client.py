@@ -22,6 +22,9 @@ from orchestrator.store.dead_letters import DeadLetter
 
 
 class Client:
+    """The Python API of a deployment: submit, signal, cancel, resume, follow and inspect
+    workflows."""
+
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
@@ -121,9 +124,11 @@ class Client:
     async def dead_letters(
         self, *, include_retried: bool = False, limit: int = 50
     ) -> list[DeadLetter]:
+        """Dead letters, newest first (unretried only, unless ``include_retried``)."""
         return await self.rt.store.dead_letters(include_retried=include_retried, limit=limit)
 
     async def dead_letter(self, letter_id: int) -> DeadLetter:
+        """One dead letter; InvalidInput if there is none with that id."""
         letter = await self.rt.store.dead_letter(letter_id)
         if letter is None:
             raise InvalidInput(f"no dead letter {letter_id}")
@@ -168,6 +173,7 @@ class Client:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
+        """A workflow with its steps, as Postgres has it; WorkflowNotFound if unknown."""
         return await self.rt.store.workflow(workflow_id)
 
     async def wait(

@@ -10,6 +10,8 @@ from orchestrator.schemas.status import WorkflowStatus
 
 
 class EventType(StrEnum):
+    """The kinds of audit events recorded in Postgres (``events.type``)."""
+
     WORKFLOW_SUBMITTED = "workflow.submitted"
     WORKFLOW_COMPLETED = "workflow.completed"
     WORKFLOW_FAILED = "workflow.failed"
@@ -32,6 +34,8 @@ class EventType(StrEnum):
 
 
 class Event(Wire):
+    """One audit event of a workflow (or of one of its steps)."""
+
     id: int
     workflow_id: UUID
     step_id: UUID | None

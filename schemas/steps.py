@@ -17,6 +17,8 @@ class Handoff(Wire):
 
 
 class StepRecord(Wire):
+    """A step as Postgres has it: agent, status, fence (attempt), output or error."""
+
     id: UUID
     workflow_id: UUID
     seq: int
@@ -30,6 +32,8 @@ class StepRecord(Wire):
 
 
 class ToolRunRecord(Wire):
+    """A tool call in the ledger, under its idempotency key."""
+
     idempotency_key: str
     ordinal: int
     tool: str
@@ -39,6 +43,8 @@ class ToolRunRecord(Wire):
 
 
 class WorkflowRecord(Wire):
+    """A workflow as Postgres has it, with its steps."""
+
     id: UUID
     tenant_id: str
     session_id: str

@@ -455,6 +455,7 @@ class StepRunner:
 
 
 def ctx_superseded(envelope: TaskEnvelope) -> FenceRejected:
+    """The error for a run stopped because another execution of its step took over."""
     return FenceRejected(
         f"attempt {envelope.attempt} stopped: superseded while running",
         workflow_id=envelope.workflow_id,

@@ -39,10 +39,14 @@ HOUSEKEEPING_EVERY = 10  # passes between trimming streams, dropping dead consum
 
 @dataclass(frozen=True, slots=True)
 class PassReport:
+    """What one reconciler pass did: how many steps it re-enqueued."""
+
     requeued: int
 
 
 class Reconciler:
+    """Re-derives lost work from Postgres; one leader at a time (see the module docstring)."""
+
     def __init__(self, runtime: Runtime, consumer: str = "reconciler") -> None:
         self.rt = runtime
         self.consumer = consumer
@@ -51,6 +55,8 @@ class Reconciler:
         self._failing = False
 
     async def run(self, stop: anyio.Event) -> None:
+        """Stand for leadership and reconcile every interval until ``stop``; outages are waited
+        out."""
         while not stop.is_set():
             lock = Lock(
                 self.rt.redis, self.rt.keys.reconciler_lock(), int(self.interval * 3 * 1000)

@@ -40,6 +40,8 @@ log = logging.getLogger("orchestrator.worker")
 
 
 class Worker:
+    """Runs the steps of some (default: all) agents of an app; its knobs are its arguments."""
+
     def __init__(
         self,
         runtime: Runtime,
@@ -70,6 +72,7 @@ class Worker:
         self.runner.stopping.set()
 
     async def run(self) -> None:
+        """Run until ``stop()``; a defect ends it with one OrchestratorError, outages never do."""
         try:
             await self._run()
         except BaseExceptionGroup as group:

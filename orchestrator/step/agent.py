@@ -50,6 +50,8 @@ class Agent(Generic[InT, OutT]):
     optional_branches: ClassVar[bool] = False
 
     async def run(self, ctx: StepContext, data: InT) -> OutT:
+        """Do the step's work on the validated input; return the output model. Called again
+        from the start after a crash, a retry or a durable wait."""
         raise NotImplementedError
 
     def route(self, output: OutT) -> Sequence[str] | None:
@@ -65,4 +67,5 @@ class Agent(Generic[InT, OutT]):
         return None
 
     def state_update(self, output: OutT) -> dict[str, Any]:
+        """What this step adds to the workflow state (by default its output under its name)."""
         return {self.name: output.model_dump(mode="json")}

@@ -32,6 +32,9 @@ _current: ContextVar[StepContext] = ContextVar("orchestrator_step_context")
 
 
 class StepContext:
+    """``ctx``: what a running agent sees (``info``, ``state``) and calls (tools, model, waits,
+    transcript)."""
+
     def __init__(
         self,
         services: StepServices,
@@ -238,6 +241,7 @@ def current() -> StepContext:
 
 
 def bind(ctx: StepContext) -> Any:
+    """Make ``ctx`` the current step's context (``current()``); returns the token to reset it."""
     return _current.set(ctx)
 
 

@@ -64,6 +64,8 @@ class ToolLedger:
         )
 
     async def call(self, spec: ToolSpec, run: ToolRun) -> Any:
+        """Make ``run`` through the ledger: a recorded success is returned, a recorded
+        different call raises NonDeterminismError."""
         name, ordinal = spec.name, run.ordinal
         recorded = self._recorded.get(ordinal)
         if recorded is not None:

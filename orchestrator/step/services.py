@@ -21,40 +21,66 @@ from orchestrator.store.operations import Store
 
 
 class ToolRegistry(Protocol):
-    @property
-    def tools(self) -> Mapping[str, ToolSpec]: ...
+    """The part of the App a step needs: its tools and version."""
 
     @property
-    def version(self) -> str: ...
+    def tools(self) -> Mapping[str, ToolSpec]:
+        """Registered tools by name."""
+        ...
+
+    @property
+    def version(self) -> str:
+        """The app's version (non-determinism messages name it)."""
+        ...
 
 
 class Limiter(Protocol):
-    async def take(self, tenant: str, cost: float = 1.0) -> None: ...
+    """A per-tenant rate limit for model calls."""
+
+    async def take(self, tenant: str, cost: float = 1.0) -> None:
+        """Wait for ``cost`` of ``tenant``'s budget, or raise a retryable RateLimited."""
+        ...
 
 
 class StepServices(Protocol):
     """Satisfied by ``orchestrator.Runtime``."""
 
     @property
-    def app(self) -> ToolRegistry: ...
+    def app(self) -> ToolRegistry:
+        """The app's tools and version."""
+        ...
 
     @property
-    def settings(self) -> Settings: ...
+    def settings(self) -> Settings:
+        """The runtime's settings."""
+        ...
 
     @property
-    def tracer(self) -> Tracer: ...
+    def tracer(self) -> Tracer:
+        """The OpenTelemetry tracer (tool calls are spans)."""
+        ...
 
     @property
-    def crash(self) -> CrashPoints: ...
+    def crash(self) -> CrashPoints:
+        """Fault-injection crash points (no-ops unless a test sets them)."""
+        ...
 
     @property
-    def model(self) -> LanguageModel: ...
+    def model(self) -> LanguageModel:
+        """The language model (OpenAI-compatible or offline)."""
+        ...
 
     @property
-    def model_limiter(self) -> Limiter | None: ...
+    def model_limiter(self) -> Limiter | None:
+        """The per-tenant model rate limit, if one is set."""
+        ...
 
     @property
-    def embedder(self) -> Embedder: ...
+    def embedder(self) -> Embedder:
+        """The embedder for memory search."""
+        ...
 
     @property
-    def store(self) -> Store: ...
+    def store(self) -> Store:
+        """Postgres behind named operations."""
+        ...

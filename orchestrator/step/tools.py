@@ -18,6 +18,8 @@ RUNTIME_PARAMS = frozenset({"idempotency_key", "fencing_token"})
 
 @dataclass(frozen=True, slots=True)
 class ToolSpec:
+    """A registered tool: its function, idempotency policy, reconcile check and timeout."""
+
     name: str
     fn: ToolFn
     # Idempotent tools may run again after a crash (with the same key); others never silently.

@@ -54,6 +54,7 @@ class Store:
             return await workflows.get(conn, workflow_id)
 
     async def workflow_status(self, workflow_id: UUID) -> WorkflowStatus:
+        """A workflow's status; WorkflowNotFound if unknown."""
         async with self._connect() as conn:
             return await recovery.workflow_status(conn, workflow_id)
 
@@ -65,6 +66,7 @@ class Store:
     async def recent(
         self, *, status: str | None, tenant: str | None, limit: int
     ) -> list[dict[str, Any]]:
+        """The most recent workflows, newest first, optionally by status and tenant."""
         async with self._connect() as conn:
             return await workflows.recent(conn, status=status, tenant=tenant, limit=limit)
 
@@ -173,6 +175,7 @@ class Store:
 
     # Recovery and timers
     async def stalled(self, *, older_than: float) -> list[recovery.Stalled]:
+        """Open steps with no progress for ``older_than`` seconds (or whose retry is due)."""
         async with self._connect() as conn:
             return await recovery.stalled(conn, older_than=older_than)
 
@@ -211,6 +214,8 @@ class Store:
         ordinal: int,
         deadline: float | None,
     ) -> tuple[bool, Any]:
+        """Take a pending signal for a step's wait, fenced on its attempt; (False, None) if
+        none."""
         async with self._connect() as conn:
             return await waits.take_signal(
                 conn, workflow_id, step_id, attempt, name=name, ordinal=ordinal, deadline=deadline
@@ -220,10 +225,12 @@ class Store:
     async def start_tool_run(
         self, workflow_id: UUID, step_id: UUID, attempt: int, run: ToolRun, timeout: float
     ) -> bool:
+        """Commit a non-idempotent call's 'started' row (fenced); False if the key exists."""
         async with self._connect() as conn:
             return await tool_runs.start(conn, workflow_id, step_id, attempt, run, timeout)
 
     async def tool_run(self, key: str) -> ToolRun | None:
+        """The ledger row of a call, by idempotency key."""
         async with self._connect() as conn:
             return await tool_runs.fetch(conn, key)
 
@@ -250,6 +257,7 @@ class Store:
             )
 
     async def finish_tool_run(self, run: ToolRun, attempt: int) -> bool:
+        """Record a call's outcome, only by its owner while unsettled; False otherwise."""
         async with self._connect() as conn:
             return await tool_runs.finish(conn, run, attempt)
 
@@ -257,29 +265,35 @@ class Store:
     async def search_memory(
         self, *, tenant_id: str, kind: str, embedding: list[float], limit: int
     ) -> list[memory.Memory]:
+        """Semantic search over one tenant's memories of ``kind``."""
         async with self._connect() as conn:
             return await memory.search(
                 conn, tenant_id=tenant_id, kind=kind, embedding=embedding, limit=limit
             )
 
     async def dead_letters(self, *, include_retried: bool, limit: int) -> list[DeadLetter]:
+        """Dead letters, newest first."""
         async with self._connect() as conn:
             return await dead_letters.list_letters(
                 conn, include_retried=include_retried, limit=limit
             )
 
     async def dead_letter(self, letter_id: int) -> DeadLetter | None:
+        """One dead letter, or None."""
         async with self._connect() as conn:
             return await dead_letters.get(conn, letter_id)
 
     async def sight_schedule(self, name: str, cron: str, first_tick: datetime) -> datetime | None:
+        """The last tick a schedule handled; on first sight, record ``first_tick``."""
         async with self._connect() as conn:
             return await schedules.sight(conn, name, cron, first_tick)
 
     async def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Record ``tick`` as handled if later than the stored one; True if it moved."""
         async with self._connect() as conn:
             return await schedules.advance(conn, name, tick)
 
     async def prune(self, *, older_than_seconds: float) -> prune.PruneReport:
+        """Delete the history of workflows finished longer ago than ``older_than_seconds``."""
         async with self._connect() as conn:
             return await prune.prune_finished(conn, older_than_seconds=older_than_seconds)
