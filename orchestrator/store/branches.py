@@ -25,12 +25,20 @@ from orchestrator.errors import AgentError, WorkflowNotFound
 from orchestrator.schemas import EventType, TaskEnvelope, WorkflowStatus
 from orchestrator.store import Conn, recovery
 
+# NO KEY UPDATE, not UPDATE: the step's own transaction already holds KEY SHARE on this
+# row (the foreign key checks of the checkpoint, events and tool runs it inserted), and
+# so does every sibling branch ending at the same moment; FOR UPDATE conflicts with
+# those, and two branches ending together deadlock. NO KEY UPDATE still serializes them.
+#
+# The row alone: after waiting for the lock, Postgres re-reads only the locked row, so
+# a row joined in the same statement (the join step another branch just created) would
+# be the stale one. The join's agent is read next, in a statement of its own.
 LOCK_WORKFLOW = """
-SELECT w.status, w.next_seq, w.open_steps, w.join_step, w.state, j.agent AS join_agent
-FROM workflows w LEFT JOIN steps j ON j.id = w.join_step
-WHERE w.id = $1
-FOR UPDATE OF w
+SELECT status, next_seq, open_steps, join_step, state FROM workflows
+WHERE id = $1
+FOR NO KEY UPDATE
 """
+JOIN_AGENT = "SELECT agent FROM steps WHERE id = $1"
 INSERT_STEPS = """
 INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
 SELECT i, $1, q, a, $2, s, $3
@@ -80,13 +88,15 @@ async def _lock(conn: Conn, workflow_id: UUID) -> _Workflow:
     row = await conn.fetchrow(LOCK_WORKFLOW, workflow_id)
     if row is None:
         raise WorkflowNotFound(workflow_id)
+    join_step = row["join_step"]
+    join_agent = None if join_step is None else await conn.fetchval(JOIN_AGENT, join_step)
     return _Workflow(
         workflow_id,
         row["status"],
         row["next_seq"],
         row["open_steps"],
-        row["join_step"],
-        row["join_agent"],
+        join_step,
+        join_agent,
         dict(row["state"]),
     )
 
