@@ -53,7 +53,9 @@ RETURNING id, seq, agent, assigned_by, attempt
 UPDATE_WORKFLOW = """
 UPDATE workflows
 SET state = $2, status = $3, next_seq = $4, open_steps = $5, join_step = $6,
-    updated_at = now(), completed_at = CASE WHEN $3 = 'running' THEN NULL ELSE now() END
+    updated_at = now(),
+    completed_at = CASE WHEN $3 IN ('completed', 'failed', 'cancelled')
+                        THEN coalesce(completed_at, now()) END
 WHERE id = $1
 """
 INSERT_EVENTS = """
@@ -113,9 +115,13 @@ async def settle(
     """A completed step that forks, is a branch, or reaches a join: start its next
     branches, create or promote the join, or end the workflow."""
     wf = await _lock(conn, envelope.workflow_id)
-    if wf.status != WorkflowStatus.RUNNING:
-        # Cancelled (or failed by another branch) meanwhile: nothing more starts.
-        return Settled([], WorkflowStatus(wf.status))
+    if wf.status == WorkflowStatus.CANCELLED:
+        return Settled([], WorkflowStatus.CANCELLED)  # nothing more starts, ever
+    # Failed by another branch meanwhile (or resumed, queued behind its session): nothing
+    # starts now, but the branch's end is recorded all the same (its next steps created,
+    # not enqueued; the join stays pending), so the resumed workflow goes on from the fork
+    # as it is: resume re-enqueues its queued steps, the resumed branch ends the fork.
+    stopped = wf.status != WorkflowStatus.RUNNING
     wf.state = {**wf.state, **state}
     wf.open_steps -= 1
     rows: list[tuple[UUID, int, str, str]] = []
@@ -151,6 +157,9 @@ async def settle(
         )
     if len(handed) > 1:
         wf.events.append((EventType.WORKFLOW_FORKED, {"branches": [e.agent for e in handed]}))
+    if stopped:
+        # The failed branch is still counted open: no join promotion, no completion here.
+        return await _write(conn, envelope, wf, [])
     handed += await _after_branch_end(conn, envelope, wf, traceparent)
     return await _write(conn, envelope, wf, handed)
 
