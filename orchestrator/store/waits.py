@@ -37,8 +37,11 @@ WHERE id = (SELECT id FROM signals
   AND EXISTS (SELECT 1 FROM steps WHERE id = $4 AND attempt = $2 AND status = 'queued')
 RETURNING payload
 """
-# A new wait records its due time (NULL: none) at its ordinal; a re-run parking on
-# a recorded wait keeps it ($7: the recorded due time).
+# A new wait records its due time (NULL: none) at its ordinal ($8); a re-run parking on
+# a recorded wait keeps it ($7: the recorded due time). Waits of this run that ended
+# without parking (a sleep of nothing, a signal that was already there) have no entry
+# yet: they get NULL (done at once) first, so every wait's entry sits at its ordinal,
+# and the parked wait is the last one (the ordinal a signal sent to it is taken for).
 PARK_STEP = """
 WITH due AS (
     SELECT CASE WHEN $7::float8 IS NOT NULL THEN to_timestamp($7)
@@ -49,7 +52,11 @@ UPDATE steps SET status = 'waiting', question = $3, waiting_for = $4, updated_at
                  not_before = (SELECT at FROM due),
                  waits = CASE
                      WHEN $6::bool
-                     THEN waits || jsonb_build_array(extract(epoch FROM (SELECT at FROM due)))
+                     THEN waits
+                          || coalesce((SELECT jsonb_agg(NULL::float8)
+                                       FROM generate_series(1, $8 - jsonb_array_length(waits))),
+                                      '[]'::jsonb)
+                          || jsonb_build_array(extract(epoch FROM (SELECT at FROM due)))
                      ELSE waits END
 WHERE id = $1 AND attempt = $2 AND status = 'queued'
 RETURNING id
@@ -179,7 +186,7 @@ async def park(
             row = await conn.fetchrow(RERUN_NOW, envelope.step_id, envelope.attempt)
             return None if row is None else Parking(recovery.envelope_of(row))
     parked = await conn.fetchval(
-        PARK_STEP, envelope.step_id, envelope.attempt, question, name, delay, new, due
+        PARK_STEP, envelope.step_id, envelope.attempt, question, name, delay, new, due, ordinal
     )
     if parked is None:
         return None
