@@ -294,15 +294,16 @@ class App:
         """The agents declared as joins."""
         return frozenset(name for name, cls in self.agents.items() if cls.join)
 
-    def tolerates_failed_branches(self, pipeline: str) -> bool:
-        """Whether a failed branch of ``pipeline`` leaves the workflow running: its join
-        (an agent of the pipeline declared ``join`` and ``optional_branches``) says so."""
+    def optional_join(self, pipeline: str) -> str | None:
+        """The join of ``pipeline`` that tolerates failed branches (an agent of it declared
+        ``join`` and ``optional_branches``), if any: then a failed branch does not fail
+        the workflow."""
         declared = self.pipelines.get(pipeline)
-        return declared is not None and any(
-            self.agents[a].join and self.agents[a].optional_branches
-            for a in declared.agents
-            if a in self.agents
-        )
+        for agent in declared.agents if declared else ():
+            cls = self.agents.get(agent)
+            if cls is not None and cls.join and cls.optional_branches:
+                return agent
+        return None
 
     def default_next(self, pipeline: str, agent: str) -> tuple[str, ...]:
         """The agent after ``agent`` in ``pipeline`` (none at its end)."""

@@ -199,6 +199,8 @@ class Client:
                         done = await self.rt.store.terminal(list(to_check))
                         result.update(done)
                         pending.difference_update(done)
+                    if not pending:
+                        break  # all terminal: no reason to wait for the next poll
                     to_check = await _terminal_signals(pubsub, pending, next_full)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -92,6 +92,7 @@ async def finish(
 async def fail(
     store: Store, envelope: TaskEnvelope, *, retry_after: float | None, tolerated: bool = False
 ) -> steps.Failure:
+    """Fail the step; ``tolerated``: the pipeline's join "j" declares optional branches."""
     return await store.fail(
         envelope,
         error="boom",
@@ -100,7 +101,7 @@ async def fail(
         worker="test-worker",
         started_at=datetime.now(UTC),
         usage=steps.ModelUse(),
-        tolerated=tolerated,
+        optional_join="j" if tolerated else None,
     )
 
 
@@ -678,6 +679,40 @@ async def test_resume_of_a_failed_workflow_reopens_the_failed_step_with_a_new_fe
     assert done.status is WorkflowStatus.COMPLETED
     with pytest.raises(InvalidInput):
         await store.resume(env.workflow_id)
+
+
+async def test_resume_reopens_every_failed_branch_and_the_fork_finishes(
+    rt: Runtime, store: Store
+) -> None:
+    env = await start(store)
+    b, c = (await finish(store, env, ["b", "c"], JOIN)).next
+    assert (await fail(store, b, retry_after=None)).workflow_failed
+    await fail(store, c, retry_after=None)  # was running too: fails as well
+    assert await store.workflow_status(env.workflow_id) is WorkflowStatus.FAILED
+
+    reopened = await store.resume(env.workflow_id)
+    assert sorted(e.agent for e in reopened) == ["b", "c"]  # both, not only the last
+    handed: list[TaskEnvelope] = []
+    for branch in reopened:
+        handed += (await finish(store, branch, ["j"], JOIN)).next
+    [join] = handed
+    assert join.agent == "j"
+    assert (await finish(store, join)).status is WorkflowStatus.COMPLETED
+
+
+async def test_an_optional_join_runs_even_when_every_branch_fails(
+    rt: Runtime, store: Store
+) -> None:
+    env = await start(store)
+    b, c = (await finish(store, env, ["b", "c"], JOIN)).next
+    first = await fail(store, b, retry_after=None, tolerated=True)
+    assert not first.workflow_failed and first.promoted == []  # c is still open
+    last = await fail(store, c, retry_after=None, tolerated=True)
+    assert not last.workflow_failed
+    [join] = last.promoted  # nobody reached the join: it is created, and runs once
+    assert join.agent == "j"
+    assert join.payload["branch_errors"] == {"b": "boom", "c": "boom"}
+    assert (await finish(store, join)).status is WorkflowStatus.COMPLETED
 
 
 async def test_heartbeat_returns_only_steps_still_at_the_given_attempt(

@@ -398,7 +398,7 @@ class StepRunner:
             worker=self.consumer,
             started_at=started,
             usage=_usage(rt, ctx),
-            tolerated=rt.app.tolerates_failed_branches(envelope.pipeline),
+            optional_join=rt.app.optional_join(envelope.pipeline),
         )
         if failure.retry is not None:
             ending = self._ending(envelope, entry, lock)

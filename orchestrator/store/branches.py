@@ -165,19 +165,39 @@ async def settle(
 
 
 async def fail_branch(
-    conn: Conn, envelope: TaskEnvelope, *, error: str, tolerated: bool
+    conn: Conn, envelope: TaskEnvelope, *, error: str, join: str | None
 ) -> Settled | None:
-    """A step of a branched workflow failed for good. With ``tolerated`` (its join
-    declares optional branches) the branch just ends, its error kept in the state
-    under ``branch_errors``; otherwise None: the caller fails the workflow."""
+    """A step of a branched workflow failed for good. With ``join`` (the pipeline's join
+    that declares optional branches) the branch just ends, its error kept in the state
+    under ``branch_errors``; otherwise None: the caller fails the workflow.
+
+    When the last open branch fails before any branch reached the join, the join is
+    created then: it runs once, on every branch's error.
+    """
     wf = await _lock(conn, envelope.workflow_id)
-    branched = wf.open_steps > 1 or wf.join_step is not None
-    if not branched or not tolerated or wf.status != WorkflowStatus.RUNNING:
+    # A branch: others are open, a join is pending, or an earlier branch failed already.
+    branched = wf.open_steps > 1 or wf.join_step is not None or "branch_errors" in wf.state
+    if not branched or join is None or envelope.agent == join:
+        return None
+    if wf.status != WorkflowStatus.RUNNING:
         return None
     errors = dict(wf.state.get("branch_errors") or {})
     errors[envelope.agent] = error
     wf.state["branch_errors"] = errors
     wf.open_steps -= 1
+    if wf.open_steps == 0 and wf.join_step is None:
+        wf.join_step, wf.join_agent = uuid4(), join
+        await conn.execute(
+            INSERT_STEPS,
+            envelope.workflow_id,
+            envelope.agent,
+            wf.state,
+            [wf.join_step],
+            [wf.next_seq],
+            [join],
+            ["pending"],
+        )
+        wf.next_seq += 1
     handed = await _after_branch_end(conn, envelope, wf, envelope.traceparent)
     return await _write(conn, envelope, wf, handed)
 

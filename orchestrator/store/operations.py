@@ -123,7 +123,7 @@ class Store:
         worker: str,
         started_at: datetime,
         usage: steps.ModelUse,
-        tolerated: bool,
+        optional_join: str | None,
     ) -> steps.Failure:
         """Record a failed attempt: retry later, end a tolerated branch, or dead-letter."""
         async with self._connect() as conn:
@@ -136,7 +136,7 @@ class Store:
                 worker=worker,
                 started_at=started_at,
                 usage=usage,
-                tolerated=tolerated,
+                optional_join=optional_join,
             )
 
     async def park(

@@ -67,8 +67,7 @@ REOPEN_FAILED_STEP = """
 UPDATE steps SET status = 'queued', attempt = attempt + 1, failures = 0, error = NULL,
                  not_before = NULL,
                  completed_at = NULL, updated_at = now()
-WHERE id = (SELECT id FROM steps WHERE workflow_id = $1 AND status = 'failed'
-            ORDER BY seq DESC LIMIT 1)
+WHERE workflow_id = $1 AND status = 'failed'
 RETURNING id
 """
 # Its session may have moved on to a later ticket meanwhile: then it queues again.
@@ -188,9 +187,10 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
             {"from": status.value},
         )
         if status is WorkflowStatus.FAILED:
-            # The failed step re-opens under a new attempt (its old attempt rows stay).
-            step_id = await conn.fetchval(REOPEN_FAILED_STEP, workflow_id)
-            if step_id is None:
+            # Every failed step (several when parallel branches failed) re-opens under a
+            # new attempt; their old attempt rows stay.
+            reopened_ids = [r["id"] for r in await conn.fetch(REOPEN_FAILED_STEP, workflow_id)]
+            if not reopened_ids:
                 raise InvalidInput(f"workflow {workflow_id} failed without a failed step")
             now = await conn.fetchval(REOPEN_WORKFLOW, workflow_id)
             await dead_letters.mark_workflow_retried(conn, workflow_id)
@@ -198,9 +198,13 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
                 return []  # behind a later ticket of its session: promoted when that ends
             # Sibling branches stopped when the workflow failed: they go on, new fences.
             siblings = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
-            rows = [await conn.fetchrow(REQUEUE_STEP, s, None) for s in siblings if s != step_id]
-            reopened = envelope_of(await conn.fetchrow(SELECT_STEP_ENVELOPE, step_id))
-            return [reopened, *(envelope_of(row) for row in rows if row is not None)]
+            rows = [
+                await conn.fetchrow(REQUEUE_STEP, s, None)
+                for s in siblings
+                if s not in reopened_ids
+            ]
+            rows += [await conn.fetchrow(SELECT_STEP_ENVELOPE, s) for s in reopened_ids]
+            return [envelope_of(row) for row in rows if row is not None]
         # Stuck: re-enqueue its open steps under new attempts (fencing out any old run).
         step_ids = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
         rows = [await conn.fetchrow(REQUEUE_STEP, step_id, None) for step_id in step_ids]

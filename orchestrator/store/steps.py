@@ -127,7 +127,7 @@ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
 """
 UPDATE_WORKFLOW = """
 UPDATE workflows
-SET state = $2, status = $3, error = $4, updated_at = now(),
+SET state = state || $2, status = $3, error = $4, updated_at = now(),
     completed_at = CASE WHEN $3 = 'running' THEN NULL ELSE now() END
 WHERE id = $1 AND status = 'running'
 """
@@ -366,7 +366,7 @@ async def fail(
     worker: str,
     started_at: datetime,
     usage: ModelUse | None = None,
-    tolerated: bool = False,
+    optional_join: str | None = None,
 ) -> Failure:
     """Record a failed attempt (keeping its tool results) in one transaction.
 
@@ -401,7 +401,7 @@ async def fail(
                 conn, envelope, [(EventType.STEP_RETRIED, {**data, "retry_after": retry_after})]
             )
             return Failure(envelope.model_copy(update={"attempt": new_attempt}), retry_after)
-        ended = await branches.fail_branch(conn, envelope, error=error, tolerated=tolerated)
+        ended = await branches.fail_branch(conn, envelope, error=error, join=optional_join)
         if ended is not None:  # one branch of several: the others (and the join) go on
             await _events(conn, envelope, [(EventType.BRANCH_FAILED, data)])
             return Failure(None, 0.0, ended.next, workflow_failed=False, status=ended.status)
