@@ -21,7 +21,7 @@ import anyio
 
 from orchestrator.agents.support import app as support_app
 from orchestrator.app import App
-from orchestrator.cli.demo import load_tickets
+from orchestrator.agents.support import sample_tickets
 from orchestrator.client import Client
 from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime, open_runtime
@@ -80,7 +80,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(
         key_prefix=f"bench-{suffix}", db_schema=f"bench_{suffix}", pool_size=args.pool, block_ms=100
     )
-    samples = load_tickets()
+    samples = sample_tickets()
     tickets = [samples[i % len(samples)] for i in range(args.tickets)]
     app = support_app if args.app == "support" else noop_app()
     async with open_runtime(settings, app) as runtime:
