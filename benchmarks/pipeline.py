@@ -20,8 +20,8 @@ from typing import Any
 import anyio
 
 from orchestrator.agents.support import app as support_app
-from orchestrator.app import App
 from orchestrator.agents.support import sample_tickets
+from orchestrator.app import App
 from orchestrator.client import Client
 from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime, open_runtime
