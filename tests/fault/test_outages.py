@@ -61,14 +61,14 @@ BLACKHOLE_SECONDS = 6.0
 OUTAGE_WORKFLOWS = 24
 PAUSE_SECONDS = 6.0  # past the worker TTL (2 s) and the tool deadline (2 s)
 
-# Backlog at 1/20 scale: one worker, 2 slots, 0.5 s steps drain 4 steps/s, so 6
-# in the stall time (1.5 s); ten times that is queued before the worker starts.
+# Backlog at 1/30 scale: one worker, 2 slots, 0.35 s steps drain ~5.7 steps/s, so 6
+# in the stall time (1.05 s); ten times that is queued before the worker starts.
 BACKLOG = 60
 BACKLOG_ENV = {
     "FAULT_CONCURRENCY": "2",
-    "FAULT_SLOW_SECONDS": "0.5",
+    "FAULT_SLOW_SECONDS": "0.35",
     "ORCHESTRATOR_LEASE_SECONDS": "0.75",
-    "ORCHESTRATOR_STALL_SECONDS": "1.5",
+    "ORCHESTRATOR_STALL_SECONDS": "1.05",
     "ORCHESTRATOR_RECONCILE_INTERVAL_SECONDS": "0.25",
 }
 
