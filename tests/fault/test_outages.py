@@ -59,7 +59,7 @@ SLOW_STEPS = {"FAULT_STEP_SECONDS": "0.2"}
 OUTAGE_SECONDS = 10.0  # Postgres / Redis down, by spec
 BLACKHOLE_SECONDS = 6.0
 OUTAGE_WORKFLOWS = 24
-PAUSE_SECONDS = 6.0  # past the worker TTL (2 s) and the tool deadline (2 s)
+PAUSE_SECONDS = 5.0  # past the worker TTL (2 s) and the tool deadline (2 s)
 
 # Backlog at 1/30 scale: one worker, 2 slots, 0.35 s steps drain ~5.7 steps/s, so 6
 # in the stall time (1.05 s); ten times that is queued before the worker starts.
@@ -215,11 +215,9 @@ async def _backlog(run: Run, name: str) -> None:
         assert await conn.fetchval("SELECT max(attempt) FROM steps") == 1
 
 
-async def test_backlog_deeper_than_the_stall_time_finishes_at_attempt_1(run: Run) -> None:
-    await _backlog(run, "backlog 10x stall")
-
-
 async def test_backlog_under_a_cpu_hog_finishes_at_attempt_1(run: Run) -> None:
+    # A backlog ten stall times deep, on a machine whose cores are both busy: the harder
+    # form of the idle-machine case, which it replaces (the suite's time is budgeted).
     with cpu_hog(2):
         await _backlog(run, "backlog 10x stall (CPU hog)")
 
