@@ -79,8 +79,9 @@ from orchestrator.models.llm import (
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
 from orchestrator.step.agent import Agent
-from orchestrator.step.context import INPUT_SIGNAL, StepContext, bind
+from orchestrator.step.context import INPUT_SIGNAL, StepContext
 from orchestrator.step.info import StepInfo
+from orchestrator.step.run import run_agent
 from orchestrator.step.services import Limiter
 from orchestrator.step.tools import RUNTIME_PARAMS, ToolSpec
 from orchestrator.store.memory import Memory
@@ -939,27 +940,7 @@ class AgentHarness:
 
     @staticmethod
     async def _execute(agent: Agent[Any, Any], ctx: StepContext, state: dict[str, Any]) -> Any:
-        cls = type(agent)
-        try:
-            data = cls.input_model.model_validate(state)
-        except ValidationError as exc:
-            raise AgentError(
-                f"input does not fit {cls.input_model.__name__}: {exc}", non_retryable=True
-            ) from exc
-        token = bind(ctx)
-        try:
-            with anyio.fail_after(cls.timeout_seconds):
-                output = await agent.run(ctx, data)
-        except TimeoutError as exc:
-            raise AgentError(f"timed out after {cls.timeout_seconds}s") from exc
-        finally:
-            token.var.reset(token)
-        if not isinstance(output, cls.output_model):
-            raise AgentError(
-                f"run() returned {type(output).__name__}, expected {cls.output_model.__name__}",
-                non_retryable=True,
-            )
-        return output
+        return await run_agent(agent, ctx, state)
 
     def _route(
         self, agent: Agent[Any, Any], output: BaseModel, pipeline: Pipeline

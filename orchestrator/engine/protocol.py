@@ -26,7 +26,7 @@ from uuid import UUID
 
 import anyio
 from opentelemetry import trace
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from orchestrator import tracing
 from orchestrator.connections import redis_errors
@@ -44,8 +44,9 @@ from orchestrator.errors import (
 )
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
-from orchestrator.step.context import StepContext, bind
+from orchestrator.step.context import StepContext
 from orchestrator.step.info import StepInfo
+from orchestrator.step.run import run_agent
 from orchestrator.store import steps
 
 log = logging.getLogger("orchestrator.worker")
@@ -265,25 +266,7 @@ class StepRunner:
         opened: steps.OpenStep,
     ) -> steps.Outcome:
         agent = cls()
-        try:
-            data = cls.input_model.model_validate(envelope.payload)
-        except ValidationError as exc:
-            raise AgentError(
-                f"input does not fit {cls.input_model.__name__}: {exc}", non_retryable=True
-            ) from exc
-        token = bind(ctx)
-        try:
-            with anyio.fail_after(cls.timeout_seconds):
-                output = await agent.run(ctx, data)
-        except TimeoutError as exc:
-            raise AgentError(f"timed out after {cls.timeout_seconds}s") from exc
-        finally:
-            token.var.reset(token)
-        if not isinstance(output, cls.output_model):
-            raise AgentError(
-                f"run() returned {type(output).__name__}, expected {cls.output_model.__name__}",
-                non_retryable=True,
-            )
+        output = await run_agent(agent, ctx, envelope.payload)
         return steps.Outcome(
             output=output.model_dump(mode="json"),
             state={**envelope.payload, **agent.state_update(output)},
