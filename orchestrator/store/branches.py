@@ -16,14 +16,14 @@ row was written (lock order: step rows before the workflow row, as everywhere).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Any
 from uuid import UUID, uuid4
 
 from orchestrator.errors import AgentError, WorkflowNotFound
 from orchestrator.schemas import EventType, TaskEnvelope, WorkflowStatus
-from orchestrator.store import Conn, recovery
+from orchestrator.store import Conn, envelopes, recovery
+from orchestrator.store import events as audit
 
 # NO KEY UPDATE, not UPDATE: the step's own transaction already holds KEY SHARE on this
 # row (the foreign key checks of the checkpoint, events and tool runs it inserted), and
@@ -57,10 +57,6 @@ SET state = $2, status = $3, next_seq = $4, open_steps = $5, join_step = $6,
     completed_at = CASE WHEN $3 IN ('completed', 'failed', 'cancelled')
                         THEN coalesce(completed_at, now()) END
 WHERE id = $1
-"""
-INSERT_EVENTS = """
-INSERT INTO events (workflow_id, step_id, type, data)
-SELECT $1, $2, t, d::jsonb FROM unnest($3::text[], $4::text[]) AS x(t, d)
 """
 
 
@@ -139,7 +135,14 @@ async def settle(
                     non_retryable=True,
                 )
             continue
-        step = _envelope(envelope, uuid4(), wf.next_seq, agent, 1, state, traceparent)
+        step = envelopes.next_step(
+            envelope,
+            step_id=uuid4(),
+            seq=wf.next_seq,
+            agent=agent,
+            state=state,
+            traceparent=traceparent,
+        )
         rows.append((step.step_id, step.seq, agent, "queued"))
         handed.append(step)
         wf.next_seq += 1
@@ -220,14 +223,14 @@ async def _after_branch_end(
     wf.open_steps = 1
     wf.events.append((EventType.JOIN_STARTED, {"agent": row["agent"], "seq": row["seq"]}))
     return [
-        _envelope(
+        envelopes.next_step(
             envelope,
-            row["id"],
-            row["seq"],
-            row["agent"],
-            row["attempt"],
-            wf.state,
-            traceparent,
+            step_id=row["id"],
+            seq=row["seq"],
+            agent=row["agent"],
+            state=wf.state,
+            traceparent=traceparent,
+            attempt=row["attempt"],
             assigned_by=row["assigned_by"],
         )
     ]
@@ -245,41 +248,9 @@ async def _write(
         wf.open_steps,
         wf.join_step,
     )
-    if wf.events:
-        await conn.execute(
-            INSERT_EVENTS,
-            wf.id,
-            envelope.step_id,
-            [t.value for t, _ in wf.events],
-            [json.dumps(d) for _, d in wf.events],
-        )
+    await audit.record(conn, wf.id, envelope.step_id, wf.events)
     status = WorkflowStatus(wf.status)
     if status.terminal:
         # Tickets waiting behind it in its session may start.
         handed = handed + await recovery.promote_after(conn, wf.id)
     return Settled(handed, status)
-
-
-def _envelope(
-    parent: TaskEnvelope,
-    step_id: UUID,
-    seq: int,
-    agent: str,
-    attempt: int,
-    state: dict[str, Any],
-    traceparent: str | None,
-    *,
-    assigned_by: str | None = None,
-) -> TaskEnvelope:
-    return TaskEnvelope(
-        workflow_id=parent.workflow_id,
-        step_id=step_id,
-        seq=seq,
-        pipeline=parent.pipeline,
-        agent=agent,
-        attempt=attempt,
-        tenant_id=parent.tenant_id,
-        assigned_by=assigned_by or parent.agent,
-        payload=state,
-        traceparent=traceparent or parent.traceparent,
-    )

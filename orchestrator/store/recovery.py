@@ -11,12 +11,12 @@ completion's order), so cancel, input and resume never deadlock with it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 from uuid import UUID
 
 from orchestrator.errors import InvalidInput, WorkflowNotFound
 from orchestrator.schemas import EventType, TaskEnvelope, WorkflowStatus
-from orchestrator.store import Conn, dead_letters
+from orchestrator.store import Conn, dead_letters, envelopes
+from orchestrator.store import events as audit
 
 # Open steps with no progress for a while (or whose retry time has come):
 # their envelope may be lost with Redis, or their worker dead.
@@ -93,7 +93,6 @@ FROM steps s JOIN workflows w ON w.id = s.workflow_id,
      (SELECT now() + make_interval(secs => $1) AS at) AS due
 WHERE s.status IN ('queued', 'waiting') AND w.status IN ('running', 'waiting')
 """
-INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1, $2, $3, $4)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,14 +127,13 @@ async def requeue(
         row = await conn.fetchrow(REQUEUE_STEP, step_id, seen_attempt)
         if row is None:
             return None
-        await conn.execute(
-            INSERT_EVENT,
+        await audit.record(
+            conn,
             row["workflow_id"],
             row["id"],
-            EventType.STEP_REQUEUED.value,
-            {"attempt": row["attempt"], "reason": reason},
+            [(EventType.STEP_REQUEUED, {"attempt": row["attempt"], "reason": reason})],
         )
-    return envelope_of(row)
+    return envelopes.of_row(row)
 
 
 async def heartbeat(conn: Conn, running: list[tuple[UUID, int]]) -> set[UUID]:
@@ -163,7 +161,7 @@ async def cancel(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope] | None:
             await workflow_status(conn, workflow_id)  # raises if unknown
             return None
         await conn.execute(CANCEL_STEPS, workflow_id)
-        await conn.execute(INSERT_EVENT, workflow_id, None, EventType.WORKFLOW_CANCELLED.value, {})
+        await audit.record(conn, workflow_id, None, [(EventType.WORKFLOW_CANCELLED, {})])
         return await promote_after(conn, workflow_id)
 
 
@@ -179,12 +177,8 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
         if await conn.fetchval(PRUNED_AT, workflow_id) is not None:
             # Its tool ledger is gone: a resumed step could repeat a non-idempotent call.
             raise InvalidInput(f"workflow {workflow_id} was pruned; it cannot be resumed")
-        await conn.execute(
-            INSERT_EVENT,
-            workflow_id,
-            None,
-            EventType.WORKFLOW_RESUMED.value,
-            {"from": status.value},
+        await audit.record(
+            conn, workflow_id, None, [(EventType.WORKFLOW_RESUMED, {"from": status.value})]
         )
         if status is WorkflowStatus.FAILED:
             # Every failed step (several when parallel branches failed) re-opens under a
@@ -204,11 +198,11 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
                 if s not in reopened_ids
             ]
             rows += [await conn.fetchrow(SELECT_STEP_ENVELOPE, s) for s in reopened_ids]
-            return [envelope_of(row) for row in rows if row is not None]
+            return [envelopes.of_row(row) for row in rows if row is not None]
         # Stuck: re-enqueue its open steps under new attempts (fencing out any old run).
         step_ids = [r["id"] for r in await conn.fetch(OPEN_STEP_IDS, workflow_id)]
         rows = [await conn.fetchrow(REQUEUE_STEP, step_id, None) for step_id in step_ids]
-    return [envelope_of(row) for row in rows if row is not None]
+    return [envelopes.of_row(row) for row in rows if row is not None]
 
 
 SELECT_STEP_ENVELOPE = """
@@ -246,7 +240,7 @@ LIMIT $1
 async def promote_next(conn: Conn, session_id: str) -> list[TaskEnvelope]:
     """Start the next queued workflow of a session; return its envelopes to enqueue."""
     step_ids = [r["id"] for r in await conn.fetch(PROMOTE_NEXT, session_id)]
-    return [envelope_of(await conn.fetchrow(SELECT_STEP_ENVELOPE, s)) for s in step_ids]
+    return [envelopes.of_row(await conn.fetchrow(SELECT_STEP_ENVELOPE, s)) for s in step_ids]
 
 
 async def promote_after(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
@@ -259,21 +253,6 @@ async def stalled_sessions(conn: Conn, limit: int = 100) -> list[str]:
     """Up to ``limit`` sessions with a queued workflow but none running or waiting: nothing
     will start their next one unless it is promoted."""
     return [r["session_id"] for r in await conn.fetch(STALLED_SESSIONS, limit)]
-
-
-def envelope_of(row: Any) -> TaskEnvelope:
-    """The envelope of a step row joined with its workflow's tenant and pipeline."""
-    return TaskEnvelope(
-        workflow_id=row["workflow_id"],
-        step_id=row["id"],
-        seq=row["seq"],
-        agent=row["agent"],
-        attempt=row["attempt"],
-        tenant_id=row["tenant_id"],
-        pipeline=row["pipeline"],
-        assigned_by=row["assigned_by"],
-        payload=row["input"],
-    )
 
 
 async def busy(conn: Conn, *, within: float) -> tuple[int, int]:

@@ -16,7 +16,8 @@ from uuid import uuid4
 
 from orchestrator.errors import FenceRejected, Parked
 from orchestrator.schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
-from orchestrator.store import Conn, branches, dead_letters, recovery, tool_runs, waits
+from orchestrator.store import Conn, branches, dead_letters, envelopes, recovery, tool_runs, waits
+from orchestrator.store import events as audit
 from orchestrator.store.tool_runs import ToolRun
 
 SELECT_OPEN = """
@@ -136,10 +137,6 @@ INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
 SELECT w.session_id, w.tenant_id, w.id, 'agent', $2, c
 FROM workflows w, unnest($3::text[]) AS c WHERE w.id = $1
 """
-INSERT_EVENTS = """
-INSERT INTO events (workflow_id, step_id, type, data)
-SELECT $1, $2, t, d::jsonb FROM unnest($3::text[], $4::text[]) AS x(t, d)
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,17 +235,13 @@ async def take_over(conn: Conn, envelope: TaskEnvelope, by: str) -> TaskEnvelope
 
 def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome, next_seq: int) -> list[TaskEnvelope]:
     return [
-        TaskEnvelope(
-            workflow_id=envelope.workflow_id,
+        envelopes.next_step(
+            envelope,
             step_id=uuid4(),
             seq=next_seq + i,
-            pipeline=envelope.pipeline,
             agent=agent,
-            attempt=1,
-            tenant_id=envelope.tenant_id,
-            assigned_by=envelope.agent,
-            payload=outcome.state,
-            traceparent=outcome.traceparent or envelope.traceparent,
+            state=outcome.state,
+            traceparent=outcome.traceparent,
         )
         for i, agent in enumerate(outcome.next_agents)
     ]
@@ -503,10 +496,4 @@ async def _events(
     envelope: TaskEnvelope,
     events: list[tuple[EventType, dict[str, Any]]],
 ) -> None:
-    await conn.execute(
-        INSERT_EVENTS,
-        envelope.workflow_id,
-        envelope.step_id,
-        [t.value for t, _ in events],
-        [json.dumps(d) for _, d in events],
-    )
+    await audit.record(conn, envelope.workflow_id, envelope.step_id, events)

@@ -21,7 +21,8 @@ from uuid import UUID
 
 from orchestrator.errors import InvalidInput
 from orchestrator.schemas import EventType, TaskEnvelope
-from orchestrator.store import Conn, recovery
+from orchestrator.store import Conn, envelopes, recovery
+from orchestrator.store import events as audit
 
 SIGNAL_LOCK = "SELECT pg_advisory_xact_lock(hashtext('orchestrator.signal:' || $1::uuid::text))"
 # Take the oldest pending signal ``$3`` for wait ($4, $5), only while the step is
@@ -119,7 +120,6 @@ SELECT k.id, k.workflow_id, k.seq, k.agent, k.assigned_by, k.attempt, k.input,
 FROM woken k JOIN workflows w ON w.id = k.workflow_id
 WHERE w.status IN ('running', 'waiting')
 """
-INSERT_EVENT = "INSERT INTO events (workflow_id, step_id, type, data) VALUES ($1, $2, $3, $4)"
 INSERT_MESSAGE = """
 INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
 SELECT session_id, tenant_id, id, $2, $3, $4 FROM workflows WHERE id = $1
@@ -184,7 +184,7 @@ async def park(
         )
         if taken is not None:
             row = await conn.fetchrow(RERUN_NOW, envelope.step_id, envelope.attempt)
-            return None if row is None else Parking(recovery.envelope_of(row))
+            return None if row is None else Parking(envelopes.of_row(row))
     parked = await conn.fetchval(
         PARK_STEP, envelope.step_id, envelope.attempt, question, name, delay, new, due, ordinal
     )
@@ -196,7 +196,7 @@ async def park(
         data["question"] = question
         await conn.execute(INSERT_MESSAGE, envelope.workflow_id, "agent", envelope.agent, question)
     event = EventType.WORKFLOW_WAITING if question is not None else EventType.STEP_WAITING
-    await conn.execute(INSERT_EVENT, envelope.workflow_id, envelope.step_id, event.value, data)
+    await audit.record(conn, envelope.workflow_id, envelope.step_id, [(event, data)])
     return Parking(None)
 
 
@@ -219,12 +219,11 @@ async def send_signal(
         if transcript is not None:
             await conn.execute(INSERT_MESSAGE, workflow_id, *transcript)
         waiting = await conn.fetchrow(WAITING_STEP, workflow_id, name)
-        await conn.execute(
-            INSERT_EVENT,
+        await audit.record(
+            conn,
             workflow_id,
             waiting["id"] if waiting else None,
-            EventType.SIGNAL_RECEIVED.value,
-            {"name": name, "woke": waiting is not None},
+            [(EventType.SIGNAL_RECEIVED, {"name": name, "woke": waiting is not None})],
         )
         if waiting is None:
             return None  # kept until a wait takes it
@@ -232,9 +231,9 @@ async def send_signal(
         await conn.fetchval(WAKE_STEP, waiting["id"])
         await conn.execute(RESUME_WORKFLOW, workflow_id)
         row = await conn.fetchrow(recovery.SELECT_STEP_ENVELOPE, waiting["id"])
-    return recovery.envelope_of(row)
+    return envelopes.of_row(row)
 
 
 async def wake_due(conn: Conn, *, limit: int = 100) -> list[TaskEnvelope]:
     """Wake steps whose timer is due (a sleep's end, a wait's timeout)."""
-    return [recovery.envelope_of(row) for row in await conn.fetch(WAKE_DUE, limit)]
+    return [envelopes.of_row(row) for row in await conn.fetch(WAKE_DUE, limit)]
