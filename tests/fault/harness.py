@@ -80,6 +80,8 @@ class Fleet:
         self._crashing: set[int] = set()  # pids started with a crash point
         self._number: dict[int, int] = {}
         self._n = 0
+        self.stuck: list[int] = []  # workers that ignored SIGTERM at the end (then SIGKILLed)
+        self.exit_logs: dict[int, str] = {}  # the end of each unexpectedly exited worker's log
 
     def spawn(self, extra: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         env = {**self.env, **(extra or {})}
@@ -129,7 +131,7 @@ class Fleet:
                 self.crashes += 1
                 self.crashes_left -= 1
             else:
-                self.unexpected.append((self._number[proc.pid], code))
+                self._unexpected(proc, code)
             if respawn:
                 self.spawn()
 
@@ -145,10 +147,19 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 code = proc.wait()
+                self.stuck.append(self._number[proc.pid])
             # SIGTERM kills a worker still starting (before its handlers): that is ours too.
             if code not in (0, -signal.SIGTERM):
-                self.unexpected.append((self._number[proc.pid], code))
+                self._unexpected(proc, code)
         self.procs.clear()
+
+    def _unexpected(self, proc: subprocess.Popen[bytes], code: int | None) -> None:
+        """Count an exit the scenario did not cause, keeping the end of its log for the report."""
+        number = self._number[proc.pid]
+        self.unexpected.append((number, code))
+        log = self.logs / f"worker-{number}.log"
+        tail = log.read_text(errors="replace").splitlines()[-25:] if log.exists() else []
+        self.exit_logs[number] = "\n".join(tail)
 
 
 def scenario_settings(redis: RedisServer, pg: PostgresServer) -> Settings:
@@ -263,6 +274,8 @@ async def run_scenario(
         facts["excess_attempts"],
     )
     facts["unexpected_exits"] = fleet.unexpected
+    facts["stuck_at_stop"] = fleet.stuck
+    facts["exit_logs"] = fleet.exit_logs
     return row, facts
 
 
@@ -389,7 +402,11 @@ async def scenario(servers: dict[str, Any], name: str, **kwargs: Any) -> dict[st
     )
     ROWS.append(row)
     assert row.lost == 0, f"{name}: {row.lost} workflow(s) lost; logs in {servers['logs']}"
-    assert row.unexpected_exits == 0, f"{name}: workers exited: {facts['unexpected_exits']}"
+    assert row.unexpected_exits == 0, (
+        f"{name}: workers exited: {facts['unexpected_exits']} (ignored SIGTERM at the end: "
+        f"{facts['stuck_at_stop']}); their logs end:\n"
+        + "\n---\n".join(f"worker-{n}:\n{tail}" for n, tail in facts["exit_logs"].items())
+    )
     assert row.excess_attempts <= row.faults, (
         f"{name}: a step ran {row.excess_attempts} attempt(s) beyond its failures with only "
         f"{row.faults} fault(s) injected"
