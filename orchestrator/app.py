@@ -41,6 +41,8 @@ class Pipeline:
     input_key: str = "input"  # where the input sits in the workflow state
     from_text: Callable[[str], BaseModel] | None = None  # plain text -> input (the CLI)
     max_steps: int | None = None  # None: the ``max_steps`` setting
+    # Completed workflows are distilled into long-term memory (orchestrator.memory).
+    consolidate: bool = False
 
     def validate_input(self, value: BaseModel | Mapping[str, Any]) -> dict[str, Any]:
         """The input as JSON, checked against ``input_model``; InvalidInput when it does not fit."""
@@ -188,6 +190,7 @@ class App:
         from_text: Callable[[str], BaseModel] | None = None,
         max_steps: int | None = None,
         default: bool = False,
+        consolidate: bool = False,
     ) -> Pipeline:
         """Declare a pipeline: its agents in their default order and the input it takes.
 
@@ -196,10 +199,14 @@ class App:
         ``from_text`` turns a plain-text ``orchestrator submit "..."`` into an input.
         ``max_steps`` bounds the steps of one workflow (default: the ``max_steps``
         setting): a routing loop fails with ``StepLimitReached`` instead of running on.
+        ``consolidate``: a completed workflow is distilled into the customer's long-term
+        memory (a summary and the facts it taught), off the hot path.
         """
         if not agents:
             raise ConfigurationError(f"pipeline {name!r} has no agents")
-        pipeline = Pipeline(name, tuple(agents), input_model, input_key, from_text, max_steps)
+        pipeline = Pipeline(
+            name, tuple(agents), input_model, input_key, from_text, max_steps, consolidate
+        )
         self.pipelines[name] = pipeline
         if default or self.default_pipeline is None:
             self.default_pipeline = name
@@ -288,6 +295,11 @@ class App:
         """The most steps a workflow of ``pipeline`` may run."""
         declared = self.pipelines.get(pipeline)
         return (declared.max_steps if declared else None) or default
+
+    def consolidates(self, pipeline: str) -> bool:
+        """Whether completed workflows of ``pipeline`` are distilled into long-term memory."""
+        declared = self.pipelines.get(pipeline)
+        return declared is not None and declared.consolidate
 
     @property
     def joins(self) -> frozenset[str]:

@@ -72,9 +72,19 @@ async def connect_redis(
     return client
 
 
+# Every pooled connection runs as the application role (neither owner nor superuser,
+# so row-level security applies) with the engine's scope; a tenant's memories and
+# transcripts are read only in a transaction that sets the tenant (store.tenancy).
+APP_SESSION = """
+SELECT set_config('role', 'orchestrator_app', false),
+       set_config('orchestrator.engine', 'on', false)
+"""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python values; asyncpg would otherwise hand back strings.
     await conn.set_type_codec("jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.execute(APP_SESSION)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -70,6 +70,29 @@ class Settings(BaseSettings):
     model_rate_per_second: float | None = Field(default=None, gt=0)
     model_burst: float = Field(default=10.0, ge=1)
     model_rate_max_wait_seconds: float = Field(default=10.0, ge=0)
+    # Memory. Embeddings: the offline lexical embedder unless embedding_model is set
+    # (any OpenAI-compatible /embeddings endpoint, at OPENAI_BASE_URL); the memories
+    # table follows embedding_dimensions.
+    embedding_model: str | None = None
+    embedding_dimensions: int = Field(default=256, ge=1, le=2000)
+    # Working memory of a session in Redis: its TTL and its size cap (bytes).
+    working_memory_ttl_seconds: int = Field(default=86_400, ge=1)
+    working_memory_max_bytes: int = Field(default=20_000, ge=1_000)
+    # Recalled memories cached per session in Redis.
+    recall_cache_ttl_seconds: int = Field(default=300, ge=1)
+    # Recall scans a tenant of at most this many memories exactly (an HNSW scan filtered
+    # by tenant afterwards would starve on a small tenant); larger ones use the index.
+    recall_exact_limit: int = Field(default=20_000, ge=0)
+    # The memory gate: facts below min confidence are dropped; a fact this similar
+    # (cosine) to one the customer has is merged into it.
+    memory_min_confidence: float = Field(default=0.5, ge=0, le=1)
+    memory_merge_similarity: float = Field(default=0.92, gt=0, le=1)
+    # Retention and decay: a memory's weight halves every half-life since its last use;
+    # the reconciler prunes memories whose decayed confidence fell below the floor, and
+    # any older than the retention (unset: kept).
+    memory_half_life_days: float = Field(default=90.0, gt=0)
+    memory_prune_below: float = Field(default=0.1, ge=0, le=1)
+    memory_retention_days: float | None = Field(default=None, gt=0)
     # Fault injection for tests (orchestrator.faults); never set in production.
     crash_at: str | None = None
     crash_after: int = Field(default=3, ge=1)

@@ -7,6 +7,7 @@ servers start once per session in a temporary directory.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import tempfile
@@ -111,7 +112,27 @@ async def support(settings: Settings) -> AsyncIterator[Runtime]:
         yield runtime
 
 
+@contextlib.asynccontextmanager
+async def owner_connection(runtime: Runtime) -> AsyncIterator[asyncpg.Connection]:
+    """A connection as the database owner, on the test's schema: it sees every tenant's
+    rows (row-level security binds the application role the runtime's pool uses) and may
+    migrate."""
+    settings = runtime.settings
+    assert settings.database_url
+    conn = await asyncpg.connect(
+        settings.database_url, server_settings={"search_path": f"{settings.db_schema},public"}
+    )
+    try:
+        await conn.set_type_codec(
+            "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+        )
+        yield conn
+    finally:
+        await conn.close()
+
+
 async def fetch(runtime: Runtime, sql: str, *args: Any) -> list[asyncpg.Record]:
-    async with runtime.pool.acquire() as conn:
+    """Rows as the database owner sees them (every tenant's)."""
+    async with owner_connection(runtime) as conn:
         rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
         return rows

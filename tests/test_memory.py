@@ -7,6 +7,7 @@ import pytest
 from orchestrator.models.embeddings import embed_offline
 from orchestrator.runtime import Runtime
 from orchestrator.store import memory
+from tests.conftest import fetch
 
 pytestmark = pytest.mark.anyio
 
@@ -53,11 +54,11 @@ async def test_search_finds_the_closest_memory_of_the_same_tenant_only(support: 
 
 
 async def test_past_tickets_seeded_per_tenant(support: Runtime) -> None:
-    async with support.pool.acquire() as conn:
-        rows = await conn.fetch(
-            "SELECT tenant_id, count(*) AS n FROM memories "
-            "WHERE kind = 'past_ticket' GROUP BY tenant_id ORDER BY 1"
-        )
+    rows = await fetch(
+        support,
+        "SELECT tenant_id, count(*) AS n FROM memories "
+        "WHERE kind = 'past_ticket' GROUP BY tenant_id ORDER BY 1",
+    )
     assert [(r["tenant_id"], r["n"]) for r in rows] == [
         ("acme", 16),
         ("default", 16),

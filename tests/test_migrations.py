@@ -7,13 +7,13 @@ import pytest
 
 from orchestrator.runtime import Runtime
 from orchestrator.store.migrations import MIGRATIONS, migrate
-from tests.conftest import fetch
+from tests.conftest import fetch, owner_connection
 
 pytestmark = pytest.mark.anyio
 
 
 async def test_applying_migrations_twice_is_a_no_op(support: Runtime) -> None:
-    async with support.pool.acquire() as conn:
+    async with owner_connection(support) as conn:
         assert await migrate(conn) == []  # open_runtime already applied them
         assert await migrate(conn) == []
     versions = await fetch(support, "SELECT version FROM schema_migrations ORDER BY version")
@@ -22,7 +22,7 @@ async def test_applying_migrations_twice_is_a_no_op(support: Runtime) -> None:
 
 async def test_fresh_schema_gets_every_migration(support: Runtime) -> None:
     schema = f"{support.settings.db_schema}_fresh"
-    async with support.pool.acquire() as conn:
+    async with owner_connection(support) as conn:
         await conn.execute(
             await conn.fetchval("SELECT format('CREATE SCHEMA %I', $1::text)", schema)
         )
@@ -52,7 +52,7 @@ async def test_fresh_schema_gets_every_migration(support: Runtime) -> None:
 
 
 async def test_tool_run_keys_are_unique(support: Runtime) -> None:
-    async with support.pool.acquire() as conn:
+    async with owner_connection(support) as conn:
         unique = await conn.fetchval("""
             SELECT count(*) FROM pg_indexes
             WHERE schemaname = current_schema() AND tablename = 'tool_runs'

@@ -41,7 +41,7 @@ from orchestrator.step.ledger import idempotency_key
 from orchestrator.store import recovery, tool_runs, workflows
 from orchestrator.store.tool_runs import ToolRun
 from tests.apps import TICKET, Probe, build_promise_app
-from tests.conftest import fetch, runtime_for
+from tests.conftest import fetch, owner_connection, runtime_for
 
 pytestmark = pytest.mark.anyio
 
@@ -182,7 +182,7 @@ async def test_reconciler_errors_a_postgres_error_in_a_pass_does_not_end_run(
 
         with anyio.fail_after(15):
             async with anyio.create_task_group() as tg:
-                async with rt.pool.acquire() as blocker:
+                async with owner_connection(rt) as blocker:
                     tx = blocker.transaction()
                     await tx.start()
                     # The pass's first statement on steps will wait behind this lock ...
@@ -229,7 +229,7 @@ async def test_reconciler_errors_pass_on_a_killed_connection_raises_service_unav
             caught.append(exc)
 
     with anyio.fail_after(10):
-        async with rt.pool.acquire() as blocker:
+        async with owner_connection(rt) as blocker:
             async with blocker.transaction():
                 await blocker.execute("LOCK TABLE steps IN ACCESS EXCLUSIVE MODE")
                 async with anyio.create_task_group() as tg:
@@ -254,7 +254,7 @@ async def test_outage_killed_connection_at_completion_is_not_a_step_failure(
         async with anyio.create_task_group() as tg:
             tg.start_soon(worker.process, "gated", entry)
             await probe.entered.wait()
-            async with rt.pool.acquire() as blocker:
+            async with owner_connection(rt) as blocker:
                 async with blocker.transaction():
                     await blocker.execute("LOCK TABLE steps IN ACCESS EXCLUSIVE MODE")
                     probe.gate.set()  # the agent returns; its completion waits for the lock
@@ -619,7 +619,7 @@ async def test_cancel_and_completion_take_locks_in_the_same_order(rt: Runtime) -
     async with (
         rt.pool.acquire() as completion,
         rt.pool.acquire() as canceller,
-        rt.pool.acquire() as watcher,
+        owner_connection(rt) as watcher,
     ):
         pid = canceller.get_server_pid()
 

@@ -7,7 +7,15 @@ they land in one Redis Cluster slot. Nothing outside this module spells a key.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from urllib.parse import quote
 from uuid import UUID
+
+
+def _part(value: str) -> str:
+    """A tenant, session or customer id as one key segment: ``:``, ``{``, ``}``, ``%`` and
+    the like are percent-encoded, so an id can neither reach into another tenant's
+    namespace nor pick a Cluster hash tag."""
+    return quote(value, safe="")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +64,28 @@ class Keys:
     def progress_channel(self) -> str:
         """Pub/Sub channel announcing every step handoff (for live views)."""
         return f"{self.prefix}:signal:progress"
+
+    def tenant(self, tenant: str) -> str:
+        """The namespace of one tenant's keys (``forget`` and tests scan under it)."""
+        return f"{self.prefix}:t:{_part(tenant)}"
+
+    def working_memory(self, tenant: str, session: str) -> str:
+        """Working memory of one session: one small versioned value, with a TTL."""
+        return f"{self.tenant(tenant)}:wm:{{{_part(session)}}}"
+
+    def recall_cache(self, tenant: str, session: str) -> str:
+        """Recalled memories of one session, by query (a hash, with a TTL)."""
+        return f"{self.tenant(tenant)}:recall:{{{_part(session)}}}"
+
+    def memory_version(self, tenant: str, customer: str) -> str:
+        """Bumped whenever a memory of the customer is written: cached recalls made
+        before carry an older version and are not used."""
+        return f"{self.tenant(tenant)}:memver:{_part(customer)}"
+
+    def consolidation_stream(self) -> str:
+        """Completed workflows to distil into long-term memory (consumer group
+        ``consolidation``); rebuilt from Postgres by the reconciler when lost."""
+        return f"{self.prefix}:stream:consolidation"
 
     @staticmethod
     def group(agent: str) -> str:

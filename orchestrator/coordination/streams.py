@@ -227,6 +227,9 @@ class Handoff:
     retry: TaskEnvelope | None = None  # scheduled ``retry_delay`` seconds from now
     retry_delay: float = 0.0
     dead_letter: str | None = None  # the reason, when the step ran out of attempts
+    # More commands for the same round trip (working memory, the consolidation queue):
+    # each adds its commands to the pipeline it is given.
+    extras: Sequence[Callable[[Any], None]] = ()
 
 
 async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
@@ -251,6 +254,8 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
     if h.signal is not None:
         channel = keys.signal_channel() if h.signal.status.terminal else keys.progress_channel()
         pipe.publish(channel, h.signal.model_dump_json())
+    for extra in h.extras:
+        extra(pipe)
     if h.lock is not None:
         h.lock.release_in(pipe)
     await pipe.execute()

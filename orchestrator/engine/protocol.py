@@ -21,6 +21,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -30,7 +31,7 @@ from pydantic import BaseModel
 
 from orchestrator import tracing
 from orchestrator.connections import redis_errors
-from orchestrator.coordination import status, streams
+from orchestrator.coordination import consolidation, status, streams
 from orchestrator.coordination.locks import Lock
 from orchestrator.engine.retry import backoff
 from orchestrator.errors import (
@@ -214,9 +215,11 @@ class StepRunner:
             envelope.seq,
             envelope.agent,
             envelope.attempt,
-            envelope.tenant_id,
+            opened.tenant_id,
             envelope.assigned_by,
             envelope.pipeline,
+            opened.session_id,
+            opened.customer_id,
         )
         ctx = StepContext(
             rt, info, envelope.payload, opened.recorded, cls.tools, opened.waits, opened.signals
@@ -237,6 +240,7 @@ class StepRunner:
                 ending = self._ending(
                     envelope, entry, lock, next=completed.next, status=completed.status
                 )
+                ending = replace(ending, extras=self._memory_extras(ctx, completed.status))
             except Parked as parked:
                 # Control flow (a BaseException the agent could not swallow): wait durably.
                 running.committing = True
@@ -393,6 +397,22 @@ class StepRunner:
             envelope, entry, lock, next=failure.promoted, status=WorkflowStatus.FAILED
         )
         return replace(ending, dead_letter=error)
+
+    def _memory_extras(
+        self, ctx: StepContext, status: WorkflowStatus | None
+    ) -> tuple[Callable[[Any], None], ...]:
+        """Redis commands for the handoff's round trip: the session's working memory
+        takes this step's messages and tool outputs; a completed workflow whose pipeline
+        consolidates goes to the consolidation queue (Postgres keeps it pending until done,
+        so losing either is harmless)."""
+        info = self.rt.keys, ctx.info
+        extras: list[Callable[[Any], None]] = [ctx.memory.append_in]
+        if status is WorkflowStatus.COMPLETED and self.rt.app.consolidates(ctx.info.pipeline):
+            keys, step = info
+            extras.append(
+                partial(consolidation.enqueue_in, keys=keys, workflow_id=step.workflow_id)
+            )
+        return tuple(extras)
 
     def _ending(
         self,

@@ -23,8 +23,9 @@ from orchestrator.models.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.step.info import StepInfo
 from orchestrator.step.ledger import ToolLedger
+from orchestrator.step.memory import SessionMemory
 from orchestrator.step.services import StepServices
-from orchestrator.store import memory
+from orchestrator.store import memory as memory_store
 from orchestrator.store.tool_runs import ToolRun
 
 INPUT_SIGNAL = "input"  # the signal ctx.ask() waits for: a person's reply
@@ -57,6 +58,14 @@ class StepContext:
         self.usage = Usage()  # tokens of this step's model calls, recorded with its attempt
         self.model_calls = 0
         self.superseded = False  # set when the fence moved on (this run's writes are refused)
+        self._memory: SessionMemory | None = None
+
+    @property
+    def memory(self) -> SessionMemory:
+        """The session's working memory, the customer's transcript and long-term recall."""
+        if self._memory is None:
+            self._memory = SessionMemory(self._services, self.info)
+        return self._memory
 
     @property
     def model(self) -> StepModel:
@@ -177,7 +186,9 @@ class StepContext:
         """Finished idempotent calls of this execution, committed with the step."""
         return self._ledger.buffered
 
-    async def search_memory(self, kind: str, query: str, *, limit: int = 3) -> list[memory.Memory]:
+    async def search_memory(
+        self, kind: str, query: str, *, limit: int = 3
+    ) -> list[memory_store.Memory]:
         """Semantic search over this tenant's memories (the tenant is not the caller's choice)."""
         embedding = await self._services.embedder.embed(query)
         return await self._services.store.search_memory(

@@ -8,7 +8,9 @@ from uuid import UUID
 
 @dataclass(frozen=True, slots=True)
 class StepInfo:
-    """The running execution: its workflow, step, agent, fence (attempt) and tenant."""
+    """The running execution: its workflow, step, agent, fence (attempt), and whose it is
+    (tenant, session, customer: read from the workflow row in Postgres, never taken from
+    the task envelope)."""
 
     workflow_id: UUID
     step_id: UUID
@@ -18,3 +20,5 @@ class StepInfo:
     tenant_id: str
     assigned_by: str
     pipeline: str
+    session_id: str = ""
+    customer_id: str = ""

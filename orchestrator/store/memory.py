@@ -7,12 +7,12 @@ from typing import Any
 
 from pgvector import Vector
 
-from orchestrator.store import Conn
+from orchestrator.store import Conn, tenancy
 
 UPSERT = """
 INSERT INTO memories (tenant_id, kind, key, content, metadata, embedder, embedding)
 VALUES ($1, $2, $3, $4, $5, $6, $7::text::public.vector)
-ON CONFLICT (tenant_id, kind, key) DO NOTHING
+ON CONFLICT (tenant_id, customer_id, kind, key) DO NOTHING
 """
 # Cosine distance; the tenant filter lives here, in the storage layer.
 SEARCH = """
@@ -47,21 +47,23 @@ async def remember(
 ) -> None:
     """Store an item for ``tenant_id``; a key the tenant already has for ``kind`` is kept
     as it was (nothing is overwritten). ``embedder`` names what made ``embedding``."""
-    await conn.execute(
-        UPSERT,
-        tenant_id,
-        kind,
-        key,
-        content,
-        metadata,
-        embedder,
-        Vector(embedding).to_text(),
-    )
+    async with tenancy.scoped(conn, tenant_id):
+        await conn.execute(
+            UPSERT,
+            tenant_id,
+            kind,
+            key,
+            content,
+            metadata,
+            embedder,
+            Vector(embedding).to_text(),
+        )
 
 
 async def search(
     conn: Conn, *, tenant_id: str, kind: str, embedding: list[float], limit: int
 ) -> list[Memory]:
     """The tenant's ``limit`` items of ``kind`` nearest to ``embedding``, most similar first."""
-    rows = await conn.fetch(SEARCH, tenant_id, kind, Vector(embedding).to_text(), limit)
+    async with tenancy.scoped(conn, tenant_id):
+        rows = await conn.fetch(SEARCH, tenant_id, kind, Vector(embedding).to_text(), limit)
     return [Memory(r["key"], r["content"], r["metadata"], float(r["score"])) for r in rows]

@@ -255,6 +255,86 @@ CREATE TABLE schedules (
 );
 """
 
+V8_MEMORY = """
+-- Long-term memory, curated: facts and summaries per tenant and customer ('' for the
+-- whole tenant, as the seeded past tickets), each with its source (workflow, step,
+-- message), a confidence, how often it was seen (mentions) and when it was last used.
+-- The embedding is that of the embedder named in `embedder`; NULL once the configured
+-- dimension changed (memory.ensure_dimension): kept for full text, never compared.
+ALTER TABLE memories DROP CONSTRAINT memories_tenant_id_kind_key_key;
+ALTER TABLE memories
+    ADD COLUMN customer_id     text NOT NULL DEFAULT '',
+    ADD COLUMN confidence      real NOT NULL DEFAULT 1.0
+                               CHECK (confidence >= 0 AND confidence <= 1),
+    ADD COLUMN source_workflow uuid,
+    ADD COLUMN source_step     uuid,
+    ADD COLUMN source_message  bigint,
+    ADD COLUMN mentions        integer NOT NULL DEFAULT 1,
+    ADD COLUMN updated_at      timestamptz NOT NULL DEFAULT now(),
+    ADD COLUMN last_used_at    timestamptz,
+    ADD COLUMN search          tsvector
+                               GENERATED ALWAYS AS (to_tsvector('english', content)) STORED;
+ALTER TABLE memories ALTER COLUMN embedding DROP NOT NULL;
+CREATE UNIQUE INDEX memories_identity ON memories (tenant_id, customer_id, kind, key);
+-- Exact search over a small tenant's rows (recall picks it when the HNSW scan, filtered
+-- after the fact, would starve), and the full-text half of hybrid recall.
+CREATE INDEX memories_scope ON memories (tenant_id, embedder, customer_id);
+CREATE INDEX memories_search ON memories USING gin (search);
+
+-- Transcripts are read back by customer (a returning customer's next ticket).
+CREATE INDEX sessions_customer ON sessions (tenant_id, customer_id);
+
+-- Consolidation: a completed workflow of a pipeline that consolidates is distilled into
+-- long-term memory once (consolidated_at); the partial index is the durable queue the
+-- reconciler rebuilds the Redis stream from.
+ALTER TABLE workflows
+    ADD COLUMN consolidate     boolean NOT NULL DEFAULT false,
+    ADD COLUMN consolidated_at timestamptz;
+CREATE INDEX workflows_unconsolidated ON workflows (completed_at)
+    WHERE consolidate AND status = 'completed' AND consolidated_at IS NULL;
+
+-- Tenant isolation in storage. The application runs as orchestrator_app (neither owner
+-- nor superuser; the pool sets the role on connect). A tenant table's rows are visible
+-- to a transaction that set orchestrator.tenant to their tenant (set_config(..., true)).
+-- The engine (every tenant's workflows: claims, recovery, pruning) sets
+-- orchestrator.engine; it may read and write the workflow tables, write transcripts,
+-- and delete (pruning, retention), but reading memories and transcripts always takes
+-- the tenant.
+DO $$
+BEGIN
+    CREATE ROLE orchestrator_app NOLOGIN NOSUPERUSER NOBYPASSRLS;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN
+    NULL;  -- made by another schema's migration (roles are per cluster)
+END
+$$;
+ALTER TABLE sessions ENABLE ROW LEVEL SECURITY;
+ALTER TABLE sessions FORCE ROW LEVEL SECURITY;
+ALTER TABLE workflows ENABLE ROW LEVEL SECURITY;
+ALTER TABLE workflows FORCE ROW LEVEL SECURITY;
+ALTER TABLE messages ENABLE ROW LEVEL SECURITY;
+ALTER TABLE messages FORCE ROW LEVEL SECURITY;
+ALTER TABLE memories ENABLE ROW LEVEL SECURITY;
+ALTER TABLE memories FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_rows ON sessions
+    USING (tenant_id = current_setting('orchestrator.tenant', true));
+CREATE POLICY engine_rows ON sessions
+    USING (current_setting('orchestrator.engine', true) = 'on');
+CREATE POLICY tenant_rows ON workflows
+    USING (tenant_id = current_setting('orchestrator.tenant', true));
+CREATE POLICY engine_rows ON workflows
+    USING (current_setting('orchestrator.engine', true) = 'on');
+CREATE POLICY tenant_rows ON messages
+    USING (tenant_id = current_setting('orchestrator.tenant', true));
+CREATE POLICY engine_writes ON messages FOR INSERT
+    WITH CHECK (current_setting('orchestrator.engine', true) = 'on');
+CREATE POLICY engine_deletes ON messages FOR DELETE
+    USING (current_setting('orchestrator.engine', true) = 'on');
+CREATE POLICY tenant_rows ON memories
+    USING (tenant_id = current_setting('orchestrator.tenant', true));
+CREATE POLICY engine_deletes ON memories FOR DELETE
+    USING (current_setting('orchestrator.engine', true) = 'on');
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -263,6 +343,7 @@ MIGRATIONS: tuple[str, ...] = (
     V5_SESSION_ORDER,
     V6_PROMISE,
     V7_GENERAL_ENGINE,
+    V8_MEMORY,
 )
 
 CREATE_VERSION_TABLE = """
@@ -278,6 +359,20 @@ RECORD_VERSION = "INSERT INTO schema_migrations (version) VALUES ($1)"
 # Qualified: an unqualified name would fall back to public's table through the search path.
 VERSION_TABLE_EXISTS = "SELECT to_regclass(format('%I.schema_migrations', $1::text)) IS NOT NULL"
 SCHEMA_EXISTS = "SELECT 1 FROM pg_namespace WHERE nspname = $1"
+# After every migration (tables may be new): the application role's rights in this
+# schema. Postgres formats the schema name (%I); no name is formatted by Python.
+GRANT_APP_ROLE = """
+DO $$
+BEGIN
+    EXECUTE format('GRANT USAGE ON SCHEMA %I TO orchestrator_app', current_schema());
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA %I '
+                   'TO orchestrator_app', current_schema());
+    EXECUTE format('GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA %I TO orchestrator_app',
+                   current_schema());
+END
+$$
+"""
+APP_ROLE = "orchestrator_app"
 PGVECTOR_AVAILABLE = "SELECT 1 FROM pg_available_extensions WHERE name = 'vector'"
 
 
@@ -294,6 +389,7 @@ async def migrate(conn: Conn) -> list[int]:
             await conn.execute(sql)
             await conn.execute(RECORD_VERSION, version)
             applied.append(version)
+        await conn.execute(GRANT_APP_ROLE)
     return applied
 
 

@@ -22,6 +22,8 @@ from orchestrator.store.tool_runs import ToolRun
 
 SELECT_OPEN = """
 SELECT s.status, s.attempt, s.failures, s.waits, w.status AS workflow_status,
+       w.tenant_id, w.session_id,
+       (SELECT e.customer_id FROM sessions e WHERE e.id = w.session_id) AS customer_id,
        coalesce((SELECT jsonb_agg(jsonb_build_array(g.ordinal, g.name, g.payload))
                  FROM signals g WHERE g.step_id = s.id), '[]'::jsonb) AS signals,
        w.next_seq, w.open_steps = 1 AND w.join_step IS NULL AS alone,
@@ -152,6 +154,11 @@ class OpenStep:
     failures: int = 0  # real failures so far: the retry budget, apart from the fence
     next_seq: int = 1  # the workflow's next step number (as read: exact while alone)
     alone: bool = True  # the only open step of its workflow, no join pending: no branches
+    # Whose step it is, from the workflow row (never from the envelope): what
+    # row-level security and the Redis key namespace scope the step's memory to.
+    tenant_id: str = ""
+    session_id: str = ""
+    customer_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +230,9 @@ async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
         failures=row["failures"],
         next_seq=row["next_seq"],
         alone=row["alone"],
+        tenant_id=row["tenant_id"],
+        session_id=row["session_id"],
+        customer_id=row["customer_id"] or "",
     )
 
 
