@@ -67,3 +67,19 @@ async def search(
     async with tenancy.scoped(conn, tenant_id):
         rows = await conn.fetch(SEARCH, tenant_id, kind, Vector(embedding).to_text(), limit)
     return [Memory(r["key"], r["content"], r["metadata"], float(r["score"])) for r in rows]
+
+
+class MemoryStore:
+    """Long-term memory behind named operations; each borrows a pooled connection."""
+
+    def __init__(self, connect: Any) -> None:
+        self._connect = connect
+
+    async def search(
+        self, *, tenant_id: str, kind: str, embedding: list[float], limit: int
+    ) -> list[Memory]:
+        """Semantic search over one tenant's memories of ``kind``."""
+        async with self._connect() as conn:
+            return await search(
+                conn, tenant_id=tenant_id, kind=kind, embedding=embedding, limit=limit
+            )

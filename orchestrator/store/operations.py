@@ -42,6 +42,11 @@ class Store:
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
 
+    @property
+    def memory(self) -> memory.MemoryStore:
+        """Long-term memory: remember, recall (tenant-scoped transactions)."""
+        return memory.MemoryStore(self._connect)
+
     # Workflows
     async def submit(self, submission: workflows.Submission) -> workflows.Created:
         """Record a submitted workflow; its first step's envelope is for the caller to XADD."""
