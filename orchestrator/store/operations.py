@@ -21,7 +21,6 @@ from orchestrator.schemas import TaskEnvelope, WorkflowRecord, WorkflowStatus
 from orchestrator.store import (
     Conn,
     dead_letters,
-    memory,
     prune,
     recovery,
     schedules,
@@ -30,6 +29,7 @@ from orchestrator.store import (
     waits,
     workflows,
 )
+from orchestrator.store import memory as memory_store
 from orchestrator.store.dead_letters import DeadLetter
 from orchestrator.store.tool_runs import ToolRun
 
@@ -43,9 +43,9 @@ class Store:
         self._connect = connect
 
     @property
-    def memory(self) -> memory.MemoryStore:
+    def memory(self) -> memory_store.MemoryStore:
         """Long-term memory: remember, recall (tenant-scoped transactions)."""
-        return memory.MemoryStore(self._connect)
+        return memory_store.MemoryStore(self._connect)
 
     # Workflows
     async def submit(self, submission: workflows.Submission) -> workflows.Created:
@@ -269,10 +269,10 @@ class Store:
     # Memory, dead letters, schedules, pruning
     async def search_memory(
         self, *, tenant_id: str, kind: str, embedding: list[float], limit: int
-    ) -> list[memory.Memory]:
+    ) -> list[memory_store.Memory]:
         """Semantic search over one tenant's memories of ``kind``."""
         async with self._connect() as conn:
-            return await memory.search(
+            return await memory_store.search(
                 conn, tenant_id=tenant_id, kind=kind, embedding=embedding, limit=limit
             )
 
