@@ -66,6 +66,7 @@ class Client:
                 app_version=self.rt.app.version,
                 key=key,
                 traceparent=tracing.traceparent_of(submit_span),
+                consolidate=self.rt.app.consolidates(declared.name),
             )
             created = await self.rt.store.submit(submission)
             submit_span.set_attribute("workflow.id", str(created.envelope.workflow_id))

@@ -29,13 +29,13 @@ WITH owner AS (
     RETURNING tenant_id
 ), workflow_row AS (
     INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, app_version,
-                           submit_key)
+                           submit_key, consolidate)
     SELECT $1, $4, $3, $6,
            CASE WHEN EXISTS (SELECT 1 FROM workflows
                              WHERE session_id = $3
                                AND status IN ('queued', 'running', 'waiting'))
                 THEN 'queued' ELSE 'running' END,
-           $7, $7, $8, $12
+           $7, $7, $8, $12, $13
     FROM owner WHERE tenant_id = $4
     ON CONFLICT (tenant_id, submit_key) WHERE submit_key IS NOT NULL DO NOTHING
     RETURNING id, status
@@ -96,6 +96,9 @@ class Submission:
     app_version: str
     key: str | None = None
     traceparent: str | None = None
+    # The pipeline consolidates: once completed, the workflow is distilled into
+    # long-term memory (the durable mark the consolidation queue is rebuilt from).
+    consolidate: bool = False
 
 
 async def create(conn: Conn, sub: Submission) -> Created:
@@ -121,6 +124,7 @@ async def create(conn: Conn, sub: Submission) -> Created:
         sub.first_agent,
         {"pipeline": sub.pipeline, "first_agent": sub.first_agent},
         sub.key,
+        sub.consolidate,
     )
     if status is None and sub.key is not None:
         existing = await conn.fetchval(SELECT_BY_KEY, sub.tenant, sub.key)
