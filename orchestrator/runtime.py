@@ -24,7 +24,7 @@ from orchestrator.coordination.ratelimit import RateLimiter
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
 from orchestrator.faults import CrashPoints
-from orchestrator.models.embeddings import Embedder, HashingEmbedder
+from orchestrator.models.embeddings import Embedder, LexicalEmbedder, OpenAIEmbedder
 from orchestrator.models.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.settings import Settings
 from orchestrator.store import Conn
@@ -81,6 +81,25 @@ def build_model(settings: Settings, app: App) -> LanguageModel:
     return OfflineModel(app.offline_rules)
 
 
+# Local embedding servers (Ollama, vLLM, text-embeddings-inference) need no key, but the
+# client insists on one.
+_LOCAL_API_KEY = "unused"
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    """The OpenAI-compatible embedder at ``OPENAI_BASE_URL`` when ``embedding_model`` is set,
+    else the offline lexical one; either makes ``embedding_dimensions`` floats."""
+    if not settings.embedding_model:
+        return LexicalEmbedder(settings.embedding_dimensions)
+    client = AsyncOpenAI(
+        api_key=settings.openai_api_key or _LOCAL_API_KEY,
+        base_url=settings.openai_base_url or None,
+        max_retries=settings.openai_max_retries,
+        timeout=settings.openai_timeout_seconds,
+    )
+    return OpenAIEmbedder(client, settings.embedding_model, settings.embedding_dimensions)
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(
     settings: Settings,
@@ -116,6 +135,7 @@ async def open_runtime(
             await redis.aclose()
             raise
         model = build_model(settings, app)
+        embedder = build_embedder(settings)
         keys = Keys(settings.key_prefix)
         try:
             runtime = Runtime(
@@ -125,7 +145,7 @@ async def open_runtime(
                 redis,
                 pool,
                 model,
-                HashingEmbedder(),
+                embedder,
                 CrashPoints(settings.crash_at, settings.crash_after),
                 _limiter(settings, redis, keys),
                 tracing.tracer(tracer_provider),
@@ -137,6 +157,8 @@ async def open_runtime(
         finally:
             if isinstance(model, OpenAIModel):
                 await model.aclose()
+            if isinstance(embedder, OpenAIEmbedder):
+                await embedder.aclose()
             await pool.close()
             await redis.aclose()
 
