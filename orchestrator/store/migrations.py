@@ -335,6 +335,30 @@ CREATE POLICY engine_deletes ON memories FOR DELETE
     USING (current_setting('orchestrator.engine', true) = 'on');
 """
 
+V9_ERASURE = """
+-- Erasure (orchestrator forget): one row per erased customer that holds no personal data:
+-- neither the customer id nor a hash of it (a hash of a guessable id is the id), only the
+-- tenant, how many rows of each table were deleted or blanked, and when.
+CREATE TABLE erasures (
+    id        uuid PRIMARY KEY,
+    tenant_id text NOT NULL,
+    counts    jsonb NOT NULL,
+    erased_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE erasures ENABLE ROW LEVEL SECURITY;
+ALTER TABLE erasures FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_rows ON erasures
+    USING (tenant_id = current_setting('orchestrator.tenant', true));
+CREATE POLICY engine_rows ON erasures
+    USING (current_setting('orchestrator.engine', true) = 'on');
+
+-- Memory retention sweeps every tenant's memories. A DELETE whose WHERE reads a column
+-- needs a SELECT policy as well, so engine_deletes alone deletes nothing: the sweep's own
+-- transaction (store.prune.prune_memories, nothing else) sets orchestrator.sweep.
+CREATE POLICY engine_sweeps ON memories FOR SELECT
+    USING (current_setting('orchestrator.sweep', true) = 'memories');
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -344,6 +368,7 @@ MIGRATIONS: tuple[str, ...] = (
     V6_PROMISE,
     V7_GENERAL_ENGINE,
     V8_MEMORY,
+    V9_ERASURE,
 )
 
 CREATE_VERSION_TABLE = """
