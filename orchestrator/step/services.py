@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Protocol
 
+import redis.asyncio as aioredis
 from opentelemetry.trace import Tracer
 
+from orchestrator.coordination.keys import Keys
 from orchestrator.faults import CrashPoints
 from orchestrator.models.embeddings import Embedder
 from orchestrator.models.llm import LanguageModel
@@ -83,4 +85,14 @@ class StepServices(Protocol):
     @property
     def store(self) -> Store:
         """Postgres behind named operations."""
+        ...
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The runtime's Redis client (working memory, recall cache)."""
+        ...
+
+    @property
+    def keys(self) -> Keys:
+        """The Redis key namespace."""
         ...
