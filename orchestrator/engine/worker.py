@@ -29,8 +29,9 @@ import anyio.abc
 from redis.exceptions import ResponseError
 
 from orchestrator.connections import OUTAGE, REDIS_DOWN
-from orchestrator.coordination import delayed, status, streams
+from orchestrator.coordination import consolidation, delayed, status, streams
 from orchestrator.engine import timers
+from orchestrator.engine.consolidator import Consolidator
 from orchestrator.engine.protocol import StepRunner
 from orchestrator.engine.reconciler import Reconciler
 from orchestrator.errors import ConfigurationError, OrchestratorError
@@ -50,6 +51,7 @@ class Worker:
         concurrency: int = 8,
         consumer: str | None = None,
         reconcile: bool = True,
+        consolidate: bool | None = None,
     ) -> None:
         self.rt = runtime
         self.agents = tuple(agents or runtime.app.agents)
@@ -61,6 +63,12 @@ class Worker:
         self.concurrency = concurrency
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.reconcile = reconcile
+        # Consolidation (long-term memory): by default wherever a pipeline asks for it.
+        self.consolidate = (
+            any(p.consolidate for p in runtime.app.pipelines.values())
+            if consolidate is None
+            else consolidate
+        )
         self._stop = anyio.Event()
         self.runner = StepRunner(runtime, self.consumer)
         self.runner.refresh_liveness = self._report_status
@@ -144,9 +152,18 @@ class Worker:
                     pending = {}  # no stream or group yet: nothing was delivered
                 if pending:
                     busy.append(f"{sum(pending.values())} pending entries on the {agent} stream")
+            busy += await self._consolidating()
         except OUTAGE as exc:
             busy.append(f"outage: {exc}")
         return busy
+
+    async def _consolidating(self) -> list[str]:
+        """Consolidation entries this worker still has to take or finish."""
+        if not self.consolidate:
+            return []
+        waiting = await consolidation.state(self.rt.redis, self.rt.keys)
+        left = waiting.undelivered + waiting.pending
+        return [f"{left} workflow(s) to consolidate"] if left else []
 
     async def _run(self) -> None:
         await self._until_up("starting", self._start)
@@ -164,6 +181,8 @@ class Worker:
             )
             if self.reconcile:
                 background.start_soon(Reconciler(self.rt, self.consumer).run, self._stop)
+            if self.consolidate:
+                background.start_soon(Consolidator(self.rt, self.consumer).run, self._stop)
             async with anyio.create_task_group() as consumers:
                 for agent in self.agents:
                     consumers.start_soon(self._consume, agent)
@@ -181,6 +200,8 @@ class Worker:
         await self._report_status()  # alive before taking any lock
         for agent in self.agents:
             await streams.ensure_group(self.rt.redis, self.rt.keys, agent)
+        if self.consolidate:
+            await consolidation.ensure_group(self.rt.redis, self.rt.keys)
 
     async def _until_up(self, what: str, once: Callable[[], Awaitable[None]]) -> None:
         delay = 0.1
