@@ -25,6 +25,10 @@ What differs from a worker, on purpose:
   with its arguments and idempotency key. Registered idempotent tools without a fake
   run for real. A non-idempotent tool without a fake, and ``ctx.search_memory``, need
   Postgres: they raise ``NeedsServers`` (fake the tool, or use a ``Worker`` on servers).
+* ``ctx.memory`` works on the test's data: ``transcript`` (the customer's earlier
+  lines) plus the lines of the steps run so far in this pipeline run is its working
+  memory; ``recall`` ranks the given ``memory`` items by the embedder's cosine
+  similarity. What a step did with memory is in ``AgentResult.memory_events``.
 * No durability: nothing is committed, and a parked step is not resumed.
 * ``run`` raises what the agent raised; ``run_pipeline`` retries a failed step at once
   (no backoff) up to its ``max_attempts``, reusing recorded tool results as a worker
@@ -41,9 +45,11 @@ For integration tests on real servers, ``Worker.run_until_idle()`` drains the qu
 from __future__ import annotations
 
 import inspect
+import json
+import math
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Generic, Literal, TypeAlias, TypeVar, overload
 from uuid import UUID, uuid4
@@ -54,6 +60,9 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from orchestrator.app import App, Pipeline
+from orchestrator.coordination import working_memory as wm
+from orchestrator.coordination.keys import Keys
+from orchestrator.coordination.working_memory import Line, Recalled, WorkingMemory
 from orchestrator.errors import (
     AgentError,
     ConfigurationError,
@@ -81,6 +90,13 @@ from orchestrator.settings import Settings
 from orchestrator.step.agent import Agent
 from orchestrator.step.context import INPUT_SIGNAL, StepContext
 from orchestrator.step.info import StepInfo
+from orchestrator.step.memory import (
+    HYDRATED,
+    MESSAGE_CHARS,
+    RECALLED,
+    RECALLED_CHARS,
+    SessionMemory,
+)
 from orchestrator.step.run import run_agent
 from orchestrator.step.services import Limiter
 from orchestrator.step.tools import RUNTIME_PARAMS, ToolSpec
@@ -355,6 +371,8 @@ class AgentResult(Generic[OutT]):
     attempts: int = 1
     parked: Wait | None = None
     error: Exception | None = None
+    # What the step did with memory (type, data), as a worker commits it with the step.
+    memory_events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
 
     @property
     def output(self) -> OutT:
@@ -441,6 +459,102 @@ class _Services:
             "fake the tool by name: AgentHarness(app, tools={'name': fake})"
         )
 
+    @property
+    def redis(self) -> Any:
+        raise NeedsServers(
+            "AgentHarness has no Redis: ctx.memory works on AgentHarness(transcript=..., "
+            "memory=...); anything else needs a Worker on real Redis and Postgres"
+        )
+
+    @property
+    def keys(self) -> Keys:
+        return Keys()
+
+
+class _HarnessMemory(SessionMemory):
+    """``ctx.memory`` on the test's data: working memory is the given lines (the
+    harness's transcript, then this run's earlier steps), recall ranks the given memory
+    items by cosine similarity; nothing is read from or written to a server."""
+
+    def __init__(
+        self,
+        services: _Services,
+        info: StepInfo,
+        lines: Sequence[Line],
+        memories: Sequence[Memory],
+    ) -> None:
+        super().__init__(services, info)
+        self._embedder = services.embedder
+        self._lines = tuple(lines)
+        self._memories = tuple(memories)
+        self._max_bytes = services.settings.working_memory_max_bytes
+
+    async def working(self) -> WorkingMemory:
+        """The given lines as working memory (cut to the byte cap), with this step's goal
+        and recalled memories; recorded as a hydration, as a worker's first read is."""
+        if self._value is None:
+            lines = tuple(
+                replace(m, content=wm.truncate(m.content, MESSAGE_CHARS)) for m in self._lines
+            )
+            self._value = WorkingMemory(
+                str(self.info.workflow_id), self.info.seq - 1, messages=lines
+            ).fit(self._max_bytes)
+            self._events.append(
+                (
+                    HYDRATED,
+                    {
+                        "reason": "harness",
+                        "messages": len(self._value.messages),
+                        "sessions": 1,
+                        "tools": 0,
+                        "goal": False,
+                    },
+                )
+            )
+        return self._with_mine(self._value)
+
+    async def recall(
+        self, query: str, *, k: int = 5, kinds: Sequence[str] | None = None
+    ) -> list[Memory]:
+        """The ``k`` given memory items (of ``kinds``) most similar to ``query``."""
+        pool = [m for m in self._memories if kinds is None or m.kind in kinds]
+        if not pool:
+            found: list[Memory] = []
+        else:
+            query_vec, *vectors = await self._embedder.embed_many(
+                [query, *(m.content for m in pool)]
+            )
+            scored = [
+                replace(m, score=_cosine(query_vec, v), vector_score=_cosine(query_vec, v))
+                for m, v in zip(pool, vectors, strict=True)
+            ]
+            found = sorted(scored, key=lambda m: -m.score)[:k]
+        for m in found:
+            self._recalled.append(
+                Recalled(m.id, m.kind, wm.truncate(m.content, RECALLED_CHARS), m.score)
+            )
+        record = {
+            "query": query,
+            "mode": "harness",
+            "cached": False,
+            "memories": [
+                {"id": m.id, "kind": m.kind, "key": m.key, "score": m.score} for m in found
+            ],
+        }
+        self._events.append((RECALLED, record))
+        return found
+
+    def append_in(
+        self, pipe: Any, *, said: Sequence[str] = (), runs: Sequence[ToolRun] = ()
+    ) -> None:
+        """Nothing: a harness has no Redis."""
+
+
+def _cosine(a: Sequence[float], b: Sequence[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    norm = math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b))
+    return dot / norm if norm else 0.0
+
 
 class _Inbox:
     """The signals of one harness run (a workflow): each taken once, in order, per name."""
@@ -473,6 +587,8 @@ class _HarnessContext(StepContext):
         allowed: tuple[str, ...],
         inbox: _Inbox,
         replay: dict[int, Wait],
+        lines: Sequence[Line] = (),
+        memories: Sequence[Memory] = (),
     ) -> None:
         super().__init__(services, info, state, recorded, allowed)
         self._registry = services.app
@@ -480,6 +596,12 @@ class _HarnessContext(StepContext):
         self._inbox = inbox
         self._replay = replay
         self.reached: list[Wait] = []
+        self._harness_memory = _HarnessMemory(services, info, lines, memories)
+
+    @property
+    def memory(self) -> SessionMemory:
+        """Working memory and recall on the harness's data (see ``_HarnessMemory``)."""
+        return self._harness_memory
 
     def ask(self, question: str, *, timeout: timedelta | float | None = None) -> str:
         """The next scripted reply (the signal ``"input"``)."""
@@ -619,6 +741,7 @@ class _Flow:
     status: WorkflowStatus = WorkflowStatus.RUNNING
     waiting: Wait | None = None
     error: Exception | None = None
+    opening: str = ""  # the submitted input, the transcript's first line (as at submit)
 
 
 class AgentHarness:
@@ -645,6 +768,8 @@ class AgentHarness:
         replies: Sequence[str] = (),
         settings: Settings | None = None,
         embedder: Embedder | None = None,
+        transcript: Sequence[Line | str] = (),
+        memory: Sequence[Memory] = (),
     ) -> None:
         app.validate()
         self.app = app
@@ -670,6 +795,10 @@ class AgentHarness:
         )
         pairs = list(signals.items() if isinstance(signals, Mapping) else signals or ())
         self._signals = [*pairs, *((INPUT_SIGNAL, r) for r in replies)]
+        self.transcript = [
+            Line("customer", "customer", m) if isinstance(m, str) else m for m in transcript
+        ]
+        self.memory = list(memory)
 
     @overload
     async def run(
@@ -760,6 +889,9 @@ class AgentHarness:
             {declared.input_key: declared.validate_input(input)},
             declared.max_steps or self.settings.max_steps,
         )
+        flow.opening = (
+            str(input) if isinstance(input, BaseModel) else json.dumps(dict(input), default=str)
+        )
         flow.ready.append((0, declared.agents[0], "submit", dict(flow.state)))
         while flow.ready and flow.status is WorkflowStatus.RUNNING:
             if concurrent:
@@ -823,8 +955,12 @@ class AgentHarness:
                 assigned_by,
                 flow.pipeline.name,
             )
+            earlier = [
+                Line("customer", "customer", flow.opening),
+                *(Line("agent", s.agent, m) for s in flow.steps for m in s.messages),
+            ]
             result, recorded = await self._attempt(
-                cls, state, info, flow.inbox, recorded, replay, flow.pipeline
+                cls, state, info, flow.inbox, recorded, replay, flow.pipeline, earlier
             )
             result.attempts = attempt
             error = result.error
@@ -913,10 +1049,21 @@ class AgentHarness:
         recorded: Mapping[int, ToolRun],
         replay: dict[int, Wait],
         pipeline: Pipeline,
+        earlier: Sequence[Line] = (),
     ) -> tuple[AgentResult[Any], dict[int, ToolRun]]:
         """One execution of one step, as ``engine.protocol`` runs it; never raises what
         the agent raised (it is kept in ``error``), but raises ``HarnessError``."""
-        ctx = _HarnessContext(self._services, info, state, recorded, cls.tools, inbox, replay)
+        ctx = _HarnessContext(
+            self._services,
+            info,
+            state,
+            recorded,
+            cls.tools,
+            inbox,
+            replay,
+            [*self.transcript, *earlier],
+            self.memory,
+        )
         result: AgentResult[Any] = AgentResult(
             cls.name, info.seq, info.workflow_id, None, state, state
         )
@@ -936,6 +1083,7 @@ class AgentHarness:
         result.tool_calls = [self._call(run) for _, run in sorted(runs.items())]
         result.messages, result.waits = ctx.messages, ctx.reached
         result.model_calls, result.usage = ctx.model_calls, ctx.usage
+        result.memory_events = ctx.memory.record()
         return result, runs
 
     @staticmethod

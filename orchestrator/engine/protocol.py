@@ -45,7 +45,7 @@ from orchestrator.errors import (
 )
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
-from orchestrator.step.context import StepContext
+from orchestrator.step.context import INPUT_SIGNAL, StepContext
 from orchestrator.step.info import StepInfo
 from orchestrator.step.run import run_agent
 from orchestrator.store import steps
@@ -270,6 +270,8 @@ class StepRunner:
         opened: steps.OpenStep,
     ) -> steps.Outcome:
         agent = cls()
+        # A run that took the customer's reply rebuilds working memory: only Postgres has it.
+        ctx.memory.stale = any(name == INPUT_SIGNAL for name, _ in opened.signals.values())
         output = await run_agent(agent, ctx, envelope.payload)
         return steps.Outcome(
             output=output.model_dump(mode="json"),
@@ -281,6 +283,7 @@ class StepRunner:
             started_at=started,
             usage=_usage(self.rt, ctx),
             traceparent=tracing.traceparent_of(trace.get_current_span()),
+            events=tuple(ctx.memory.record()),
         )
 
     def _route(
@@ -406,7 +409,9 @@ class StepRunner:
         consolidates goes to the consolidation queue (Postgres keeps it pending until done,
         so losing either is harmless)."""
         info = self.rt.keys, ctx.info
-        extras: list[Callable[[Any], None]] = [ctx.memory.append_in]
+        extras: list[Callable[[Any], None]] = [
+            partial(ctx.memory.append_in, said=ctx.messages, runs=ctx.tool_runs)
+        ]
         if status is WorkflowStatus.COMPLETED and self.rt.app.consolidates(ctx.info.pipeline):
             keys, step = info
             extras.append(

@@ -194,6 +194,8 @@ class Outcome:
     started_at: datetime
     usage: ModelUse = ModelUse()
     traceparent: str | None = None  # the step's span, parent of the next steps' spans
+    # More events committed with the step (type, data): what it did with memory.
+    events: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
 async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
@@ -309,7 +311,10 @@ async def _close(
     done: bool,
     linear: bool,
 ) -> Any:
-    events = [(EventType.STEP_COMPLETED, {"agent": envelope.agent, "attempt": envelope.attempt})]
+    events: list[tuple[str, dict[str, Any]]] = [
+        (EventType.STEP_COMPLETED, {"agent": envelope.agent, "attempt": envelope.attempt}),
+        *outcome.events,
+    ]
     if done:
         events.append((EventType.WORKFLOW_COMPLETED, {}))
     row = await conn.fetchrow(
@@ -328,7 +333,7 @@ async def _close(
         [e.agent for e in nxt],
         outcome.messages,
         (WorkflowStatus.COMPLETED if done else WorkflowStatus.RUNNING).value,
-        [t.value for t, _ in events],
+        [str(t) for t, _ in events],
         [json.dumps(d) for _, d in events],
         *outcome.usage.row(),
         opened.next_seq + len(nxt),
