@@ -8,9 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
+from uuid import UUID
 
 import anyio
 import typer
@@ -23,10 +25,12 @@ from orchestrator.cli.dlq import dlq
 from orchestrator.cli.render import print_summary, steps_table, workflow_panel
 from orchestrator.cli.support import Options, err, guard, out, run_body, workflow_id_arg
 from orchestrator.client import Client
+from orchestrator.connections import redis_errors
 from orchestrator.engine.worker import Worker
 from orchestrator.errors import ConfigurationError, InvalidInput, ServiceUnavailable
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.schemas import WorkflowStatus
+from orchestrator.store.erasure import Erasure, ErasureStore, refuse_unfinished
 from orchestrator.store.prune import prune_finished
 
 cli = typer.Typer(
@@ -393,6 +397,122 @@ def prune(
         )
 
     run_body(ctx.obj, body)
+
+
+@cli.command()
+@guard
+def forget(
+    ctx: typer.Context,
+    tenant: Annotated[str, typer.Option("--tenant", help="the customer's tenant")],
+    customer: Annotated[str, typer.Option("--customer", help="the customer id")],
+    cancel: Annotated[
+        bool, typer.Option("--cancel", help="cancel the customer's unfinished workflows first")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", help="do not ask for confirmation")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print the audit record as JSON")] = False,
+) -> None:
+    """Erase one customer of one tenant: transcripts, memories, workflow payloads, tool
+    results, working memory and caches. Writes an audit record without personal data.
+
+    Refused while a workflow of the customer is unfinished, unless --cancel.
+    """
+    if not yes:
+        typer.confirm(
+            f"Erase everything of customer {customer!r} of tenant {tenant!r}? "
+            "This cannot be undone",
+            abort=True,
+        )
+
+    async def body(runtime: Runtime) -> None:
+        erasure = await forget_customer(runtime, tenant, customer, cancel=cancel)
+        if as_json:
+            out.print_json(
+                data={
+                    "erasure_id": str(erasure.erasure_id),
+                    "tenant_id": erasure.tenant_id,
+                    "counts": dict(erasure.counts),
+                }
+            )
+            return
+        counts = ", ".join(f"{n} {table}" for table, n in erasure.counts.items())
+        out.print(f"erasure {erasure.erasure_id} of tenant {tenant}: {counts}", highlight=False)
+
+    run_body(ctx.obj, body)
+
+
+async def forget_customer(
+    runtime: Runtime, tenant: str, customer: str, *, cancel: bool = False
+) -> Erasure:
+    """Erase ``customer`` of ``tenant`` from Redis and Postgres (see store.erasure).
+
+    Redis first (its keys, the stream entries and delayed retries of the customer's
+    finished workflows), so a Redis failure leaves Postgres as it was and a second run
+    finds everything again; then Postgres in one transaction, writing the audit; then
+    the keys once more, in case a racing write (a consolidation's version bump) made one.
+    """
+    store = ErasureStore(runtime.db)
+    plan = await store.plan(tenant_id=tenant, customer_id=customer)
+    if plan.unfinished and cancel:
+        client = Client(runtime)
+        # Queued ones first: cancelling a running one starts the next queued of its session.
+        for wid in sorted(plan.unfinished, key=lambda w: plan.workflows[w] != "queued"):
+            await client.cancel(wid)
+        plan = await store.plan(tenant_id=tenant, customer_id=customer)
+    refuse_unfinished(plan)
+    with redis_errors():
+        keys_deleted = await _delete_customer_keys(runtime, tenant, customer, plan.sessions)
+        entries = await _delete_stream_entries(runtime, plan.workflows)
+    erasure = await store.erase(
+        tenant_id=tenant,
+        customer_id=customer,
+        extra_counts={"redis_keys": keys_deleted, "redis_entries": entries},
+    )
+    with redis_errors():
+        await _delete_customer_keys(runtime, tenant, customer, erasure.plan.sessions)
+    return erasure
+
+
+async def _delete_customer_keys(
+    runtime: Runtime, tenant: str, customer: str, sessions: Sequence[str]
+) -> int:
+    k = runtime.keys
+    names = [k.memory_version(tenant, customer)]
+    for session in sessions:
+        names += [k.working_memory(tenant, session), k.recall_cache(tenant, session)]
+    return int(await runtime.redis.delete(*names))
+
+
+async def _delete_stream_entries(runtime: Runtime, workflows: Iterable[UUID]) -> int:
+    """Entries (of the agents' streams, the dead-letter and consolidation streams) and
+    delayed retries that carry one of ``workflows``: their envelopes hold payloads."""
+    ids = [str(w).encode() for w in workflows]
+    if not ids:
+        return 0
+
+    def mentions(value: Any) -> bool:
+        raw = value if isinstance(value, bytes) else str(value).encode()
+        return any(i in raw for i in ids)
+
+    k, redis = runtime.keys, runtime.redis
+    deleted = 0
+    streams = [k.stream(a) for a in runtime.app.agents]
+    for stream in [*streams, k.dead_letter_stream(), k.consolidation_stream()]:
+        start: bytes | str = "-"
+        while True:
+            page: Any = await redis.xrange(stream, min=start, max="+", count=_PAGE)
+            doomed = [i for i, fields in page if any(mentions(v) for v in fields.values())]
+            if doomed:
+                deleted += int(await redis.xdel(stream, *doomed))
+            if len(page) < _PAGE:
+                break
+            start = b"(" + page[-1][0]
+    async for member, _ in redis.zscan_iter(k.delayed(), count=_PAGE):
+        if mentions(member):
+            deleted += int(await redis.zrem(k.delayed(), member))
+    return deleted
+
+
+_PAGE = 500
 
 
 _DURATION = re.compile(r"([+-]?\d+)([smhd])")
