@@ -230,6 +230,7 @@ class Consolidator:
         consumer: str,
         *,
         count: int = 16,
+        concurrency: int = 4,
         distiller: Distiller | None = None,
         meter: Meter | None = None,
         lease_seconds: float | None = None,
@@ -239,6 +240,8 @@ class Consolidator:
         self.lease_seconds = lease_seconds or runtime.settings.lease_seconds
         self.consumer = consumer
         self.count = count
+        # Entries of one read consolidated at once (one customer's wait on its lock).
+        self.concurrency = concurrency
         self.distiller = distiller or distiller_for(runtime.model)
         self.consolidated = 0  # workflows this consolidator distilled (skips not counted)
         self.latest_lag: ConsolidationLag | None = None
@@ -280,13 +283,31 @@ class Consolidator:
             return 0
         rt, finished = self.rt, list[bytes]()
         written: set[tuple[str, str]] = set()  # (tenant, customer) whose memories changed
+        slots = anyio.CapacityLimiter(self.concurrency)
+        outages: list[BaseException] = []
+
+        async def handle(entry: Entry) -> None:
+            # Never raises: one entry's outage or defect must not cancel the others.
+            try:
+                async with slots:
+                    result = await self._handle(entry)
+            except OUTAGE as exc:
+                outages.append(exc)  # the entry stays pending: taken again later
+                return
+            except Exception:
+                log.exception("consolidation entry %r: unexpected error", entry.id)
+                return  # stays pending, taken over after the lease
+            if result is not None:
+                finished.append(entry.id)
+                if result.counts is not None:
+                    written.add((result.tenant_id, result.customer_id))
+
         try:
-            for entry in entries:
-                result = await self._handle(entry)
-                if result is not None:
-                    finished.append(entry.id)
-                    if result.counts is not None:
-                        written.add((result.tenant_id, result.customer_id))
+            async with anyio.create_task_group() as tg:
+                for entry in entries:
+                    tg.start_soon(handle, entry)
+            if outages:
+                raise outages[0]
         finally:
             # Acknowledge what committed even when an outage cuts the round short; in the
             # same round trip, recalls cached before these writes stop matching.
