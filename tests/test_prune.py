@@ -16,7 +16,7 @@ from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from orchestrator.store.prune import PruneReport, prune_finished
+from orchestrator.store.prune import PruneReport, prune_finished, prune_memories
 from tests.apps import TICKET, Probe, build_app
 from tests.conftest import fetch, runtime_for
 from tests.test_cli import assert_one_line_error, run_cli
@@ -139,7 +139,52 @@ def test_prune_cli_prints_counts(cli_env: dict[str, str]) -> None:
         "events": 0,
         "attempts": 0,
         "tool_runs": 0,
+        "memories": 0,
     }
     result = run_cli("prune", "--older-than", "12h", env=cli_env)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("pruned 0 workflow(s) finished over 12h ago")
+
+
+# (key, tenant, customer, confidence, days since written, days since last used or None)
+MEMORIES = [
+    ("decayed", "t1", "c1", 0.8, 400, None),  # 0.8 * 0.5 ** (400 / 90) = 0.04
+    ("used", "t1", "c1", 0.8, 400, 1),  # last used yesterday: 0.79
+    ("fresh", "t1", "c1", 0.9, 0, None),
+    ("weak", "t1", "c1", 0.05, 0, None),  # below the floor from the start
+    ("pinned", "t1", "", 1.0, 1000, None),  # the tenant's seeded knowledge
+    ("shared", "t1", "", 0.6, 400, None),  # tenant-wide, but not pinned
+    ("elsewhere", "t2", "c1", 0.8, 400, None),  # another tenant: swept too
+    ("recent", "t2", "c1", 0.8, 20, 20),
+]
+INSERT_MEMORY = """
+INSERT INTO memories (tenant_id, customer_id, kind, key, content, embedder, confidence,
+                      updated_at, last_used_at)
+VALUES ($2, $3, 'fact', $1, $1, 'lexical', $4, now() - make_interval(days => $5),
+        now() - make_interval(days => $6))
+"""
+
+
+async def memory_keys(rt: Runtime) -> set[str]:
+    return {r["key"] for r in await fetch(rt, "SELECT key FROM memories")}
+
+
+async def sweep(rt: Runtime, **kwargs: float | None) -> PruneReport:
+    async with rt.pool.acquire() as conn:  # the engine's scope, every tenant
+        return await prune_memories(conn, half_life_days=90, prune_below=0.1, batch=2, **kwargs)
+
+
+@pytest.mark.anyio
+async def test_memories_decay_unless_used_and_retention_cuts_the_rest(rt: Runtime) -> None:
+    for m in MEMORIES:
+        await fetch(rt, INSERT_MEMORY, *m)
+
+    assert await sweep(rt) == PruneReport(memories=4)  # batches of 2: it loops
+    assert await memory_keys(rt) == {"used", "fresh", "pinned", "recent"}
+    assert await sweep(rt) == PruneReport()
+
+    # A retention of 30 days cuts what was written before, used or not; pinned stays.
+    assert await sweep(rt, retention_days=30) == PruneReport(memories=1)
+    assert await memory_keys(rt) == {"fresh", "pinned", "recent"}
+    with pytest.raises(InvalidInput):
+        await sweep(rt, retention_days=0)
