@@ -27,7 +27,7 @@ from orchestrator.faults import CrashPoints
 from orchestrator.models.embeddings import Embedder, LexicalEmbedder, OpenAIEmbedder
 from orchestrator.models.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.settings import Settings
-from orchestrator.store import Conn
+from orchestrator.store import Conn, memory
 from orchestrator.store.migrations import (
     MIGRATIONS,
     migrate,
@@ -118,7 +118,9 @@ async def open_runtime(
         )
         # The embedded database is private to this user: keep it migrated without asking.
         migrate_now = apply_migrations or settings.database_url is None
-        await _prepare_database(database_url, settings.db_schema, migrate_now)
+        await _prepare_database(
+            database_url, settings.db_schema, migrate_now, settings.embedding_dimensions
+        )
         redis = await connect_redis(
             redis_url,
             timeout=settings.redis_timeout_seconds,
@@ -163,7 +165,7 @@ async def open_runtime(
             await redis.aclose()
 
 
-async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> None:
+async def _prepare_database(dsn: str, schema: str, apply_migrations: bool, dimensions: int) -> None:
     try:
         conn = await asyncpg.connect(
             dsn, timeout=10, server_settings={"search_path": f"{schema},public"}
@@ -181,6 +183,8 @@ async def _prepare_database(dsn: str, schema: str, apply_migrations: bool) -> No
         if apply_migrations:
             await conn.execute(await conn.fetchval(CREATE_SCHEMA_SQL, schema))
             await migrate(conn)
+            # The schema follows the configured embedder (as the owner: it alters the table).
+            await memory.ensure_dimension(conn, dimensions)
         else:
             if not await schema_exists(conn, schema):
                 # The search path would silently fall back to public: refuse instead.
