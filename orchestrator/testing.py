@@ -487,7 +487,7 @@ class _HarnessMemory(SessionMemory):
         self._embedder = services.embedder
         self._lines = tuple(lines)
         self._memories = tuple(memories)
-        self._max_bytes = services.settings.working_memory_max_bytes
+        self._max_bytes = services.settings.working_memory_max_bytes - wm.KEY_OVERHEAD_BYTES
 
     async def working(self) -> WorkingMemory:
         """The given lines as working memory (cut to the byte cap), with this step's goal
@@ -755,7 +755,10 @@ class AgentHarness:
     pairs to send several of one name); ``replies``: the replies to ``ctx.ask``, in
     order (the signal ``"input"``, after any given in ``signals``). Each ``run`` and
     ``run_pipeline`` starts from these afresh. ``settings`` supplies ``max_steps``,
-    ``max_attempts`` and the tool timeout (default: ``Settings()``).
+    ``max_attempts`` and the tool timeout (default: ``Settings()``). ``transcript``: the
+    customer's earlier lines (``Line``, or text said by the customer) that
+    ``ctx.memory`` shows before this run's own; ``memory``: the long-term memories
+    ``ctx.memory.recall`` ranks (``store.memory.Memory`` items).
     """
 
     def __init__(

@@ -41,11 +41,14 @@ MAX_TOOLS = 8  # the latest tool outputs kept (the byte cap alone would keep the
 MAX_RECALLED = 10
 MAX_APPLIED = 16
 TOOL_RESULT_CHARS = 1_000  # a tool output is cut to this many characters
+# What Redis spends on the key besides the value (the key, object and dict entry, as
+# MEMORY USAGE counts them): the value gets the cap less this, so the key stays under it.
+KEY_OVERHEAD_BYTES = 256
 
 # KEYS[1]  the working-memory key of one session
 # ARGV[1]  the step's patch, JSON: {"v", "wf", "step", "seq", "messages", "tools",
 #          "recalled", "goal" (absent: unchanged)}
-# ARGV[2]  max bytes of the value   ARGV[3] TTL seconds
+# ARGV[2]  max bytes of the value  ARGV[3] TTL seconds
 # ARGV[4]  max tools kept           ARGV[5] max recalled kept   ARGV[6] step ids kept
 # returns  0: no value (left missing)  1: appended  2: this step's append is there
 #          already  3: the value was corrupt, of another version or ticket (deleted,
@@ -257,8 +260,9 @@ async def store(
     ttl_seconds: int,
     max_bytes: int,
 ) -> WorkingMemory:
-    """Write ``value`` (cut to ``max_bytes``) with its TTL; returns what was written."""
-    value = value.fit(max_bytes)
+    """Write ``value`` with its TTL, cut so that the key costs Redis at most
+    ``max_bytes``; returns what was written."""
+    value = value.fit(max_bytes - KEY_OVERHEAD_BYTES)
     await client.set(keys.working_memory(tenant, session), value.to_json(), ex=ttl_seconds)
     return value
 
@@ -273,7 +277,8 @@ def append_in(
     ttl_seconds: int,
     max_bytes: int,
 ) -> None:
-    """Queue ``patch`` on a pipeline (the handoff's round trip); see ``APPEND``.
+    """Queue ``patch`` on a pipeline (the handoff's round trip); see ``APPEND``. The key
+    costs Redis at most ``max_bytes``.
 
     EVAL, not EVALSHA: a Redis restarted empty would answer NOSCRIPT inside the pipeline.
     """
@@ -282,7 +287,7 @@ def append_in(
         1,
         keys.working_memory(tenant, session),
         patch.to_json(),
-        max_bytes,
+        max_bytes - KEY_OVERHEAD_BYTES,
         ttl_seconds,
         MAX_TOOLS,
         MAX_RECALLED,

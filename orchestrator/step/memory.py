@@ -205,7 +205,7 @@ class SessionMemory:
             ),
             tools=tuple(wm.tool_output(r.tool, r.result) for r in results),
             applied=facts.applied,
-        ).fit(self._services.settings.working_memory_max_bytes)
+        ).fit(self._services.settings.working_memory_max_bytes - wm.KEY_OVERHEAD_BYTES)
         self._events.append(
             (
                 HYDRATED,
