@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from pydantic import Field
+
 from orchestrator.agents.ticket import Ticket
 from orchestrator.step.agent import AgentInput, AgentOutput
 
@@ -60,10 +62,23 @@ class ResearchInput(AgentInput):
     triage: TriageResult
 
 
+class Remembered(AgentOutput):
+    """A long-term memory of the customer that research recalled (cited as
+    ``memory:<id>``): a past issue's summary, a preference, what worked."""
+
+    id: int
+    kind: str
+    content: str
+    score: float
+
+
 class ResearchPlan(AgentOutput):
-    """What research fans out to: the lookups run as parallel branches."""
+    """What research fans out to (the lookups run as parallel branches), and what it
+    recalled of the customer."""
 
     lookups: list[Literal["order_lookup", "knowledge_search"]]
+    remembered: list[Remembered] = Field(default_factory=list)
+    earlier_messages: int = 0  # the customer's messages before this ticket (transcript)
 
 
 class LookupInput(AgentInput):
@@ -103,6 +118,9 @@ class ResponseInput(AgentInput):
     triage: TriageResult
     order_lookup: OrderFindings | None = None
     knowledge_search: KnowledgeFindings | None = None
+    remembered: list[Remembered] = Field(
+        default_factory=list
+    )  # what research recalled of the customer
 
     @property
     def research(self) -> ResearchFindings | None:

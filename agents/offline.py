@@ -7,10 +7,10 @@ reply. Everything it produces is labelled with the offline model's name.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from orchestrator.agents.models import ResearchFindings, TriageResult
+from orchestrator.agents.models import Remembered, ResearchFindings, TriageResult
 from orchestrator.agents.ticket import Ticket
 from orchestrator.models.llm import ModelRequest
 
@@ -188,10 +188,27 @@ def reply(request: ModelRequest) -> Mapping[str, Any]:
             past = research.similar_tickets[0]
             lines.append(f"We resolved a similar case before: {past.resolution}")
             citations.append(past.id)
+    lines[:0], cited = _remembered_lines(request.context.get("remembered") or [])
+    citations[:0] = cited
     if tri.priority == "urgent":
         lines.append("A senior agent has been notified and will follow up today.")
     body = "\n\n".join(lines)
     return {"reply": f"Hi {name},\n\n{body}\n\nBest regards,\nSupport team", "citations": citations}
+
+
+def _remembered_lines(remembered: Sequence[Remembered]) -> tuple[list[str], list[str]]:
+    """A returning customer is greeted with what we remember (each memory cited as
+    ``memory:<id>``): their last issue, and what they asked of us."""
+    lines: list[str] = []
+    cited: list[str] = []
+    past = next((m for m in remembered if m.kind == "summary"), None)
+    if past is not None:
+        lines.append(f"Welcome back! Last time you contacted us about: {past.content}")
+        cited.append(f"memory:{past.id}")
+    for wish in (m for m in remembered if m.kind in {"preference", "constraint"}):
+        lines.append(f"Noted from before: {wish.content}")
+        cited.append(f"memory:{wish.id}")
+    return lines, cited
 
 
 def _order_line(order: Mapping[str, Any]) -> str:

@@ -14,6 +14,7 @@ from orchestrator.agents.models import (
     KnowledgeFindings,
     LookupInput,
     OrderFindings,
+    Remembered,
     ResearchPlan,
     SimilarTicket,
 )
@@ -21,6 +22,9 @@ from orchestrator.step.agent import Agent
 from orchestrator.step.context import StepContext
 
 ORDER_CATEGORIES = frozenset({"billing", "shipping", "returns"})
+# What research recalls of the customer: past issues (summaries, what resolved them)
+# and what they told us (preferences, constraints, facts).
+REMEMBERED_KINDS = ("summary", "outcome", "preference", "constraint", "fact")
 
 
 class ResearchAgent(Agent[LookupInput, ResearchPlan]):
@@ -32,10 +36,33 @@ class ResearchAgent(Agent[LookupInput, ResearchPlan]):
     routes = ("order_lookup", "knowledge_search")
 
     async def run(self, ctx: StepContext, data: LookupInput) -> ResearchPlan:
-        """The knowledge search always; the order lookup too for a ticket about orders."""
+        """The knowledge search always; the order lookup too for a ticket about orders.
+        Recalls what the customer's earlier tickets taught (long-term memory) and counts
+        their earlier messages (the transcript), so the reply can pick up from there."""
         about_orders = bool(data.triage.order_ids) or data.triage.category in ORDER_CATEGORIES
         lookups: list[Any] = ["order_lookup"] if about_orders else []
-        return ResearchPlan(lookups=[*lookups, "knowledge_search"])
+        ticket = data.ticket
+        recalled = await ctx.memory.recall(
+            f"{ticket.subject} {ticket.body}", k=5, kinds=REMEMBERED_KINDS
+        )
+        # The customer's transcript across sessions ends with this ticket's own message
+        # (triage and research say nothing): the lines before it are earlier contact.
+        earlier = (await ctx.memory.transcript(limit=50))[:-1]
+        return ResearchPlan(
+            lookups=[*lookups, "knowledge_search"],
+            remembered=[
+                Remembered(id=m.id, kind=m.kind, content=m.content, score=round(m.score, 4))
+                for m in recalled
+            ],
+            earlier_messages=len(earlier),
+        )
+
+    def state_update(self, output: ResearchPlan) -> dict[str, Any]:
+        """The plan, and what was recalled under ``remembered`` (the response reads it)."""
+        return {
+            self.name: output.model_dump(mode="json"),
+            "remembered": [m.model_dump(mode="json") for m in output.remembered],
+        }
 
     def route(self, output: ResearchPlan) -> Sequence[str]:
         """The planned lookups, as parallel branches."""

@@ -20,9 +20,11 @@ from orchestrator.step.agent import Agent
 from orchestrator.step.context import StepContext
 
 INSTRUCTIONS = """You write the reply to a customer-support ticket. Use only the facts in
-the research (orders, help-center articles, similar past tickets); cite each one you use by
-its id in `citations`. Match the customer's tone: apologise to upset customers, be brief.
-If the request is too vague to act on, ask for the missing details."""
+the research (orders, help-center articles, similar past tickets) and what is remembered of
+the customer (their earlier issues and preferences: honour them); cite each one you use by
+its id in `citations` (memory:<id> for a remembered one). Match the customer's tone:
+apologise to upset customers, be brief. If the request is too vague to act on, ask for the
+missing details."""
 ASK_ORDER = "Could you tell me the order number this is about? It looks like ORD-12345."
 
 
@@ -36,6 +38,10 @@ CLOSING = (
 def _reminder_after() -> timedelta:
     # Configurable per deployment; a day by default.
     return timedelta(seconds=float(os.environ.get("SUPPORT_REMINDER_SECONDS", "86400")))
+
+
+def _remembered_text(data: ResponseInput) -> str:
+    return "; ".join(f"[memory:{m.id}] ({m.kind}) {m.content}" for m in data.remembered) or "none"
 
 
 class ResponseAgent(Agent[ResponseInput, ResponseResult]):
@@ -63,9 +69,15 @@ class ResponseAgent(Agent[ResponseInput, ResponseResult]):
                 content=(
                     f"Ticket: {data.ticket.model_dump_json()}\n"
                     f"Triage: {data.triage.model_dump_json()}\n"
-                    f"Research: {research.model_dump_json(indent=1) if research else 'none'}"
+                    f"Research: {research.model_dump_json(indent=1) if research else 'none'}\n"
+                    f"Remembered of this customer: {_remembered_text(data)}"
                 ),
-                context={"ticket": data.ticket, "triage": data.triage, "research": research},
+                context={
+                    "ticket": data.ticket,
+                    "triage": data.triage,
+                    "research": research,
+                    "remembered": data.remembered,
+                },
             ),
             DraftReply,
         )

@@ -36,6 +36,7 @@ app.pipeline(
     input_key="ticket",
     from_text=Ticket.from_text,
     default=True,
+    consolidate=True,  # a resolved ticket becomes the customer's long-term memory
 )
 app.offline_rule("triage")(offline.triage)
 app.offline_rule("reply")(offline.reply)

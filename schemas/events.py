@@ -31,6 +31,9 @@ class EventType(StrEnum):
     STEP_WAITING = "step.waiting"
     STEP_WOKEN = "step.woken"
     SIGNAL_RECEIVED = "workflow.signal_received"
+    MEMORY_HYDRATED = "memory.hydrated"  # working memory rebuilt from Postgres
+    MEMORY_RECALLED = "memory.recalled"  # what a recall returned, with scores
+    MEMORY_GOAL = "memory.goal"  # the session's goal, as the step set it
 
 
 class Event(Wire):

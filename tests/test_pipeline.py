@@ -73,6 +73,7 @@ async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) ->
         "ticket",
         "triage",
         "research",
+        "remembered",
         "order_lookup",
         "knowledge_search",
         "response",
@@ -101,6 +102,8 @@ async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) ->
         "workflow.submitted",
         "step.completed",  # triage
         "step.completed",  # research
+        "memory.recalled",  # research recalled the customer's memories
+        "memory.hydrated",  # and read the transcript (working memory was built)
         "workflow.forked",  # into order_lookup and knowledge_search
         "step.completed",  # the first lookup to end
         "step.completed",  # the second: the last open branch

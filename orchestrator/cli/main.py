@@ -31,7 +31,6 @@ from orchestrator.errors import ConfigurationError, InvalidInput, ServiceUnavail
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.store.erasure import Erasure, ErasureStore, refuse_unfinished
-from orchestrator.store.prune import prune_finished
 
 cli = typer.Typer(
     add_completion=False,
@@ -377,22 +376,30 @@ def prune(
     ],
     as_json: Annotated[bool, typer.Option("--json", help="print the counts as JSON")] = False,
 ) -> None:
-    """Delete finished workflows' history (checkpoints, events, attempts, tool runs).
+    """Delete finished workflows' history (checkpoints, events, attempts, tool runs),
+    and memories that decayed below ORCHESTRATOR_MEMORY_PRUNE_BELOW or outlived
+    ORCHESTRATOR_MEMORY_RETENTION_DAYS.
 
     The workflows, their steps and outcomes, dead letters and transcripts stay.
     """
     seconds = parse_duration(older_than)
 
     async def body(runtime: Runtime) -> None:
-        async with runtime.pool.acquire() as conn:
-            report = await prune_finished(conn, older_than_seconds=seconds)
+        settings = runtime.settings
+        report = await runtime.store.prune(older_than_seconds=seconds)
+        report += await runtime.store.prune_memories(
+            half_life_days=settings.memory_half_life_days,
+            prune_below=settings.memory_prune_below,
+            retention_days=settings.memory_retention_days,
+        )
         if as_json:
             out.print_json(data=asdict(report))
             return
         out.print(
             f"pruned {report.workflows} workflow(s) finished over {older_than} ago: "
             f"{report.checkpoints} checkpoints, {report.events} events, "
-            f"{report.attempts} step attempts, {report.tool_runs} tool runs deleted",
+            f"{report.attempts} step attempts, {report.tool_runs} tool runs deleted; "
+            f"{report.memories} decayed or expired memories deleted",
             highlight=False,
         )
 

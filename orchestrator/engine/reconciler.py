@@ -24,7 +24,7 @@ import anyio
 from orchestrator.connections import OUTAGE, REDIS_DOWN, redis_errors
 from orchestrator.coordination import status, streams
 from orchestrator.coordination.locks import Lock
-from orchestrator.engine import schedules
+from orchestrator.engine import consolidator, schedules
 from orchestrator.runtime import Runtime
 from orchestrator.store import recovery
 
@@ -132,6 +132,9 @@ class Reconciler:
             }
         requeued = await self._start_stalled_sessions()
         await schedules.tick(rt)  # due cron ticks; idempotent, so two leaders are harmless
+        # Completed workflows whose consolidation entry was lost (Redis, a crash before
+        # the handoff): back on the queue; a duplicate is skipped (consolidated_at).
+        await consolidator.requeue_unconsolidated(rt)
         for step in stalled:
             since = backlog.get(step.agent)
             if since is not None and step.updated_ms > since - BACKLOG_MARGIN_MS:
@@ -176,7 +179,8 @@ class Reconciler:
 
     async def housekeeping(self) -> None:
         """Keep Redis and Postgres bounded: trim acknowledged stream entries, drop consumers
-        of dead workers, prune finished workflows' history when configured."""
+        of dead workers, prune finished workflows' history when configured, and memories
+        that decayed or expired."""
         rt = self.rt
 
         async def is_alive(consumer: str) -> bool:
@@ -186,5 +190,11 @@ class Reconciler:
             for agent in rt.app.agents:
                 await streams.trim_acknowledged(rt.redis, rt.keys, agent)
                 await streams.delete_consumers(rt.redis, rt.keys, agent, is_alive)
-        if rt.settings.prune_after_days is not None:
-            await rt.store.prune(older_than_seconds=rt.settings.prune_after_days * 86400)
+        settings = rt.settings
+        if settings.prune_after_days is not None:
+            await rt.store.prune(older_than_seconds=settings.prune_after_days * 86400)
+        await rt.store.prune_memories(
+            half_life_days=settings.memory_half_life_days,
+            prune_below=settings.memory_prune_below,
+            retention_days=settings.memory_retention_days,
+        )

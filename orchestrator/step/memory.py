@@ -27,18 +27,18 @@ from typing import Any
 from orchestrator.connections import REDIS_DOWN
 from orchestrator.coordination import working_memory as wm
 from orchestrator.coordination.working_memory import Line, Recalled, WorkingMemory
+from orchestrator.schemas import EventType
 from orchestrator.step.info import StepInfo
 from orchestrator.step.recall import recall_for_step
 from orchestrator.step.services import StepServices
 from orchestrator.store.memory import Memory
 from orchestrator.store.tool_runs import ToolRun
-from orchestrator.store.transcripts import TranscriptStore
 
 log = logging.getLogger("orchestrator.memory")
 
-HYDRATED = "memory.hydrated"
-RECALLED = "memory.recalled"
-GOAL = "memory.goal"
+HYDRATED = EventType.MEMORY_HYDRATED
+RECALLED = EventType.MEMORY_RECALLED
+GOAL = EventType.MEMORY_GOAL
 HYDRATE_MESSAGES = 50  # transcript lines a rebuild loads (then cut to the byte cap)
 HYDRATE_TOOLS = 5
 MESSAGE_CHARS = 4_000  # one line's share of working memory, at most
@@ -182,10 +182,7 @@ class SessionMemory:
     async def _hydrate(self, reason: str) -> WorkingMemory:
         """Working memory rebuilt from Postgres; the step records that it did."""
         info = self.info
-        # TranscriptStore until the Store exposes it (Store.transcripts).
-        store = getattr(self._services.store, "transcripts", None) or TranscriptStore(
-            self._services.store._connect
-        )
+        store = self._services.store.transcripts
         lines, results, facts = await store.hydration(
             tenant_id=info.tenant_id,
             session_id=info.session_id,

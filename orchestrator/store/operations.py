@@ -21,11 +21,13 @@ from orchestrator.schemas import TaskEnvelope, WorkflowRecord, WorkflowStatus
 from orchestrator.store import (
     Conn,
     dead_letters,
+    erasure,
     prune,
     recovery,
     schedules,
     steps,
     tool_runs,
+    transcripts,
     waits,
     workflows,
 )
@@ -46,6 +48,16 @@ class Store:
     def memory(self) -> memory_store.MemoryStore:
         """Long-term memory: remember, recall (tenant-scoped transactions)."""
         return memory_store.MemoryStore(self._connect)
+
+    @property
+    def transcripts(self) -> transcripts.TranscriptStore:
+        """Transcripts and a workflow's tool outputs, read back per tenant."""
+        return transcripts.TranscriptStore(self._connect)
+
+    @property
+    def erasure(self) -> erasure.ErasureStore:
+        """Erasing one customer of one tenant (``orchestrator forget``)."""
+        return erasure.ErasureStore(self._connect)
 
     # Workflows
     async def submit(self, submission: workflows.Submission) -> workflows.Created:
@@ -297,6 +309,19 @@ class Store:
         """Record ``tick`` as handled if later than the stored one; True if it moved."""
         async with self._connect() as conn:
             return await schedules.advance(conn, name, tick)
+
+    async def prune_memories(
+        self, *, half_life_days: float, prune_below: float, retention_days: float | None
+    ) -> prune.PruneReport:
+        """Delete memories whose decayed confidence fell below ``prune_below``, or older
+        than ``retention_days``."""
+        async with self._connect() as conn:
+            return await prune.prune_memories(
+                conn,
+                half_life_days=half_life_days,
+                prune_below=prune_below,
+                retention_days=retention_days,
+            )
 
     async def prune(self, *, older_than_seconds: float) -> prune.PruneReport:
         """Delete the history of workflows finished longer ago than ``older_than_seconds``."""
