@@ -21,6 +21,8 @@ from orchestrator.app import App
 from orchestrator.connections import connect_redis, create_pool, pg, redact
 from orchestrator.coordination.keys import Keys
 from orchestrator.coordination.ratelimit import RateLimiter
+from orchestrator.coordination.recall_cache import RecallCache
+from orchestrator.coordination.working_memory import WorkingMemoryCache
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
 from orchestrator.faults import CrashPoints
@@ -66,6 +68,22 @@ class Runtime:
     def store(self) -> Store:
         """Postgres behind named operations: what the engine and the client call."""
         return Store(self.db)
+
+    @property
+    def working_memory(self) -> WorkingMemoryCache:
+        """Sessions' working memories in this Redis, with the settings' TTL and byte cap
+        (what ``ctx.memory`` reads and appends to)."""
+        return WorkingMemoryCache(
+            self.redis,
+            self.keys,
+            ttl_seconds=self.settings.working_memory_ttl_seconds,
+            max_bytes=self.settings.working_memory_max_bytes,
+        )
+
+    @property
+    def recall_cache(self) -> RecallCache:
+        """Recall results cached per session in this Redis (``ctx.memory.recall``)."""
+        return RecallCache(self.redis, self.keys, self.settings.recall_cache_ttl_seconds)
 
 
 def build_model(settings: Settings, app: App) -> LanguageModel:

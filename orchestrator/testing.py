@@ -60,9 +60,6 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import to_jsonable_python
 
 from orchestrator.app import App, Pipeline
-from orchestrator.coordination import working_memory as wm
-from orchestrator.coordination.keys import Keys
-from orchestrator.coordination.working_memory import Line, Recalled, WorkingMemory
 from orchestrator.errors import (
     AgentError,
     ConfigurationError,
@@ -86,6 +83,8 @@ from orchestrator.models.llm import (
     Usage,
 )
 from orchestrator.schemas import WorkflowStatus
+from orchestrator.schemas import memory as wm
+from orchestrator.schemas.memory import Line, Recalled, WorkingMemory
 from orchestrator.settings import Settings
 from orchestrator.step.agent import Agent
 from orchestrator.step.context import INPUT_SIGNAL, StepContext
@@ -98,7 +97,7 @@ from orchestrator.step.memory import (
     SessionMemory,
 )
 from orchestrator.step.run import run_agent
-from orchestrator.step.services import Limiter
+from orchestrator.step.services import Limiter, RecallCache, WorkingMemoryCache
 from orchestrator.step.tools import RUNTIME_PARAMS, ToolSpec
 from orchestrator.store.memory import Memory
 from orchestrator.store.operations import Store
@@ -459,16 +458,20 @@ class _Services:
             "fake the tool by name: AgentHarness(app, tools={'name': fake})"
         )
 
+    # ``_HarnessMemory`` serves ctx.memory from the test's data: nothing reaches these.
     @property
-    def redis(self) -> Any:
-        raise NeedsServers(
-            "AgentHarness has no Redis: ctx.memory works on AgentHarness(transcript=..., "
-            "memory=...); anything else needs a Worker on real Redis and Postgres"
-        )
+    def working_memory(self) -> WorkingMemoryCache:
+        raise NeedsServers(_NO_REDIS)
 
     @property
-    def keys(self) -> Keys:
-        return Keys()
+    def recall_cache(self) -> RecallCache:
+        raise NeedsServers(_NO_REDIS)
+
+
+_NO_REDIS = (
+    "AgentHarness has no Redis: ctx.memory works on AgentHarness(transcript=..., "
+    "memory=...); anything else needs a Worker on real Redis and Postgres"
+)
 
 
 class _HarnessMemory(SessionMemory):

@@ -1,4 +1,5 @@
-"""Pydantic models shared by the runtime, the agents and the CLI."""
+"""Pydantic models shared by the runtime, the agents and the CLI; ``memory``: working
+memory's plain values (no Redis), shared by the step API and the Redis side."""
 
 from orchestrator.schemas.envelope import ENVELOPE_SCHEMA_VERSION, TaskEnvelope
 from orchestrator.schemas.events import Event, EventType, Signal

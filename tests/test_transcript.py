@@ -15,10 +15,10 @@ from pydantic import BaseModel
 from orchestrator.app import App
 from orchestrator.client import Client
 from orchestrator.coordination import working_memory as wm
-from orchestrator.coordination.working_memory import Line
 from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
+from orchestrator.schemas.memory import Line
 from orchestrator.settings import Settings
 from orchestrator.step.agent import Agent, AgentInput, AgentOutput
 from orchestrator.step.context import StepContext

@@ -20,10 +20,12 @@ from redis.backoff import NoBackoff
 from orchestrator.app import App
 from orchestrator.client import Client
 from orchestrator.coordination import working_memory as wm
-from orchestrator.coordination.working_memory import Line, WorkingMemory
+from orchestrator.coordination.working_memory import WorkingMemoryCache
 from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
+from orchestrator.schemas import memory as values
+from orchestrator.schemas.memory import Line, WorkingMemory
 from orchestrator.settings import Settings
 from orchestrator.step.agent import Agent, AgentInput, AgentOutput
 from orchestrator.step.context import StepContext
@@ -202,12 +204,12 @@ async def test_value_stays_under_the_cap_newest_lines_kept(rt: Runtime) -> None:
     await wm.store(rt.redis, keys, TENANT, session, seed, ttl_seconds=60, max_bytes=cap)
     pipe = rt.redis.pipeline(transaction=False)
     for seq in range(1, 41):
-        patch = wm.Patch(
+        patch = values.Patch(
             "wf",
             f"step-{seq}",
             seq,
             messages=[Line("agent", "a", f"line {seq} " + "é" * 900)],
-            tools=[wm.tool_output("t", {"blob": "x" * 5_000})],
+            tools=[values.tool_output("t", {"blob": "x" * 5_000})],
         )
         wm.append_in(pipe, keys, TENANT, session, patch, ttl_seconds=60, max_bytes=cap)
     # A step's append arriving twice, and an append from another ticket.
@@ -216,7 +218,7 @@ async def test_value_stays_under_the_cap_newest_lines_kept(rt: Runtime) -> None:
         keys,
         TENANT,
         session,
-        wm.Patch("wf", "step-40", 40, messages=[Line("agent", "a", "again")]),
+        values.Patch("wf", "step-40", 40, messages=[Line("agent", "a", "again")]),
         ttl_seconds=60,
         max_bytes=cap,
     )
@@ -224,16 +226,16 @@ async def test_value_stays_under_the_cap_newest_lines_kept(rt: Runtime) -> None:
     assert results == [1] * 40 + [2]
 
     raw = await rt.redis.get(keys.working_memory(TENANT, session))
-    assert len(raw) <= cap - wm.KEY_OVERHEAD_BYTES
+    assert len(raw) <= cap - values.KEY_OVERHEAD_BYTES
     value = WorkingMemory.from_json(raw)
     assert value.seq == 40 and value.messages[-1].content.startswith("line 40 ")
     assert value.messages[0].content.startswith("line ")  # the oldest went first
-    assert len(value.tools) == wm.MAX_TOOLS
-    assert all(len(t.result) <= wm.TOOL_RESULT_CHARS for t in value.tools)
+    assert len(value.tools) == values.MAX_TOOLS
+    assert all(len(t.result) <= values.TOOL_RESULT_CHARS for t in value.tools)
     usage = await rt.redis.memory_usage(keys.working_memory(TENANT, session))
     assert usage <= cap  # the value with Redis's own bookkeeping
 
-    other = wm.Patch("wf-2", "s", 0, messages=[Line("agent", "a", "x")])
+    other = values.Patch("wf-2", "s", 0, messages=[Line("agent", "a", "x")])
     pipe = rt.redis.pipeline(transaction=False)
     wm.append_in(pipe, keys, TENANT, session, other, ttl_seconds=60, max_bytes=cap)
     wm.append_in(pipe, keys, TENANT, session, other, ttl_seconds=60, max_bytes=cap)
@@ -256,7 +258,12 @@ async def test_redis_outage_rebuilds_without_failing_the_step(rt: Runtime, probe
             def __getattr__(self, name: str) -> Any:
                 return getattr(rt, name)
 
-            redis = broken
+            working_memory = WorkingMemoryCache(
+                broken,
+                rt.keys,
+                ttl_seconds=rt.settings.working_memory_ttl_seconds,
+                max_bytes=rt.settings.working_memory_max_bytes,
+            )
 
         info = StepInfo(wid, wid, 9, "second", 1, TENANT, "test", "two", "s-out", "cust-1")
         memory = SessionMemory(Down(), info)  # type: ignore[arg-type]

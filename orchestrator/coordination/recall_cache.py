@@ -1,7 +1,10 @@
 """Recalled memories cached per session in Redis (speed only: Postgres is the truth).
 
-One hash per session (``keys.recall_cache``), a field per query (a digest of
-query, k, kinds, embedder and customers), the TTL refreshed on every write.
+One hash per session (``keys.recall_cache``), a field per query (named by the
+caller: ``orchestrator.step.recall`` digests query, k, kinds, embedder and
+customers), the TTL refreshed on every write. The step reaches the cache as
+the runtime's ``recall_cache`` (the ``RecallCache`` protocol of
+``orchestrator.step.services``), never by importing this module.
 Each value carries the memory versions of the customer and of the tenant-wide
 memories (``keys.memory_version``) read *before* Postgres was asked: whoever
 writes a memory bumps its version after the commit, so a result computed
@@ -16,18 +19,16 @@ A corrupt value, or Redis down, is a miss (logged): never a failed step.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import secrets
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from orchestrator.connections import REDIS_DOWN
 from orchestrator.coordination.keys import Keys
 
 log = logging.getLogger("orchestrator.recall")
@@ -35,6 +36,9 @@ log = logging.getLogger("orchestrator.recall")
 MAX_ENTRIES = 8  # queries cached per session; a full hash starts over
 MAX_VALUE_BYTES = 4096  # a larger result is not cached (the session's Redis stays small)
 VERSION_TTL_SECONDS = 7 * 86_400  # longer than any entry may live (see effective_ttl)
+# connections.REDIS_DOWN, spelled out as locks.py does: importing orchestrator.connections
+# would tie the Redis side to the Postgres side (it imports the store).
+REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 
 # KEYS[1] the session's recall hash
 # ARGV[1] field, ARGV[2] value, ARGV[3] TTL (seconds), ARGV[4] most fields kept
@@ -58,14 +62,6 @@ class Lookup:
 
     value: dict[str, Any] | None
     versions: tuple[str, str] | None
-
-
-def field(
-    query: str, k: int, kinds: Sequence[str] | None, embedder: str, customers: Sequence[str]
-) -> str:
-    """The hash field of one recall: a digest of everything that shapes its result."""
-    shape = [query, k, sorted(kinds) if kinds is not None else None, embedder, list(customers)]
-    return hashlib.blake2b(json.dumps(shape).encode(), digest_size=12).hexdigest()
 
 
 def effective_ttl(ttl_seconds: int) -> int:

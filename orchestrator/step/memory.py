@@ -1,6 +1,7 @@
 """``ctx.memory``: the session's working memory, its transcript, and recall.
 
-Working memory lives in Redis (``coordination.working_memory``), for speed only.
+Working memory lives in Redis (the runtime's ``working_memory``, see
+``StepServices``; its values are ``orchestrator.schemas.memory``), for speed only.
 The first read of a step loads it; when it is missing (expired, flushed),
 corrupt, or stale (built for an earlier ticket of the session, or before the
 customer's reply this step took), it is rebuilt from Postgres: the customer's
@@ -25,9 +26,9 @@ from dataclasses import replace
 from typing import Any
 
 from orchestrator.connections import REDIS_DOWN
-from orchestrator.coordination import working_memory as wm
-from orchestrator.coordination.working_memory import Line, Recalled, WorkingMemory
 from orchestrator.schemas import EventType
+from orchestrator.schemas import memory as wm
+from orchestrator.schemas.memory import Line, Recalled, WorkingMemory
 from orchestrator.step.info import StepInfo
 from orchestrator.step.recall import recall_for_step
 from orchestrator.step.services import StepServices
@@ -113,7 +114,7 @@ class SessionMemory:
         if self.stale and self._value is None:
             # Redis lacks the customer's reply and this step did not rebuild: the next
             # reader must, from Postgres (which holds this step's commit too).
-            pipe.delete(rt.keys.working_memory(info.tenant_id, info.session_id))
+            rt.working_memory.drop_in(pipe, info.tenant_id, info.session_id)
             return
         patch = wm.Patch(
             workflow=str(info.workflow_id),
@@ -126,16 +127,7 @@ class SessionMemory:
             set_goal=self._goal_set,
         )
         if patch:
-            settings = rt.settings
-            wm.append_in(
-                pipe,
-                rt.keys,
-                info.tenant_id,
-                info.session_id,
-                patch,
-                ttl_seconds=settings.working_memory_ttl_seconds,
-                max_bytes=settings.working_memory_max_bytes,
-            )
+            rt.working_memory.append_in(pipe, info.tenant_id, info.session_id, patch)
 
     def _with_mine(self, value: WorkingMemory) -> WorkingMemory:
         mine = {r.id for r in self._recalled}
@@ -147,7 +139,7 @@ class SessionMemory:
         rt, info = self._services, self.info
         write_back = True
         try:
-            value = await wm.load(rt.redis, rt.keys, info.tenant_id, info.session_id)
+            value = await rt.working_memory.load(info.tenant_id, info.session_id)
         except wm.CorruptWorkingMemory as exc:
             log.warning("session %s: corrupt working memory (%s); rebuilding", info.session_id, exc)
             reason = "corrupt"
@@ -164,17 +156,8 @@ class SessionMemory:
                 return value
         value = await self._hydrate(reason)
         if write_back:
-            settings = rt.settings
             try:
-                value = await wm.store(
-                    rt.redis,
-                    rt.keys,
-                    info.tenant_id,
-                    info.session_id,
-                    value,
-                    ttl_seconds=settings.working_memory_ttl_seconds,
-                    max_bytes=settings.working_memory_max_bytes,
-                )
+                value = await rt.working_memory.store(info.tenant_id, info.session_id, value)
             except REDIS_DOWN as exc:
                 log.warning("working memory not written back (%s)", exc)
         return value

@@ -2,18 +2,20 @@
 
 The tenant, session and customer come from the step's ``StepInfo`` (the
 workflow row), never from the caller. A recall sees the customer's memories
-and the tenant-wide ones (customer ``""``).
+and the tenant-wide ones (customer ``""``). The cache is the runtime's
+``recall_cache`` (see ``StepServices``), a field per query shape (``cache_field``).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 from uuid import UUID
 
-from orchestrator.coordination.recall_cache import RecallCache, field
 from orchestrator.step.info import StepInfo
 from orchestrator.step.services import StepServices
 from orchestrator.store.memory import Memory
@@ -56,8 +58,8 @@ async def recall_for_step(
     ``query``, hybrid (vector and full text), from the session's cache when it is current."""
     customers = list(dict.fromkeys([info.customer_id, ""]))
     embedder = services.embedder.name
-    cache = RecallCache(services.redis, services.keys, services.settings.recall_cache_ttl_seconds)
-    name = field(query, k, kinds, embedder, customers)
+    cache = services.recall_cache
+    name = cache_field(query, k, kinds, embedder, customers)
     lookup = None
     if info.session_id:
         lookup = await cache.get(info.tenant_id, info.session_id, info.customer_id, name)
@@ -79,6 +81,14 @@ async def recall_for_step(
         value = {"mode": found.mode, "memories": [_dump(m) for m in found.memories]}
         await cache.put(info.tenant_id, info.session_id, name, lookup.versions, value)
     return RecallResult(query, found.memories, found.mode, cached=False)
+
+
+def cache_field(
+    query: str, k: int, kinds: Sequence[str] | None, embedder: str, customers: Sequence[str]
+) -> str:
+    """The recall cache field of one recall: a digest of everything that shapes its result."""
+    shape = [query, k, sorted(kinds) if kinds is not None else None, embedder, list(customers)]
+    return hashlib.blake2b(json.dumps(shape).encode(), digest_size=12).hexdigest()
 
 
 def _dump(memory: Memory) -> dict[str, Any]:

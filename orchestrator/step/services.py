@@ -2,21 +2,22 @@
 
 The step API depends on this shape, not on ``Runtime`` (which imports the app,
 which imports the agents, which use the step API): no import cycle, and a test
-kit can run an agent on a lighter implementation.
+kit can run an agent on a lighter implementation. Redis reaches a step only
+through ``WorkingMemoryCache`` and ``RecallCache``: the step API never imports
+the Redis side (``orchestrator.coordination``), whose classes implement them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from opentelemetry.trace import Tracer
 
-from orchestrator.coordination.keys import Keys
 from orchestrator.faults import CrashPoints
 from orchestrator.models.embeddings import Embedder
 from orchestrator.models.llm import LanguageModel
+from orchestrator.schemas.memory import Patch, WorkingMemory
 from orchestrator.settings import Settings
 from orchestrator.step.tools import ToolSpec
 from orchestrator.store.operations import Store
@@ -41,6 +42,62 @@ class Limiter(Protocol):
 
     async def take(self, tenant: str, cost: float = 1.0) -> None:
         """Wait for ``cost`` of ``tenant``'s budget, or raise a retryable RateLimited."""
+        ...
+
+
+class WorkingMemoryCache(Protocol):
+    """Sessions' working memories in Redis, with the runtime's TTL and byte cap (speed
+    only: Postgres holds everything they hold)."""
+
+    async def load(self, tenant: str, session: str) -> WorkingMemory | None:
+        """The session's working memory; None when there is none; ``CorruptWorkingMemory``
+        when the stored value is not one."""
+        ...
+
+    async def store(self, tenant: str, session: str, value: WorkingMemory) -> WorkingMemory:
+        """Write ``value``, cut to the byte cap; returns what was written."""
+        ...
+
+    def append_in(self, pipe: Any, tenant: str, session: str, patch: Patch) -> None:
+        """Queue ``patch`` on a Redis pipeline (applied only to a value that exists)."""
+        ...
+
+    def drop_in(self, pipe: Any, tenant: str, session: str) -> None:
+        """Queue deleting the session's working memory on a Redis pipeline."""
+        ...
+
+
+class CachedRecall(Protocol):
+    """One recall cache lookup."""
+
+    @property
+    def value(self) -> dict[str, Any] | None:
+        """The cached result, or None on a miss."""
+        ...
+
+    @property
+    def versions(self) -> tuple[str, str] | None:
+        """The memory versions read with it (pass them to ``RecallCache.put``)."""
+        ...
+
+
+class RecallCache(Protocol):
+    """Recall results cached per session in Redis (speed only); Redis down is a miss."""
+
+    async def get(self, tenant: str, session: str, customer: str, name: str) -> CachedRecall:
+        """The current cached value of field ``name`` of the session, or a miss."""
+        ...
+
+    async def put(
+        self,
+        tenant: str,
+        session: str,
+        name: str,
+        versions: tuple[str, str] | None,
+        value: dict[str, Any],
+    ) -> bool:
+        """Cache ``value`` under ``name`` with the ``versions`` its lookup read; False when
+        it was not cached."""
         ...
 
 
@@ -88,11 +145,11 @@ class StepServices(Protocol):
         ...
 
     @property
-    def redis(self) -> aioredis.Redis:
-        """The runtime's Redis client (working memory, recall cache)."""
+    def working_memory(self) -> WorkingMemoryCache:
+        """Sessions' working memories in Redis."""
         ...
 
     @property
-    def keys(self) -> Keys:
-        """The Redis key namespace."""
+    def recall_cache(self) -> RecallCache:
+        """Recall results cached per session in Redis."""
         ...
