@@ -14,7 +14,7 @@ from orchestrator.coordination import recall_cache
 from orchestrator.runtime import Runtime
 from orchestrator.step.info import StepInfo
 from orchestrator.step.recall import recall_for_step
-from orchestrator.store import memory
+from orchestrator.store import memory, tenancy
 from tests.conftest import fetch, owner_connection
 
 pytestmark = pytest.mark.anyio
@@ -89,9 +89,10 @@ async def test_a_small_tenant_among_a_big_one_gets_its_nearest_rows(support: Run
     big = await _recall(support, "big", "", embedding=query, hybrid=False, exact_limit=1000)
     assert big.mode.startswith("hnsw") and len(big.memories) == 5
     assert all(int(m.key[1:]) > 40 for m in big.memories)  # never another tenant's rows
-    # The exact path never touches the HNSW index; the HNSW path does.
+    # The exact path never touches the HNSW index; the HNSW path does (as the application
+    # role sees it: under row-level security).
     args = ("big", support.embedder.name, [""], Vector(query).to_text(), None, 10)
-    async with owner_connection(support) as conn:
+    async with support.pool.acquire() as conn, tenancy.scoped(conn, "big"):
         plans = {
             name: "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + sql, *args))
             for name, sql in (("exact", memory.VECTOR_EXACT), ("hnsw", memory.VECTOR_HNSW))

@@ -39,6 +39,7 @@ EF_SEARCH_MAX = 1000  # pgvector's upper bound for hnsw.ef_search
 EF_SEARCH_MIN = 40  # pgvector's default
 ITERATIVE_SCANS = (0, 8, 0)  # the pgvector version that filters during the scan
 _WORD = re.compile(r"\w+")
+_IDENTIFIER = re.compile(r"\w*\d\w*")  # a word with a digit: a code, an order number
 _MAX_TERMS = 32
 
 # A re-seeded row is rewritten only when something changed (or it needs the current
@@ -95,17 +96,20 @@ LIMIT $6
 SET_EF_SEARCH = "SELECT set_config('hnsw.ef_search', $1::int::text, true)"
 # pgvector >= 0.8: keep scanning until LIMIT rows passed the filter, in exact order.
 SET_ITERATIVE = "SELECT set_config('hnsw.iterative_scan', 'strict_order', true)"
-# Full text over any embedder's rows (GIN memories_search). Rows holding every word of
-# the query ($4, websearch syntax) first, then by cover density over any of its words
-# ($5: the words joined by "or").
+# Full text over any embedder's rows (GIN memories_search): rows holding every word of
+# the query ($4, websearch syntax: "quoted phrases", -excluded), or any of its
+# identifier-like words ($5: those with a digit, joined by "or"; NULL when none), which
+# are what a vector misses (codes, order numbers). Never any word alone: a common word
+# matches most rows, and ranking them all would cost more than the whole recall.
 TEXT = """
-SELECT id, ts_rank_cd(search, loose) AS rank
+SELECT id, ts_rank_cd(search, coalesce(strict || ids, strict)) AS rank
 FROM memories,
      websearch_to_tsquery('english', $4) AS strict,
-     websearch_to_tsquery('english', $5) AS loose
+     websearch_to_tsquery('english', $5) AS ids
 WHERE tenant_id = $1 AND customer_id = ANY($2::text[])
-  AND ($3::text[] IS NULL OR kind = ANY($3::text[])) AND search @@ loose
-ORDER BY search @@ strict DESC, rank DESC, id
+  AND ($3::text[] IS NULL OR kind = ANY($3::text[]))
+  AND (search @@ strict OR search @@ ids)
+ORDER BY rank DESC, id
 LIMIT $6
 """
 # The recalled rows; last_used_at (decay) moves at most daily, so a hot memory is not
@@ -246,10 +250,9 @@ async def recall(
                 conn, scope, Vector(embedding).to_text(), kind_list, depth, exact_limit
             )
         text: list[tuple[int, float]] = []
-        if hybrid and (words := _WORD.findall(query)[:_MAX_TERMS]):
-            rows = await conn.fetch(
-                TEXT, tenant_id, customers, kind_list, query, " or ".join(words), depth
-            )
+        if hybrid and _WORD.search(query):
+            codes = " or ".join(_IDENTIFIER.findall(query)[:_MAX_TERMS]) or None
+            rows = await conn.fetch(TEXT, tenant_id, customers, kind_list, query, codes, depth)
             text = [(r["id"], float(r["rank"])) for r in rows]
         fused = _fuse(vector if hybrid else vector[:k], text)[:k]
         ids = [memory_id for memory_id, _ in fused]
