@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from orchestrator.agents.support import sample_tickets
-from orchestrator.cli.demo import run_local
+from orchestrator.cli.demo import returning_inputs, run_local
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
 from tests.conftest import fetch
@@ -16,9 +16,23 @@ pytestmark = pytest.mark.anyio
 async def test_sample_tickets_complete_with_triage_research_and_reply(support: Runtime) -> None:
     tickets = sample_tickets()
     assert len(tickets) >= 10
-    report = await run_local(support, tickets, concurrency=4, timeout=60)
+    returning = returning_inputs(support.app.resolve_pipeline(None))
+    report = await run_local(support, tickets, concurrency=4, timeout=60, then=returning)
 
-    assert [r.status for r in report.records] == [WorkflowStatus.COMPLETED] * len(tickets)
+    assert [r.status for r in report.all] == [WorkflowStatus.COMPLETED] * (len(tickets) + 2)
+    # First contact: nothing remembered. Coming back after consolidation: recognised, with
+    # the earlier issue and the preference they stated cited from long-term memory.
+    assert all(not r.state["remembered"] for r in report.records if "remembered" in r.state)
+    back = {r.state["ticket"]["customer_id"]: r.state for r in report.returning}
+    assert set(back) == {"cus_1004", "cus_1010"}
+    for state in back.values():
+        assert state["response"]["reply"].count("Welcome back!") == 1
+        summary = next(m for m in state["remembered"] if m["kind"] == "summary")
+        assert f"memory:{summary['id']}" in state["response"]["citations"]
+        assert state["research"]["earlier_messages"] >= 2  # the first ticket and its reply
+    assert "please don't call me" in back["cus_1004"]["response"]["reply"]
+    assert "don't call" not in back["cus_1010"]["response"]["reply"]  # another customer's
+
     for record in report.records:
         state = record.state
         assert state["triage"]["model"].startswith("offline-rules")

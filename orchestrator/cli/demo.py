@@ -5,16 +5,18 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import anyio
 from pydantic import BaseModel
 
 from orchestrator.app import Pipeline
 from orchestrator.client import Client
+from orchestrator.engine import consolidator
 from orchestrator.engine.worker import Worker
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
@@ -27,19 +29,28 @@ class DemoReport:
 
     records: list[WorkflowRecord]
     seconds: float
+    # Follow-up tickets of earlier customers, run once the first batch was consolidated
+    # into long-term memory (the returning customers).
+    returning: list[WorkflowRecord] = field(default_factory=list)
 
     @property
     def completed(self) -> int:
         """How many workflows completed."""
-        return sum(r.status is WorkflowStatus.COMPLETED for r in self.records)
+        return sum(r.status is WorkflowStatus.COMPLETED for r in self.all)
 
     @property
     def failed(self) -> int:
         """How many workflows did not complete."""
-        return len(self.records) - self.completed
+        return len(self.all) - self.completed
+
+    @property
+    def all(self) -> list[WorkflowRecord]:
+        """The first batch and the returning customers' tickets."""
+        return [*self.records, *self.returning]
 
 
 SAMPLES = ("orchestrator.agents", "data/tickets.json")  # the support app's sample tickets
+RETURNING = ("orchestrator.agents", "data/returning.json")  # follow-ups of some of them
 
 
 def load_inputs(pipeline: Pipeline, path: Path | None = None) -> list[dict[str, Any]]:
@@ -70,6 +81,17 @@ def load_inputs(pipeline: Pipeline, path: Path | None = None) -> list[dict[str, 
     return items
 
 
+def returning_inputs(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """The bundled follow-up tickets of sample customers (who come back)."""
+    package, name = RETURNING
+    items: list[dict[str, Any]] = json.loads(
+        resources.files(package).joinpath(name).read_text(encoding="utf-8")
+    )
+    for item in items:
+        pipeline.validate_input(item)
+    return items
+
+
 async def run_local(
     runtime: Runtime,
     inputs: Sequence[BaseModel | Mapping[str, Any]],
@@ -78,15 +100,27 @@ async def run_local(
     concurrency: int = 8,
     timeout: float = 120.0,
     key: str | None = None,
+    then: Sequence[BaseModel | Mapping[str, Any]] = (),
 ) -> DemoReport:
-    """Run in-process workers for every agent, submit the inputs, wait for all to finish."""
+    """Run in-process workers for every agent, submit the inputs, wait for all to finish.
+    With ``then``: once the first batch is consolidated into long-term memory, submit
+    those too (returning customers) and wait for them."""
     worker = Worker(runtime, concurrency=concurrency)
     client = Client(runtime)
+    later: list[UUID] = []
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
         start = time.perf_counter()
         ids = [await client.submit(pipeline, i, key=key) for i in inputs]
         await client.wait(ids, timeout=timeout)
+        if then:
+            with anyio.fail_after(timeout):
+                while (await consolidator.lag(runtime)).oldest_seconds is not None:
+                    await anyio.sleep(0.05)
+            later = [await client.submit(pipeline, i, key=key) for i in then]
+            await client.wait(later, timeout=timeout)
         seconds = time.perf_counter() - start
         worker.stop()
-    return DemoReport([await client.get(i) for i in ids], seconds)
+    return DemoReport(
+        [await client.get(i) for i in ids], seconds, [await client.get(i) for i in later]
+    )

@@ -20,9 +20,14 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from orchestrator.app import Pipeline
-from orchestrator.cli.demo import load_inputs, run_local
+from orchestrator.cli.demo import load_inputs, returning_inputs, run_local
 from orchestrator.cli.dlq import dlq
-from orchestrator.cli.render import print_summary, steps_table, workflow_panel
+from orchestrator.cli.render import (
+    print_summary,
+    recognition_line,
+    steps_table,
+    workflow_panel,
+)
 from orchestrator.cli.support import Options, err, guard, out, run_body, workflow_id_arg
 from orchestrator.client import Client
 from orchestrator.connections import redis_errors
@@ -69,12 +74,23 @@ def demo(
     pipeline = ctx.obj.app().resolve_pipeline(None)
     batch = load_inputs(pipeline, tickets)
 
+    # The sample tickets come with follow-ups of two of their customers: run once the
+    # first batch is in long-term memory, they show returning customers recognised.
+    then = returning_inputs(pipeline) if tickets is None and pipeline.consolidate else []
+
     async def body(runtime: Runtime) -> None:
         err.print(f"model: {runtime.model.name}")
-        report = await run_local(runtime, batch, pipeline=pipeline.name, concurrency=concurrency)
+        report = await run_local(
+            runtime, batch, pipeline=pipeline.name, concurrency=concurrency, then=then
+        )
         for record in report.records:
             out.print(workflow_panel(record))
-        print_summary(out, report.records, report.seconds)
+        if report.returning:
+            out.rule("returning customers (after consolidation into long-term memory)")
+        for record in report.returning:
+            out.print(workflow_panel(record))
+            out.print(recognition_line(record), highlight=False)
+        print_summary(out, report.all, report.seconds)
         if report.failed:
             raise typer.Exit(1)
 

@@ -45,7 +45,23 @@ def workflow_panel(record: WorkflowRecord) -> Panel:
         parts.append(Text("research: " + ("; ".join(found) or "nothing found")))
     elif triage:
         parts.append(Text("research: skipped (triage found nothing to look up)"))
-    shown = {"ticket", "triage", "research", "order_lookup", "knowledge_search", "response"}
+    remembered = state.get("remembered")
+    if remembered:
+        parts.append(
+            Text(
+                "memory:   "
+                + "; ".join(f"{m['kind']} memory:{m['id']} ({m['score']:.3f})" for m in remembered)
+            )
+        )
+    shown = {
+        "ticket",
+        "triage",
+        "research",
+        "remembered",
+        "order_lookup",
+        "knowledge_search",
+        "response",
+    }
     for name, value in state.items():
         if name not in shown:  # a custom agent's output
             parts.append(Text(f"{name + ':':<9} {json.dumps(value)[:300]}"))
@@ -89,3 +105,15 @@ def print_summary(console: Console, records: list[WorkflowRecord], seconds: floa
         f"failed={len(records) - completed} wall={seconds:.2f}s "
         f"workflows/s={rate:.1f}"
     )
+
+
+def recognition_line(record: WorkflowRecord) -> str:
+    """What research remembered of a returning customer (one line; the pipeline's
+    ``remembered`` state, as the support app records it)."""
+    remembered = record.state.get("remembered") or []
+    ticket = record.state.get("ticket")
+    who = ticket.get("customer_id") if isinstance(ticket, dict) else record.session_id
+    if not remembered:
+        return f"{who}: not recognised (nothing remembered)"
+    kinds = ", ".join(f"{m['kind']} memory:{m['id']}" for m in remembered)
+    return f"{who}: recognised, recalled {len(remembered)} memories ({kinds})"

@@ -306,7 +306,17 @@ def _subject(value: Mapping[str, Any]) -> str:
 
 
 def _first_sentence(text: str) -> str:
+    """The first sentence of ``text`` that says something: a salutation line ("Hi Ann,",
+    "Hello,") is skipped."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) > 1 and _SALUTATION.match(lines[0]):
+        text = "\n".join(lines[1:])
     return next((s.strip() for s in _SENTENCE.split(text) if s.strip()), "")
+
+
+_SALUTATION = re.compile(
+    r"^\s*(hi|hello|hey|dear|good (morning|afternoon|evening))\b[^.!?]*,\s*$", re.I
+)
 
 
 def _strings(value: Any) -> Iterator[str]:
