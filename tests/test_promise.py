@@ -729,6 +729,7 @@ async def test_submit_session_check_uses_an_index(rt: Runtime) -> None:
             "gated",
             {"pipeline": "gated", "first_agent": "gated"},
             None,
+            False,
         )
         assert "workflows_session_open" in _index_names(json.loads(plan)), plan
         # Nothing was written by EXPLAIN.
