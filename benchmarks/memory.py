@@ -16,8 +16,11 @@ tenant's rows past row-level security).
 
     PYTHONPATH=. python benchmarks/memory.py [--rows 100000] [--queries 200]
 
-Other memory figures (Redis bytes per session, Postgres bytes per 500-turn
-session, consolidation throughput) plug in with ``@figure``: an async function of
+Then, unless ``--recall-only``, the other memory figures, each from its own
+script on its own embedded servers: Redis bytes per active session and Postgres
+bytes per 500-turn session (``memory_sizes.py``), and consolidation throughput
+and lag draining a backlog of completed workflows (``consolidation.py``).
+More figures on the recall schema plug in with ``@figure``: an async function of
 ``Bench`` returning ``{name: value}``, printed after the recall table.
 """
 
@@ -261,6 +264,9 @@ async def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--exact-limit", type=int, default=Settings().recall_exact_limit)
     parser.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    parser.add_argument("--recall-only", action="store_true", help="skip sizes and consolidation")
+    parser.add_argument("--turns", type=int, default=500, help="transcript messages (sizes)")
+    parser.add_argument("--workflows", type=int, default=2000, help="to consolidate")
     args = parser.parse_args()
     async with bench_schema(args) as bench:
         rows = await run(bench)
@@ -270,6 +276,22 @@ async def main() -> None:
                 print(f"{name}: {value}")
     if args.json:
         print(json.dumps(rows))
+    if not args.recall_only:
+        await _other_figures(args)
+
+
+async def _other_figures(args: argparse.Namespace) -> None:
+    """Sizes and consolidation, from their own scripts (siblings of this one)."""
+    import consolidation  # type: ignore[import-not-found]
+    import memory_sizes  # type: ignore[import-not-found]
+
+    print("\n# working memory and transcript sizes")
+    with tempfile.TemporaryDirectory(prefix="orch-bench-") as home:
+        sizes = argparse.Namespace(turns=args.turns)
+        memory_sizes.report(await memory_sizes.bench(sizes, Path(home)))
+    print("\n# consolidation")
+    drain = argparse.Namespace(workflows=args.workflows, customers=200, consolidators=[1, 2])
+    await consolidation.bench(drain)
 
 
 if __name__ == "__main__":
