@@ -78,14 +78,15 @@ async def search_help_center(
 
 
 async def search_past_tickets(query: str, limit: int = 2) -> list[dict[str, Any]]:
-    """Semantic search (pgvector) over this tenant's resolved tickets."""
-    found = await current().search_memory("past_ticket", query, limit=limit)
+    """This tenant's resolved tickets most like ``query`` (hybrid recall of the
+    tenant-wide ``past_ticket`` memories); ``score`` is the cosine similarity."""
+    found = await current().memory.recall(query, k=limit, kinds=["past_ticket"])
     return [
         {
             "id": m.key,
             "subject": m.metadata.get("subject", ""),
             "resolution": m.metadata.get("resolution", ""),
-            "score": round(m.score, 3),
+            "score": round(m.vector_score or 0.0, 3),
         }
         for m in found
     ]

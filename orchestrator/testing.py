@@ -23,8 +23,8 @@ What differs from a worker, on purpose:
   ``ctx.sleep`` returns at once (recorded). ``ctx.cancelled()`` is always False.
 * Fake tools replace registered ones by name; every call (fake or real) is recorded
   with its arguments and idempotency key. Registered idempotent tools without a fake
-  run for real. A non-idempotent tool without a fake, and ``ctx.search_memory``, need
-  Postgres: they raise ``NeedsServers`` (fake the tool, or use a ``Worker`` on servers).
+  run for real. A non-idempotent tool without a fake needs Postgres: it raises
+  ``NeedsServers`` (fake the tool, or use a ``Worker`` on servers).
 * ``ctx.memory`` works on the test's data: ``transcript`` (the customer's earlier
   lines) plus the lines of the steps run so far in this pipeline run is its working
   memory; ``recall`` ranks the given ``memory`` items by the embedder's cosine
@@ -71,7 +71,7 @@ from orchestrator.errors import (
     WaitTimedOut,
 )
 from orchestrator.faults import CrashPoints
-from orchestrator.models.embeddings import Embedder, HashingEmbedder
+from orchestrator.models.embeddings import Embedder, LexicalEmbedder
 from orchestrator.models.llm import (
     Completion,
     LanguageModel,
@@ -454,8 +454,9 @@ class _Services:
     def store(self) -> Store:
         raise NeedsServers(
             "AgentHarness has no database: this step needed Postgres. Non-idempotent tools "
-            "and ctx.search_memory() need a Worker on real Redis and Postgres; in a harness, "
-            "fake the tool by name: AgentHarness(app, tools={'name': fake})"
+            "need a Worker on real Redis and Postgres; in a harness, fake the tool by name: "
+            "AgentHarness(app, tools={'name': fake}); ctx.memory.recall() ranks "
+            "AgentHarness(memory=[...])"
         )
 
     # ``_HarnessMemory`` serves ctx.memory from the test's data: nothing reaches these.
@@ -640,13 +641,6 @@ class _HarnessContext(StepContext):
             )
         return await super().tool(name, **args)
 
-    async def search_memory(self, kind: str, query: str, *, limit: int = 3) -> list[Memory]:
-        """Needs Postgres (pgvector): raises ``NeedsServers``."""
-        raise NeedsServers(
-            f"ctx.search_memory({kind!r}, ...) searches Postgres (pgvector): fake the tool "
-            "that calls it (AgentHarness(app, tools={...})), or use a Worker on real servers"
-        )
-
     def _wait(
         self, kind: Literal["ask", "signal"], name: str, seconds: float | None, question: str | None
     ) -> Wait:
@@ -797,7 +791,7 @@ class AgentHarness:
             _Registry(registry, app.version),
             self.settings,
             self.model,
-            embedder or HashingEmbedder(),
+            embedder or LexicalEmbedder(),
         )
         pairs = list(signals.items() if isinstance(signals, Mapping) else signals or ())
         self._signals = [*pairs, *((INPUT_SIGNAL, r) for r in replies)]

@@ -46,6 +46,7 @@ from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
 from orchestrator.step.agent import Agent, AgentInput, AgentOutput
 from orchestrator.step.context import StepContext
+from orchestrator.store.memory import Memory
 from orchestrator.testing import (
     AgentHarness,
     ModelCall,
@@ -183,10 +184,23 @@ async def test_order_lookup_calls_the_fake_tool_under_the_ledger_key() -> None:
     ]
 
 
-async def test_knowledge_search_needs_servers_for_memory_unless_the_tool_is_faked() -> None:
+def past_ticket(key: str, subject: str, customer_id: str = "") -> Memory:
+    """A long-term memory as support seeds past tickets (tenant-wide)."""
+    meta = {"subject": subject, "resolution": "Refunded"}
+    return Memory(0, customer_id, "past_ticket", key, subject, meta, 1.0, None, None, None, 0.0)
+
+
+async def test_knowledge_search_recalls_past_tickets_from_harness_memory_or_a_fake() -> None:
     state = {"ticket": DOUBLE, "triage": triage_result()}
-    with pytest.raises(NeedsServers, match="search_memory"):
-        await AgentHarness(support.app).run(KnowledgeSearchAgent, state)
+    result = await AgentHarness(support.app).run(KnowledgeSearchAgent, state)
+    assert result.output.similar_tickets == []  # no memory given: nothing recalled
+
+    memory = [past_ticket("T-1", "Shipping delay"), past_ticket("T-9", "Charged twice, refund")]
+    result = await AgentHarness(support.app, memory=memory).run(KnowledgeSearchAgent, state)
+    assert [t.id for t in result.output.similar_tickets] == ["T-9", "T-1"]
+    assert result.output.similar_tickets[0].score > 0.2  # cosine, as the offline reply reads
+    [(_, recalled)] = [e for e in result.memory_events if e[0] == "memory.recalled"]
+    assert [m["key"] for m in recalled["memories"]] == ["T-9", "T-1"]
 
     harness = AgentHarness(support.app, tools={"search_past_tickets": past_tickets})
     result = await harness.run(KnowledgeSearchAgent, state)

@@ -68,10 +68,6 @@ class LexicalEmbedder:
         return [embed_offline(text, self.dimensions) for text in texts]
 
 
-# The name the lexical embedder had before it was named for what it does.
-HashingEmbedder = LexicalEmbedder
-
-
 def embed_offline(text: str, dimensions: int = DIMENSIONS) -> list[float]:
     """Hashed word unigrams and bigrams (stop words dropped) as a unit vector of
     ``dimensions`` floats; all zeros when the text has no words."""

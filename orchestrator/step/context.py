@@ -25,7 +25,6 @@ from orchestrator.step.info import StepInfo
 from orchestrator.step.ledger import ToolLedger
 from orchestrator.step.memory import SessionMemory
 from orchestrator.step.services import StepServices
-from orchestrator.store import memory as memory_store
 from orchestrator.store.tool_runs import ToolRun
 
 INPUT_SIGNAL = "input"  # the signal ctx.ask() waits for: a person's reply
@@ -185,15 +184,6 @@ class StepContext:
     def tool_runs(self) -> list[ToolRun]:
         """Finished idempotent calls of this execution, committed with the step."""
         return self._ledger.buffered
-
-    async def search_memory(
-        self, kind: str, query: str, *, limit: int = 3
-    ) -> list[memory_store.Memory]:
-        """Semantic search over this tenant's memories (the tenant is not the caller's choice)."""
-        embedding = await self._services.embedder.embed(query)
-        return await self._services.store.search_memory(
-            tenant_id=self.info.tenant_id, kind=kind, embedding=embedding, limit=limit
-        )
 
 
 class StepModel:

@@ -124,16 +124,6 @@ SELECT id, customer_id, kind, key, content, metadata, confidence,
        source_workflow, source_step, source_message
 FROM memories WHERE id = ANY($1::bigint[])
 """
-# Compatibility (Store.search_memory, ctx.search_memory) until callers use recall.
-SEARCH = """
-SELECT id, customer_id, kind, key, content, metadata, confidence, source_workflow,
-       source_step, source_message,
-       1 - (embedding OPERATOR(public.<=>) $3::text::public.vector) AS score
-FROM memories
-WHERE tenant_id = $1 AND kind = $2 AND embedding IS NOT NULL
-ORDER BY embedding OPERATOR(public.<=>) $3::text::public.vector
-LIMIT $4
-"""
 EMBEDDING_DIMENSIONS = """
 SELECT atttypmod FROM pg_attribute
 WHERE attrelid = to_regclass('memories') AND attname = 'embedding'
@@ -344,16 +334,6 @@ def _memory(row: Any, score: float, vector: float | None, text: float | None) ->
     )
 
 
-async def search(
-    conn: Conn, *, tenant_id: str, kind: str, embedding: list[float], limit: int
-) -> list[Memory]:
-    """Deprecated (``recall`` replaces it): the tenant's ``limit`` memories of ``kind``
-    nearest to ``embedding``; ``score`` is the cosine similarity."""
-    async with tenancy.scoped(conn, tenant_id):
-        rows = await conn.fetch(SEARCH, tenant_id, kind, Vector(embedding).to_text(), limit)
-    return [_memory(r, float(r["score"]), float(r["score"]), None) for r in rows]
-
-
 async def ensure_dimension(conn: Conn, dimensions: int) -> bool:
     """Make ``memories.embedding`` a ``vector(dimensions)``; return whether it changed.
 
@@ -438,13 +418,4 @@ class MemoryStore:
                 kinds=kinds,
                 exact_limit=exact_limit,
                 hybrid=hybrid,
-            )
-
-    async def search(
-        self, *, tenant_id: str, kind: str, embedding: list[float], limit: int
-    ) -> list[Memory]:
-        """Deprecated: ``search`` (module function) on a pooled connection."""
-        async with self._connect() as conn:
-            return await search(
-                conn, tenant_id=tenant_id, kind=kind, embedding=embedding, limit=limit
             )

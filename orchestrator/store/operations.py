@@ -279,15 +279,6 @@ class Store:
             return await tool_runs.finish(conn, run, attempt)
 
     # Memory, dead letters, schedules, pruning
-    async def search_memory(
-        self, *, tenant_id: str, kind: str, embedding: list[float], limit: int
-    ) -> list[memory_store.Memory]:
-        """Semantic search over one tenant's memories of ``kind``."""
-        async with self._connect() as conn:
-            return await memory_store.search(
-                conn, tenant_id=tenant_id, kind=kind, embedding=embedding, limit=limit
-            )
-
     async def dead_letters(self, *, include_retried: bool, limit: int) -> list[DeadLetter]:
         """Dead letters, newest first."""
         async with self._connect() as conn:
