@@ -112,15 +112,18 @@ async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) ->
     assert [m["role"] for m in transcript] == ["customer", "agent"]
 
     events = await fetch(support, "SELECT type FROM events WHERE workflow_id = $1 ORDER BY id", wid)
-    assert [e["type"] for e in events] == [
+    types = [e["type"] for e in events]
+    assert types[:6] == [
         "workflow.submitted",
         "step.completed",  # triage
         "step.completed",  # research
         "memory.recalled",  # research recalled the customer's memories
         "memory.hydrated",  # and read the transcript (working memory was built)
         "workflow.forked",  # into order_lookup and knowledge_search
-        "step.completed",  # the first lookup to end
-        "step.completed",  # the second: the last open branch
+    ]
+    # The two lookups end in either order; knowledge_search recalled past tickets.
+    assert sorted(types[6:9]) == ["memory.recalled", "step.completed", "step.completed"]
+    assert types[9:] == [
         "workflow.join_started",  # response, once
         "step.completed",
         "workflow.completed",
