@@ -113,6 +113,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 latencies = [float(r["ms"]) for r in await conn.fetch(LATENCIES)]
         finally:
             async with runtime.pool.acquire() as conn:
+                await conn.execute("RESET ROLE")  # the owner drops the schema
                 await conn.execute(await conn.fetchval(DROP, settings.db_schema))
     completed = sum(s.value == "completed" for s in statuses.values())
     return {
