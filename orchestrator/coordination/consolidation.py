@@ -18,8 +18,9 @@ from uuid import UUID
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from orchestrator.coordination import streams
 from orchestrator.coordination.keys import Keys
-from orchestrator.coordination.streams import DEAD_LETTER_MAXLEN, Entry
+from orchestrator.coordination.streams import Entry
 from orchestrator.errors import InvalidInput
 
 GROUP = "consolidation"
@@ -151,17 +152,7 @@ async def dead_letter(client: aioredis.Redis, keys: Keys, entry: Entry, reason: 
     reason, then acknowledge and delete it."""
     stream = keys.consolidation_stream()
     pipe = client.pipeline(transaction=False)
-    pipe.xadd(
-        keys.dead_letter_stream(),
-        {
-            b"agent": AGENT.encode(),
-            b"entry_id": entry.id,
-            b"reason": reason.encode(),
-            **{f"raw.{_text(k)}": v for k, v in entry.fields.items()},
-        },
-        maxlen=DEAD_LETTER_MAXLEN,
-        approximate=True,
-    )
+    streams.dead_letter_in(pipe, keys, AGENT, entry, reason)
     pipe.xack(stream, GROUP, entry.id)
     pipe.xdel(stream, entry.id)
     await pipe.execute()

@@ -266,19 +266,21 @@ async def dead_letter(
 ) -> None:
     """Park an entry that cannot be processed, with its reason, then acknowledge it."""
     pipe = client.pipeline(transaction=False)
-    pipe.xadd(
-        keys.dead_letter_stream(),
-        {
-            b"agent": agent.encode(),
-            b"entry_id": entry.id,
-            b"reason": reason.encode(),
-            **{f"raw.{_text(k)}": v for k, v in entry.fields.items()},
-        },
-        maxlen=DEAD_LETTER_MAXLEN,
-        approximate=True,
-    )
+    dead_letter_in(pipe, keys, agent, entry, reason)
     pipe.xack(keys.stream(agent), keys.group(agent), entry.id)
     await pipe.execute()
+
+
+def dead_letter_in(pipe: Any, keys: Keys, agent: str, entry: Entry, reason: str) -> None:
+    """Add the XADD of an unprocessable ``entry`` of ``agent`` (its raw fields, the
+    reason) to the dead-letter stream, in ``pipe``."""
+    fields: dict[FieldT, EncodableT] = {
+        b"agent": agent.encode(),
+        b"entry_id": entry.id,
+        b"reason": reason.encode(),
+        **{f"raw.{_text(k)}": v for k, v in entry.fields.items()},
+    }
+    pipe.xadd(keys.dead_letter_stream(), fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
 
 
 def _text(value: Any) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from uuid import UUID
 
 from orchestrator.errors import InvalidInput
-from orchestrator.store import Conn, tenancy
+from orchestrator.store import Conn, prune, tenancy
 
 ERASED_SESSION_PREFIX = "erased-"
 UNFINISHED = ("queued", "running", "waiting")
@@ -66,20 +66,6 @@ DELETE_MEMORIES = """
 WITH gone AS (
     DELETE FROM memories
     WHERE tenant_id = $1 AND (customer_id = $2 OR source_workflow = ANY($3::uuid[]))
-    RETURNING 1
-)
-SELECT count(*) FROM gone
-"""
-DELETE_CHECKPOINTS = """
-WITH gone AS (DELETE FROM checkpoints WHERE workflow_id = ANY($1::uuid[]) RETURNING 1)
-SELECT count(*) FROM gone
-"""
-# Reached through the steps: tool_runs has no index on workflow_id of its own.
-DELETE_TOOL_RUNS = """
-WITH gone AS (
-    DELETE FROM tool_runs
-    WHERE step_id = ANY(ARRAY(SELECT id FROM steps WHERE workflow_id = ANY($1::uuid[])))
-      AND workflow_id = ANY($1::uuid[])
     RETURNING 1
 )
 SELECT count(*) FROM gone
@@ -231,8 +217,8 @@ async def erase(
         counts = {
             "messages": await conn.fetchval(DELETE_MESSAGES, tenant_id, sessions),
             "memories": await conn.fetchval(DELETE_MEMORIES, tenant_id, customer_id, ids),
-            "checkpoints": await conn.fetchval(DELETE_CHECKPOINTS, ids),
-            "tool_runs": await conn.fetchval(DELETE_TOOL_RUNS, ids),
+            "checkpoints": await conn.fetchval(prune.DELETE_CHECKPOINTS, ids),
+            "tool_runs": await conn.fetchval(prune.DELETE_TOOL_RUNS, ids),
             "step_attempts": await conn.fetchval(BLANK_ATTEMPTS, ids),
             "steps": await conn.fetchval(BLANK_STEPS, ids),
             "events": await conn.fetchval(BLANK_EVENTS, ids),
