@@ -92,10 +92,17 @@ async def consolidate(
             return None
         async with tenancy.scoped(conn, tenant):
             work = await marks.lock(conn, workflow_id)
-            if work is None:
-                return Consolidated(workflow_id, tenant, "", None)
-            distilled = await distiller.distill(_finished(rt, work))
-            candidates = await _candidates(rt, work, distilled, distiller.name)
+    if work is None:
+        return Consolidated(workflow_id, tenant, "", None)
+    # The model and the embedder are network calls: made outside any transaction. Two
+    # consolidators may both distil; only the one that finds it unconsolidated under
+    # the row lock below writes.
+    distilled = await distiller.distill(_finished(rt, work))
+    candidates = await _candidates(rt, work, distilled, distiller.name)
+    async with rt.db() as conn:
+        async with tenancy.scoped(conn, tenant):
+            if await marks.lock(conn, workflow_id) is None:
+                return Consolidated(workflow_id, tenant, "", None)  # done (or erased) meanwhile
             counts = await memory_gate.admit(
                 conn,
                 tenant_id=work.tenant_id,
