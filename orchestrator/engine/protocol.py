@@ -408,14 +408,14 @@ class StepRunner:
         takes this step's messages and tool outputs; a completed workflow whose pipeline
         consolidates goes to the consolidation queue (Postgres keeps it pending until done,
         so losing either is harmless)."""
-        info = self.rt.keys, ctx.info
         extras: list[Callable[[Any], None]] = [
             partial(ctx.memory.append_in, said=ctx.messages, runs=ctx.tool_runs)
         ]
         if status is WorkflowStatus.COMPLETED and self.rt.app.consolidates(ctx.info.pipeline):
-            keys, step = info
             extras.append(
-                partial(consolidation.enqueue_in, keys=keys, workflow_id=step.workflow_id)
+                partial(
+                    consolidation.enqueue_in, keys=self.rt.keys, workflow_id=ctx.info.workflow_id
+                )
             )
         return tuple(extras)
 
