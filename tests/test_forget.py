@@ -11,7 +11,7 @@ import pytest
 
 from orchestrator.agents.ticket import Ticket
 from orchestrator.cli.demo import run_local
-from orchestrator.cli.main import forget_customer
+from orchestrator.cli.maintenance import forget_customer
 from orchestrator.client import Client
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime

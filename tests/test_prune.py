@@ -9,7 +9,7 @@ from uuid import UUID
 import anyio
 import pytest
 
-from orchestrator.cli.main import parse_duration
+from orchestrator.cli.maintenance import parse_duration
 from orchestrator.client import Client
 from orchestrator.engine.worker import Worker
 from orchestrator.errors import InvalidInput

@@ -8,13 +8,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
 import anyio
+import typer
 from pydantic import BaseModel
 
 from orchestrator.app import Pipeline
+from orchestrator.cli.render import print_summary, recognition_line, workflow_panel
+from orchestrator.cli.support import err, guard, out, run_body
 from orchestrator.client import Client
 from orchestrator.engine import consolidator
 from orchestrator.engine.worker import Worker
@@ -124,3 +127,36 @@ async def run_local(
     return DemoReport(
         [await client.get(i) for i in ids], seconds, [await client.get(i) for i in later]
     )
+
+
+@guard
+def demo(
+    ctx: typer.Context,
+    tickets: Annotated[Path | None, typer.Option(help="JSON file of tickets")] = None,
+    concurrency: Annotated[int, typer.Option(min=1)] = 8,
+) -> None:
+    """Run the support pipeline end to end on the sample tickets."""
+    pipeline = ctx.obj.app().resolve_pipeline(None)
+    batch = load_inputs(pipeline, tickets)
+
+    # The sample tickets come with follow-ups of two of their customers: run once the
+    # first batch is in long-term memory, they show returning customers recognised.
+    then = returning_inputs(pipeline) if tickets is None and pipeline.consolidate else []
+
+    async def body(runtime: Runtime) -> None:
+        err.print(f"model: {runtime.model.name}")
+        report = await run_local(
+            runtime, batch, pipeline=pipeline.name, concurrency=concurrency, then=then
+        )
+        for record in report.records:
+            out.print(workflow_panel(record))
+        if report.returning:
+            out.rule("returning customers (after consolidation into long-term memory)")
+        for record in report.returning:
+            out.print(workflow_panel(record))
+            out.print(recognition_line(record), highlight=False)
+        print_summary(out, report.all, report.seconds)
+        if report.failed:
+            raise typer.Exit(1)
+
+    run_body(ctx.obj, body)
