@@ -6,6 +6,7 @@ import functools
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
+from enum import IntEnum
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -20,6 +21,17 @@ from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
 
 T = TypeVar("T")
+
+
+class ExitCode(IntEnum):
+    """What the ``orchestrator`` command exits with (documented in the README)."""
+
+    OK = 0
+    ERROR = 1  # anything failed: one line on stderr says what
+    USAGE = 2  # the command line itself is wrong
+    WORKFLOW_FAILED = 3  # --wait: a workflow failed or was cancelled
+    WAITING = 4  # --wait: a workflow waits for input (or a signal)
+
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
@@ -46,7 +58,7 @@ def guard(command: Callable[..., None]) -> Callable[..., None]:
                     markup=False,
                     highlight=False,
                 )
-            raise typer.Exit(1) from None
+            raise typer.Exit(ExitCode.ERROR) from None
 
     return wrapper
 

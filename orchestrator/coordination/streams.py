@@ -194,13 +194,22 @@ def decode(entry: Entry) -> TaskEnvelope:
     """The envelope in a stream entry; InvalidInput when it is missing or malformed."""
     raw = entry.fields.get(FIELD)
     if not isinstance(raw, bytes | str):
-        raise InvalidInput(f"stream entry {entry.id!r} has no envelope field")
+        fields = (", ".join(sorted(_text(f) for f in entry.fields)) or "none")[:80]
+        raise InvalidInput(
+            f"stream entry {_text(entry.id)} carries no task envelope "
+            f"(expected field {_text(FIELD)!r}; it has: {fields})"
+        )
     try:
         return TaskEnvelope.model_validate_json(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "envelope"
         raise InvalidInput(f"malformed envelope ({where}: {first['msg']})") from exc
+
+
+def _text(value: object) -> str:
+    """A stream id or field name as text (redis-py hands them over as bytes)."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 async def enqueue(client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope) -> None:
@@ -281,7 +290,3 @@ def dead_letter_in(pipe: Any, keys: Keys, agent: str, entry: Entry, reason: str)
         **{f"raw.{_text(k)}": v for k, v in entry.fields.items()},
     }
     pipe.xadd(keys.dead_letter_stream(), fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
-
-
-def _text(value: Any) -> str:
-    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
