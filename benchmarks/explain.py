@@ -265,7 +265,11 @@ async def cases(conn: Conn, n: int) -> list[Case]:
             [[s["id"] for s in beat], [s["attempt"] for s in beat]],
         ),
         Case("recovery.STALLED_SESSIONS", recovery.STALLED_SESSIONS, [100]),
-        Case("workflows.SELECT_TERMINAL (500 ids)", workflows.SELECT_TERMINAL, [sample]),
+        Case(
+            "workflows.SELECT_TERMINAL (500 ids)",
+            workflows.SELECT_TERMINAL,
+            [sample, ["completed", "failed", "cancelled"]],
+        ),
         Case("prune.CLAIM_BATCH (500, 30 d)", prune.CLAIM_BATCH, [30 * 86400.0, 500]),
         *[
             Case(f"prune.{name}", getattr(prune, name), [prune_ids], setup=claim)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping
 from typing import Any
 from uuid import UUID
 
@@ -12,10 +12,13 @@ import anyio
 from pydantic import BaseModel, ValidationError
 
 from orchestrator import tracing
+from orchestrator.connections import REDIS_DOWN
+from orchestrator.coordination import status as live
 from orchestrator.coordination import streams
+from orchestrator.coordination.locks import owner_of
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
-from orchestrator.schemas import Signal, WorkflowRecord, WorkflowStatus
+from orchestrator.schemas import Signal, StepStatus, WorkflowRecord, WorkflowStatus
 from orchestrator.step.context import INPUT_SIGNAL
 from orchestrator.store import workflows
 from orchestrator.store.dead_letters import DeadLetter
@@ -173,23 +176,61 @@ class Client:
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
+    async def leases(self, record: WorkflowRecord) -> dict[UUID, str]:
+        """Who runs each open step of ``record``, as Redis knows it: ``running on W``,
+        ``taken over soon`` (its worker is gone), or ``in the queue``. Empty when Redis
+        cannot be reached (Postgres alone cannot tell a live lease from a dead one)."""
+        open_steps = [s for s in record.steps if s.status is StepStatus.QUEUED]
+        if not open_steps:
+            return {}
+        rt = self.rt
+        try:
+            held = [await rt.redis.get(rt.keys.step_lock(record.id, s.seq)) for s in open_steps]
+            owners = [owner_of(h) if h is not None else "" for h in held]
+            named = [o for o in owners if o]
+            alive = dict(zip(named, await live.alive(rt.redis, rt.keys, named), strict=True))
+        except REDIS_DOWN:
+            return {}
+        seconds = round(rt.settings.stall_after)
+        found: dict[UUID, str] = {}
+        for step, owner in zip(open_steps, owners, strict=True):
+            if not owner:
+                found[step.id] = f"in the {step.agent} queue, no worker holds it"
+            elif alive[owner]:
+                found[step.id] = f"running on {owner}"
+            else:
+                found[step.id] = (
+                    f"its worker {owner} is gone: another takes it over within ~{seconds}s"
+                )
+        return found
+
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
         """A workflow with its steps, as Postgres has it; WorkflowNotFound if unknown."""
         return await self.rt.store.workflow(workflow_id)
 
     async def wait(
-        self, workflow_ids: Iterable[UUID], *, timeout: float | None = None, poll: float = 0.5
+        self,
+        workflow_ids: Iterable[UUID],
+        *,
+        timeout: float | None = None,
+        poll: float = 0.5,
+        until: Collection[WorkflowStatus] = workflows.TERMINAL,
     ) -> dict[UUID, WorkflowStatus]:
-        """Wait until every workflow is terminal.
+        """Wait until every workflow is terminal (or, with ``until``, in one of those
+        statuses: ``SETTLED`` also stops at a workflow waiting for input or a signal).
+        Raises TimeoutError after ``timeout`` seconds.
 
-        Postgres decides. A terminal Pub/Sub signal makes us check that workflow
-        at once; every ``poll`` seconds all pending ones are checked, so a lost
+        Postgres decides. A Pub/Sub signal of one of those statuses makes us check that
+        workflow at once; every ``poll`` seconds all pending ones are checked, so a lost
         signal only costs latency.
         """
         pending = set(workflow_ids)
         result: dict[UUID, WorkflowStatus] = {}
         pubsub = self.rt.redis.pubsub(ignore_subscribe_messages=True)
-        await pubsub.subscribe(self.rt.keys.signal_channel())
+        channels = [self.rt.keys.signal_channel()]  # terminal signals
+        if any(not s.terminal for s in until):
+            channels.append(self.rt.keys.progress_channel())
+        await pubsub.subscribe(*channels)
         try:
             with anyio.fail_after(timeout if timeout is not None else math.inf):
                 to_check, next_full = set(pending), 0.0
@@ -197,31 +238,39 @@ class Client:
                     if anyio.current_time() >= next_full:
                         to_check, next_full = set(pending), anyio.current_time() + poll
                     if to_check:
-                        done = await self.rt.store.terminal(list(to_check))
+                        done = await self.rt.store.terminal(list(to_check), until)
                         result.update(done)
                         pending.difference_update(done)
                     if not pending:
-                        break  # all terminal: no reason to wait for the next poll
-                    to_check = await _terminal_signals(pubsub, pending, next_full)
+                        break  # all there: no reason to wait for the next poll
+                    to_check = await _signals(pubsub, pending, until, next_full)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
         return result
 
 
-async def _terminal_signals(pubsub: Any, pending: set[UUID], until: float) -> set[UUID]:
-    """Collect pending workflows announced as terminal, until ``until`` or a short burst."""
+# What ``wait(until=SETTLED)`` stops at: finished, or waiting for a person or a signal.
+SETTLED = frozenset({*workflows.TERMINAL, WorkflowStatus.WAITING})
+
+
+async def _signals(
+    pubsub: Any, pending: set[UUID], statuses: Collection[WorkflowStatus], until: float
+) -> set[UUID]:
+    """Pending workflows announced in one of ``statuses``, as soon as one is (with any
+    already buffered after it), or none at ``until``."""
     found: set[UUID] = set()
     while (left := until - anyio.current_time()) > 0:
-        message = await pubsub.get_message(timeout=min(left, 0.01) if found else left)
+        # Once one is found, only drain what is already buffered: never linger.
+        message = await pubsub.get_message(timeout=0 if found else left)
         if message is None:
             if found:
-                return found  # the burst is over: check these now
+                return found
             continue
         try:
             signal = Signal.model_validate_json(message["data"])
         except ValidationError:
             continue  # a nudge only: a bad one is ignored, the poll still runs
-        if signal.status.terminal and signal.workflow_id in pending:
+        if signal.status in statuses and signal.workflow_id in pending:
             found.add(signal.workflow_id)
     return found
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -45,11 +46,17 @@ OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_
 
 
 async def connect_redis(
-    url: str, *, max_connections: int = 128, timeout: float = 5.0, block_seconds: float = 1.0
+    url: str,
+    *,
+    max_connections: int = 128,
+    timeout: float = 5.0,
+    block_seconds: float = 1.0,
+    required: bool = True,
 ) -> aioredis.Redis:
     """A Redis client on a pool of at most ``max_connections``, pinged once; ``timeout``
     and ``block_seconds`` (the longest XREADGROUP BLOCK) are in seconds. Raises
-    ``ServiceUnavailable`` when Redis cannot be reached."""
+    ``ServiceUnavailable`` when Redis cannot be reached, unless not ``required``: then the
+    client is returned anyway (it connects when Redis is back)."""
     # A blocking pool: when every connection is busy a caller waits for one
     # instead of failing with "Too many connections" under load. The socket
     # timeout covers the longest blocking read (XREADGROUP BLOCK) plus ``timeout``.
@@ -67,6 +74,9 @@ async def connect_redis(
     try:
         await client.ping()
     except REDIS_DOWN as exc:
+        if not required:
+            logging.getLogger(__name__).warning("Redis unavailable (%s): %s", redact(url), exc)
+            return client
         await client.aclose()
         raise ServiceUnavailable("Redis", f"{redact(url)}: {exc}") from exc
     return client

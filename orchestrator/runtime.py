@@ -125,8 +125,11 @@ async def open_runtime(
     *,
     apply_migrations: bool = True,
     tracer_provider: TracerProvider | None = None,
+    redis_required: bool = True,
 ) -> AsyncIterator[Runtime]:
-    """Connect (starting embedded servers for unset URLs), check pgvector, migrate."""
+    """Connect (starting embedded servers for unset URLs), check pgvector, migrate.
+    ``redis_required=False`` opens even while Redis is down (for what only reads
+    Postgres: Redis calls then fail as they are made)."""
     with contextlib.ExitStack() as servers:
         redis_url = settings.redis_url or servers.enter_context(
             embedded_redis(settings.home / f"redis-{os.getpid()}")
@@ -143,6 +146,7 @@ async def open_runtime(
             redis_url,
             timeout=settings.redis_timeout_seconds,
             block_seconds=settings.block_ms / 1000,
+            required=redis_required,
         )
         try:
             pool = await create_pool(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from orchestrator.cli.support import guard, out, run_body
+from orchestrator.cli.support import Output, guard, out, print_rows, run_body
 from orchestrator.client import Client
 from orchestrator.runtime import Runtime
 
@@ -20,24 +22,35 @@ def dlq_list(
     ctx: typer.Context,
     all_: Annotated[bool, typer.Option("--all", help="include retried ones")] = False,
     limit: Annotated[int, typer.Option(min=1)] = 50,
+    output: Annotated[Output, typer.Option("--output", "-o", help="table, json or jsonl")] = (
+        Output.TABLE
+    ),
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """List dead letters, newest first."""
+    """List dead letters, newest first (workflow ids in full)."""
 
     async def body(runtime: Runtime) -> None:
         letters = await Client(runtime).dead_letters(include_retried=all_, limit=limit)
-        table = Table("id", "workflow", "agent", "reason", "created", "retried")
-        for d in letters:
-            table.add_row(
-                str(d.id),
-                str(d.workflow_id or "-"),
-                d.agent,
-                d.reason[:80],
-                d.created_at.isoformat(timespec="seconds"),
-                d.retried_at.isoformat(timespec="seconds") if d.retried_at else "",
-            )
-        out.print(table)
+        rows = [asdict(d) for d in letters]
+        print_rows(rows, Output.JSON if as_json else output, _letters_table)
 
-    run_body(ctx.find_root().obj, body, migrate=False)
+    run_body(ctx.find_root().obj, body, migrate=False, needs_redis=False)
+
+
+def _letters_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    table = Table("id", "workflow", "agent", "reason", "created", "retried")
+    table.columns[1].no_wrap = True
+    table.columns[1].min_width = 36
+    for d in rows:
+        table.add_row(
+            str(d["id"]),
+            str(d["workflow_id"] or "-"),
+            d["agent"],
+            d["reason"][:80],
+            d["created_at"].isoformat(timespec="seconds"),
+            d["retried_at"].isoformat(timespec="seconds") if d["retried_at"] else "",
+        )
+    return table
 
 
 @dlq.command("show")

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from typing import Any
+from uuid import UUID
 
 from rich.console import Console, Group
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from orchestrator.schemas import WorkflowRecord, WorkflowStatus
+from orchestrator.cli.support import ExitCode, out
+from orchestrator.schemas import Event, StepStatus, WorkflowRecord, WorkflowStatus
+from orchestrator.step.context import INPUT_SIGNAL
 
 
 def workflow_panel(record: WorkflowRecord) -> Panel:
@@ -72,7 +76,8 @@ def workflow_panel(record: WorkflowRecord) -> Panel:
         parts.append(Text("cites: " + (", ".join(response["citations"]) or "nothing"), style="dim"))
     if record.error:
         parts.append(Text(f"error: {record.error}", style="red"))
-    style = "green" if record.status is WorkflowStatus.COMPLETED else "red"
+    parts += [Text(line, style="yellow") for line in waiting_lines(record)]
+    style = _BORDER.get(record.status, "red")
     return Panel(
         Group(*parts),
         title=f"{record.id} · {record.status.value}",
@@ -81,18 +86,145 @@ def workflow_panel(record: WorkflowRecord) -> Panel:
     )
 
 
-def steps_table(record: WorkflowRecord) -> Table:
-    """The workflow's steps in order: agent, status, attempt, completion time, error."""
-    table = Table("seq", "agent", "status", "attempt", "completed at", "error")
+_BORDER = {
+    WorkflowStatus.COMPLETED: "green",
+    WorkflowStatus.WAITING: "yellow",  # not a failure: someone has to answer
+    WorkflowStatus.RUNNING: "blue",
+    WorkflowStatus.QUEUED: "blue",
+}
+
+
+def waiting_lines(record: WorkflowRecord) -> list[str]:
+    """What a waiting workflow waits for, and the command that answers it."""
+    lines: list[str] = []
     for step in record.steps:
+        if step.status is not StepStatus.WAITING:
+            continue
+        if step.waiting_for == INPUT_SIGNAL:
+            lines.append(f"waiting for input ({step.agent}): {step.question or '(no question)'}")
+            lines.append(f"answer with: orchestrator input {record.id} '<your reply>'")
+        elif step.waiting_for:
+            lines.append(f"waiting for signal {step.waiting_for!r} ({step.agent})")
+            lines.append(
+                f"send it with: orchestrator signal {record.id} {step.waiting_for} '<json>'"
+            )
+        if step.not_before is not None:
+            lines.append(f"{step.agent} wakes at {step.not_before.isoformat(timespec='seconds')}")
+    return lines
+
+
+def exit_code(records: Sequence[WorkflowRecord]) -> ExitCode:
+    """3 when a workflow failed or was cancelled, else 4 when one waits, else 0."""
+    if any(r.status in (WorkflowStatus.FAILED, WorkflowStatus.CANCELLED) for r in records):
+        return ExitCode.WORKFLOW_FAILED
+    if any(r.status is WorkflowStatus.WAITING for r in records):
+        return ExitCode.WAITING
+    return ExitCode.OK
+
+
+def print_records(records: Sequence[WorkflowRecord], *, as_json: bool = False) -> None:
+    """Workflows as panels, or as one JSON list."""
+    if as_json:
+        out.print_json(data=[r.model_dump(mode="json") for r in records])
+        return
+    for record in records:
+        out.print(workflow_panel(record))
+
+
+def steps_table(record: WorkflowRecord, leases: Mapping[UUID, str] | None = None) -> Table:
+    """The workflow's steps in order: agent, status, attempt, completion time, and what
+    is going on with it (its lease, as Redis has it; its error)."""
+    table = Table("seq", "agent", "status", "attempt", "completed at", "now / error")
+    for step in record.steps:
+        note = (leases or {}).get(step.id, "")
         table.add_row(
             str(step.seq),
             step.agent,
             step.status.value,
             str(step.attempt),
             step.completed_at.isoformat(timespec="milliseconds") if step.completed_at else "",
-            step.error or "",
+            step.error or note,
         )
+    return table
+
+
+def runs_table(rows: Sequence[Mapping[str, Any]]) -> Table:
+    """Workflows as ``runs`` lists them; ids in full (never cut: they are what you type)."""
+    table = Table("workflow", "tenant", "pipeline", "status", "created (UTC)", "error")
+    for column, width in ((0, 36), (3, 9), (4, 14)):
+        table.columns[column].no_wrap = True
+        table.columns[column].min_width = width
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["tenant_id"],
+            r["pipeline"],
+            r["status"],
+            r["created_at"].strftime("%m-%d %H:%M:%S"),
+            _one_line(r["error"] or "", 60),
+        )
+    return table
+
+
+def event_line(event: Event) -> str:
+    """One audit event: its time, type and data, on one line."""
+    data = " ".join(
+        f"{k}={_one_line(v if isinstance(v, str) else json.dumps(v), 60)}"
+        for k, v in event.data.items()
+    )
+    return f"{event.created_at.isoformat(timespec='milliseconds')}  {event.type.value:<24} {data}"
+
+
+def ticket_line(record: WorkflowRecord) -> Text:
+    """One workflow on one line: id, status, what triage made of it, the reply's start."""
+    state: dict[str, Any] = record.state
+    ticket = state.get("ticket")
+    who = (
+        f"{ticket.get('tenant_id')}/{ticket.get('customer_id')}"
+        if isinstance(ticket, dict)
+        else record.pipeline
+    )
+    triage = state.get("triage") or {}
+    what = f"{triage['category']}/{triage['priority']}" if "category" in triage else ""
+    reply = (state.get("response") or {}).get("reply") or record.error or ""
+    seconds = (
+        f"{(record.completed_at - record.created_at).total_seconds():.2f}s"
+        if record.completed_at
+        else ""
+    )
+    line = Text(f"{record.id}  ", style="dim")
+    line.append(f"{record.status.value:<9}", style=_BORDER.get(record.status, "red"))
+    line.append(f" {who:<18} {what:<18} {seconds:>6}  {_one_line(reply, 70)}")
+    return line
+
+
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
+def summary_table(records: Sequence[WorkflowRecord], seconds: float) -> Table:
+    """How a batch went: workflows per status, per triage category, latency and rate."""
+    table = Table("", "count", title="summary", title_justify="left")
+    for status in WorkflowStatus:
+        n = sum(r.status is status for r in records)
+        if n:
+            table.add_row(status.value, str(n))
+    categories: dict[str, int] = {}
+    for r in records:
+        category = (r.state.get("triage") or {}).get("category")
+        if category:
+            categories[category] = categories.get(category, 0) + 1
+    for category, n in sorted(categories.items()):
+        table.add_row(f"category {category}", str(n))
+    took = sorted(
+        (r.completed_at - r.created_at).total_seconds() for r in records if r.completed_at
+    )
+    if took:
+        table.add_row("p50 seconds", f"{took[len(took) // 2]:.2f}")
+        table.add_row("max seconds", f"{took[-1]:.2f}")
+    table.add_row("wall seconds", f"{seconds:.2f}")
+    table.add_row("workflows/s", f"{len(records) / seconds if seconds > 0 else 0.0:.1f}")
     return table
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import json
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
-from enum import IntEnum
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from enum import IntEnum, StrEnum
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -14,9 +17,18 @@ import anyio
 import typer
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
 
 from orchestrator.app import App, load_app
-from orchestrator.errors import ConfigurationError, InvalidInput, OrchestratorError
+from orchestrator.errors import ConfigurationError, OrchestratorError
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
 
@@ -35,6 +47,103 @@ class ExitCode(IntEnum):
 
 out = Console()
 err = Console(stderr=True, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int) -> Iterator[Callable[[], None]]:
+    """Yield ``advance()``, to call once per item done: a progress bar on stderr when it is
+    a terminal; otherwise a plain line at every tenth (logs and CI stay readable). Nothing
+    for a single item."""
+    if total <= 1:
+        yield lambda: None
+        return
+    if err.is_terminal:
+        with Progress(
+            TextColumn(label),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda: bar.advance(task)
+        return
+    done = 0
+    step = max(1, total // 10)
+
+    def advance() -> None:
+        nonlocal done
+        done += 1
+        if done % step == 0 or done == total:
+            err.print(f"{label}: {done}/{total}", highlight=False)
+
+    yield advance
+
+
+class Output(StrEnum):
+    """How a command prints a list (``--output``)."""
+
+    TABLE = "table"
+    JSON = "json"  # one JSON array
+    JSONL = "jsonl"  # one JSON object per line
+
+
+def print_rows(
+    rows: Sequence[Mapping[str, Any]], output: Output, table: Callable[[Sequence[Any]], Table]
+) -> None:
+    """``rows`` as a rich table (built by ``table``), a JSON array, or JSON lines."""
+    if output is Output.TABLE:
+        out.print(table(rows))
+        return
+    encoded = [json.dumps(dict(r), default=_jsonable) for r in rows]
+    if output is Output.JSONL:
+        for line in encoded:
+            out.out(line, highlight=False)
+    else:
+        out.print_json("[" + ",".join(encoded) + "]")
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+class Shown:
+    """Lines printed above a live progress bar (or plainly, off a terminal)."""
+
+    def __init__(self, bar: Progress | None, task: TaskID | None) -> None:
+        self._bar, self._task = bar, task
+
+    def print(self, renderable: Any) -> None:
+        """Print a line or a panel to stdout, above the bar."""
+        (self._bar.console if self._bar else out).print(renderable, highlight=False)
+
+    def rule(self, title: str) -> None:
+        """A horizontal rule with a title."""
+        (self._bar.console if self._bar else out).rule(title)
+
+    def advance(self) -> None:
+        """One more item done."""
+        if self._bar is not None and self._task is not None:
+            self._bar.advance(self._task)
+
+
+@contextlib.contextmanager
+def live_progress(label: str, total: int) -> Iterator[Shown]:
+    """A progress bar under the lines printed through the yielded ``Shown`` when stdout
+    is a terminal; plain lines otherwise."""
+    if not out.is_terminal:
+        yield Shown(None, None)
+        return
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=out,
+        transient=True,
+    ) as bar:
+        yield Shown(bar, bar.add_task(label, total=total))
 
 
 def guard(command: Callable[..., None]) -> Callable[..., None]:
@@ -82,21 +191,31 @@ class Options:
         return load_app(self.app_path)
 
 
-def run_body(opts: Options, body: Callable[[Runtime], Awaitable[T]], *, migrate: bool = True) -> T:
-    """Open a runtime (applying migrations unless ``migrate=False``), run ``body`` on it in
-    a new event loop, close it, and return what ``body`` returned."""
+def run_body(
+    opts: Options,
+    body: Callable[[Runtime], Awaitable[T]],
+    *,
+    migrate: bool = True,
+    needs_redis: bool = True,
+) -> T:
+    """Open a runtime (applying migrations unless ``migrate=False``; while Redis is down
+    too, unless ``needs_redis``), run ``body`` on it in a new event loop, close it, and
+    return what ``body`` returned."""
     app = opts.app()
 
     async def main() -> T:
-        async with open_runtime(opts.settings, app, apply_migrations=migrate) as runtime:
+        async with open_runtime(
+            opts.settings, app, apply_migrations=migrate, redis_required=needs_redis
+        ) as runtime:
             return await body(runtime)
 
     return anyio.run(main)
 
 
-def workflow_id_arg(value: str) -> UUID:
-    """A workflow id from the command line; InvalidInput when it is not a UUID."""
+async def workflow_id(runtime: Runtime, value: str) -> UUID:
+    """A workflow id from the command line: a whole id, or a unique prefix of one (as
+    ``runs`` lists them); InvalidInput when it is neither, or ambiguous."""
     try:
         return UUID(value)
     except ValueError:
-        raise InvalidInput(f"not a workflow id: {value!r}") from None
+        return await runtime.store.resolve_workflow(value.strip())

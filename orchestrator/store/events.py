@@ -11,13 +11,24 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from orchestrator.schemas import EventType
+from orchestrator.schemas import Event, EventType
 from orchestrator.store import Conn
 
 INSERT_EVENTS = """
 INSERT INTO events (workflow_id, step_id, type, data)
 SELECT $1, $2, t, d::jsonb FROM unnest($3::text[], $4::text[]) AS x(t, d)
 """
+
+SELECT_AFTER = """
+SELECT id, workflow_id, step_id, type, data, created_at FROM events
+WHERE workflow_id = $1 AND id > $2 ORDER BY id LIMIT $3
+"""
+
+
+async def after(conn: Conn, workflow_id: UUID, after_id: int, limit: int) -> list[Event]:
+    """The workflow's events after the one numbered ``after_id``, oldest first."""
+    rows = await conn.fetch(SELECT_AFTER, workflow_id, after_id, limit)
+    return [Event(**{**dict(r), "type": EventType(r["type"])}) for r in rows]
 
 
 async def record(

@@ -11,17 +11,18 @@ connection. ``tests/test_store.py`` is its own suite, against real Postgres.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from orchestrator.errors import Parked
-from orchestrator.schemas import TaskEnvelope, WorkflowRecord, WorkflowStatus
+from orchestrator.schemas import Event, TaskEnvelope, WorkflowRecord, WorkflowStatus
 from orchestrator.store import (
     Conn,
     dead_letters,
     erasure,
+    events,
     prune,
     recovery,
     schedules,
@@ -70,15 +71,31 @@ class Store:
         async with self._connect() as conn:
             return await workflows.get(conn, workflow_id)
 
+    async def events_after(
+        self, workflow_id: UUID, after_id: int = 0, limit: int = 500
+    ) -> list[Event]:
+        """The workflow's audit events numbered above ``after_id``, oldest first."""
+        async with self._connect() as conn:
+            return await events.after(conn, workflow_id, after_id, limit)
+
+    async def resolve_workflow(self, prefix: str) -> UUID:
+        """The workflow whose id starts with ``prefix``; WorkflowNotFound when none does,
+        InvalidInput when it is ambiguous."""
+        async with self._connect() as conn:
+            return await workflows.resolve_prefix(conn, prefix)
+
     async def workflow_status(self, workflow_id: UUID) -> WorkflowStatus:
         """A workflow's status; WorkflowNotFound if unknown."""
         async with self._connect() as conn:
             return await recovery.workflow_status(conn, workflow_id)
 
-    async def terminal(self, workflow_ids: list[UUID]) -> dict[UUID, WorkflowStatus]:
-        """The statuses of those of ``workflow_ids`` that have finished."""
+    async def terminal(
+        self, workflow_ids: list[UUID], statuses: Iterable[WorkflowStatus] = workflows.TERMINAL
+    ) -> dict[UUID, WorkflowStatus]:
+        """The statuses of those of ``workflow_ids`` that have finished (or, with
+        ``statuses``, are in one of those)."""
         async with self._connect() as conn:
-            return await workflows.terminal_statuses(conn, workflow_ids)
+            return await workflows.terminal_statuses(conn, workflow_ids, statuses)
 
     async def recent(
         self, *, status: str | None, tenant: str | None, limit: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID, uuid4
@@ -59,12 +60,16 @@ SELECT id, tenant_id, session_id, pipeline, status, input, state, error, app_ver
 FROM workflows WHERE id = $1
 """
 SELECT_STEPS = """
-SELECT id, workflow_id, seq, agent, status, attempt, output, error, created_at, completed_at
+SELECT id, workflow_id, seq, agent, status, attempt, output, error, created_at, completed_at,
+       question, waiting_for, not_before, updated_at
 FROM steps WHERE workflow_id = $1 ORDER BY seq
 """
 SELECT_TERMINAL = """
-SELECT id, status FROM workflows
-WHERE id = ANY($1::uuid[]) AND status IN ('completed', 'failed', 'cancelled')
+SELECT id, status FROM workflows WHERE id = ANY($1::uuid[]) AND status = ANY($2::text[])
+"""
+# Ids in [$1, $2]: a prefix padded with 0s and with fs (the primary key's index).
+SELECT_ID_RANGE = """
+SELECT id FROM workflows WHERE id BETWEEN $1::uuid AND $2::uuid ORDER BY id LIMIT 2
 """
 LIST_RECENT = """
 SELECT id, tenant_id, pipeline, status, error, created_at, completed_at FROM workflows
@@ -174,10 +179,35 @@ async def get(conn: Conn, workflow_id: UUID) -> WorkflowRecord:
     return WorkflowRecord(**{**dict(row), "status": WorkflowStatus(row["status"]), "steps": steps})
 
 
-async def terminal_statuses(conn: Conn, workflow_ids: list[UUID]) -> dict[UUID, WorkflowStatus]:
-    """Statuses of those of ``workflow_ids`` that have finished."""
-    rows = await conn.fetch(SELECT_TERMINAL, workflow_ids)
+TERMINAL = frozenset(s for s in WorkflowStatus if s.terminal)
+
+
+async def terminal_statuses(
+    conn: Conn, workflow_ids: list[UUID], statuses: Iterable[WorkflowStatus] = TERMINAL
+) -> dict[UUID, WorkflowStatus]:
+    """Statuses of those of ``workflow_ids`` that have finished (or, with ``statuses``,
+    that are in one of those)."""
+    rows = await conn.fetch(SELECT_TERMINAL, workflow_ids, [s.value for s in statuses])
     return {r["id"]: WorkflowStatus(r["status"]) for r in rows}
+
+
+async def resolve_prefix(conn: Conn, prefix: str) -> UUID:
+    """The one workflow whose id starts with ``prefix`` (hex digits, dashes ignored);
+    WorkflowNotFound when none does, InvalidInput when several do."""
+    digits = prefix.replace("-", "").lower()
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise InvalidInput(f"not a workflow id or id prefix: {prefix[:80]!r}")
+    low, high = UUID(digits.ljust(32, "0")), UUID(digits.ljust(32, "f"))
+    rows = await conn.fetch(SELECT_ID_RANGE, low, high)
+    if not rows:
+        raise WorkflowNotFound(prefix)
+    if len(rows) > 1:
+        raise InvalidInput(
+            f"workflow id prefix {prefix!r} is ambiguous ({rows[0]['id']}, {rows[1]['id']}, "
+            "...): give more of it"
+        )
+    found: UUID = rows[0]["id"]
+    return found
 
 
 async def recent(
