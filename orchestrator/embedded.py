@@ -10,6 +10,8 @@ holding nothing on disk, as the design intends: Redis may be lost at any time.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import subprocess
 import time
@@ -76,6 +78,8 @@ def embedded_redis(directory: Path) -> Iterator[str]:
         if proc.stderr is not None:
             proc.stderr.close()
         sock.unlink(missing_ok=True)
+        # Nothing in it outlives the server: leave no empty folder per process behind.
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _wait_for(sock: Path, proc: subprocess.Popen[bytes]) -> None:
@@ -112,7 +116,39 @@ def _start_pgserver(directory: Path) -> Any:
             f"DATABASE_URL is unset and no embedded Postgres: {_INSTALL_HINT}"
         ) from exc
     try:
+        _forget_dead_handles(pgserver, directory)
         get_server: Any = getattr(pgserver, "get_server")  # noqa: B009 - untyped package
         return get_server(directory, cleanup_mode="stop")
     except Exception as exc:  # pgserver raises bare exceptions from initdb/pg_ctl
         raise ServiceUnavailable("embedded Postgres", str(exc)) from exc
+
+
+# pgserver stops the server when the last process holding a handle closes it, counting
+# holders in this file; a holder that was killed never closes its handle, so the server
+# would stay up after every orchestrator process is gone. Dead holders are dropped first.
+_HANDLES = ".handle_pids.json"
+
+
+def _forget_dead_handles(pgserver: Any, directory: Path) -> None:
+    path = directory / _HANDLES
+    if not path.exists():
+        return
+    lock: Any = pgserver.postgres_server.PostgresServer._lock  # pgserver's own file lock
+    with lock:
+        try:
+            pids = [int(p) for p in json.loads(path.read_text())]
+        except (OSError, ValueError, TypeError):
+            return  # not ours to repair: pgserver copes or reports it
+        alive = [p for p in pids if _running(p)]
+        if alive != pids:
+            path.write_text(json.dumps(alive))
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True

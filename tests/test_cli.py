@@ -106,7 +106,11 @@ def test_invalid_ticket_json(tmp_path: Path) -> None:
 
 
 def test_bad_workflow_id() -> None:
-    assert_one_line_error(run_cli("status", "not-a-uuid"), "not a workflow id")
+    # Refused before anything connects, as a usage error.
+    result = run_cli("status", "not-a-uuid")
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("orchestrator: usage error:")
+    assert "not a workflow id" in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_unknown_workflow(cli_env: dict[str, str]) -> None:

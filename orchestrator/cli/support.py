@@ -28,9 +28,10 @@ from rich.progress import (
 from rich.table import Table
 
 from orchestrator.app import App, load_app
-from orchestrator.errors import ConfigurationError, OrchestratorError
+from orchestrator.errors import ConfigurationError, InvalidInput, OrchestratorError
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
+from orchestrator.store.workflows import prefix_digits
 
 T = TypeVar("T")
 
@@ -210,6 +211,17 @@ def run_body(
             return await body(runtime)
 
     return anyio.run(main)
+
+
+def workflow_arg(value: str | None) -> str | None:
+    """Check a workflow id argument before anything connects: a usage error (exit 2)
+    when it cannot be an id or a prefix of one."""
+    if value is not None:
+        try:
+            prefix_digits(value)
+        except InvalidInput as exc:
+            raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 async def workflow_id(runtime: Runtime, value: str) -> UUID:

@@ -34,6 +34,7 @@ from orchestrator.cli.support import (
     out,
     print_rows,
     run_body,
+    workflow_arg,
     workflow_id,
 )
 from orchestrator.client import Client
@@ -42,7 +43,9 @@ from orchestrator.errors import ConfigurationError, InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
 
-WorkflowArg = Annotated[str, typer.Argument(help="workflow id, or a unique prefix of one")]
+WorkflowArg = Annotated[
+    str, typer.Argument(help="workflow id, or a unique prefix of one", callback=workflow_arg)
+]
 JsonFlag = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
@@ -115,7 +118,8 @@ def runs(
 def watch(
     ctx: typer.Context,
     workflow: Annotated[
-        str | None, typer.Argument(help="follow this workflow (id or unique prefix)")
+        str | None,
+        typer.Argument(help="follow this workflow (id or unique prefix)", callback=workflow_arg),
     ] = None,
 ) -> None:
     """Follow one workflow's events until it finishes (its history first), or, without an

@@ -191,12 +191,18 @@ async def terminal_statuses(
     return {r["id"]: WorkflowStatus(r["status"]) for r in rows}
 
 
+def prefix_digits(prefix: str) -> str:
+    """The hex digits of a workflow id prefix; InvalidInput when it cannot be one."""
+    digits = prefix.strip().replace("-", "").lower()
+    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
+        raise InvalidInput(f"not a workflow id or id prefix: {prefix[:80]!r}")
+    return digits
+
+
 async def resolve_prefix(conn: Conn, prefix: str) -> UUID:
     """The one workflow whose id starts with ``prefix`` (hex digits, dashes ignored);
     WorkflowNotFound when none does, InvalidInput when several do."""
-    digits = prefix.replace("-", "").lower()
-    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
-        raise InvalidInput(f"not a workflow id or id prefix: {prefix[:80]!r}")
+    digits = prefix_digits(prefix)
     low, high = UUID(digits.ljust(32, "0")), UUID(digits.ljust(32, "f"))
     rows = await conn.fetch(SELECT_ID_RANGE, low, high)
     if not rows:
