@@ -156,7 +156,10 @@ def guard(command: Callable[..., None]) -> Callable[..., None]:
             command(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except Exception as exc:
+        except Exception as raised:
+            exc = _sole(raised)
+            if isinstance(exc, typer.Exit | typer.Abort):
+                raise exc from None
             if "--debug" in sys.argv:
                 traceback.print_exc()
             if isinstance(exc, OrchestratorError):
@@ -171,6 +174,13 @@ def guard(command: Callable[..., None]) -> Callable[..., None]:
             raise typer.Exit(ExitCode.ERROR) from None
 
     return wrapper
+
+
+def _sole(exc: Exception) -> Exception:
+    """The one exception a task group wrapped (anyio raises groups), else ``exc``."""
+    while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
 
 
 class Options:
