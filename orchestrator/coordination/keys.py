@@ -49,6 +49,15 @@ class Keys:
         """Live status hash of one agent instance (a worker consumer)."""
         return f"{self.prefix}:agent:{agent}:{consumer}"
 
+    def worker_status(self, consumer: str) -> str:
+        """Live status hash of one worker (its agents, start time, in-flight steps)."""
+        return f"{self.prefix}:worker:{consumer}"
+
+    def workers(self) -> str:
+        """Set of the workers that wrote a status hash (``orchestrator agents`` starts here);
+        members whose hash expired are dropped by the reconciler."""
+        return f"{self.prefix}:workers"
+
     def worker_alive(self, consumer: str) -> str:
         """Present while the worker (stream consumer) is alive: a short TTL it refreshes."""
         return f"{self.prefix}:alive:{consumer}"
