@@ -134,17 +134,17 @@ def print_overview(seen: Overview, now: float, prefix: str) -> None:
 def _steps_table(seen: Overview, now: float) -> Table:
     table = _table(
         "in flight (as each worker last reported)",
-        ("worker", "workflow", "seq", "agent", "attempt", "running"),
+        ("worker", "workflow", "step", "attempt", "running"),
     )
     for w in seen.workers:
-        for s in w.in_flight:
+        for i, s in enumerate(w.in_flight):
             table.add_row(
-                w.name,
+                w.name if i == 0 else "",
                 s.workflow_id,
-                str(s.seq),
-                s.agent,
+                f"{s.seq} {s.agent}",
                 str(s.attempt),
                 _duration(now - s.started_at),
+                end_section=i == len(w.in_flight) - 1,
             )
     return table
 
