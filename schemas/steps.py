@@ -29,6 +29,12 @@ class StepRecord(Wire):
     error: str | None
     created_at: datetime
     completed_at: datetime | None
+    # Set while the step waits: the question put to a person (``ctx.ask``), the signal
+    # it waits for, and when its timer (a sleep, a wait's timeout, a retry) is due.
+    question: str | None = None
+    waiting_for: str | None = None
+    not_before: datetime | None = None
+    updated_at: datetime | None = None
 
 
 class ToolRunRecord(Wire):

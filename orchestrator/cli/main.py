@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from orchestrator.cli.agents import agents
 from orchestrator.cli.demo import demo
 from orchestrator.cli.dlq import dlq
 from orchestrator.cli.maintenance import forget, migrate, prune
@@ -74,6 +75,7 @@ cli.command("input")(input_)
 cli.command("signal")(signal_)
 cli.command()(prune)
 cli.command()(forget)
+cli.command()(agents)
 cli.add_typer(dlq, name="dlq")
 
 

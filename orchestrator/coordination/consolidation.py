@@ -31,7 +31,6 @@ WORKFLOW_FIELD = b"w"
 # A safety cap only (acknowledged entries are deleted): whatever it trims is re-added
 # from Postgres.
 STREAM_MAXLEN = 1_000_000
-LAG_SCAN = 100_000  # Redis 6.2 reports no group lag: count undelivered entries up to this
 
 
 def _fields(workflow_id: UUID) -> dict[Any, Any]:
@@ -183,13 +182,9 @@ async def state(client: aioredis.Redis, keys: Keys) -> QueueState:
     group = next((g for g in groups if _text(g["name"]) == GROUP), None)
     if group is None:
         return QueueState(False, 0, 0, None, now_ms)
-    delivered = _text(group["last-delivered-id"])
-    lag = group.get("lag")
-    if lag is None:  # Redis < 7: count what follows the last delivered entry
-        after: Any = await client.xrange(stream, min=f"({delivered}", max="+", count=LAG_SCAN)
-        lag = len(after)
-    ms = int(delivered.partition("-")[0])
-    return QueueState(True, int(lag), int(group["pending"]), ms or None, now_ms)
+    lag = await streams.lag(client, stream, group)
+    ms = int(_text(group["last-delivered-id"]).partition("-")[0])
+    return QueueState(True, lag, int(group["pending"]), ms or None, now_ms)
 
 
 def _text(value: Any) -> str:

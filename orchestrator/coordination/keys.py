@@ -28,6 +28,20 @@ class Keys:
         """The task stream of one agent; its consumer group is named after the agent."""
         return f"{self.prefix}:stream:{agent}"
 
+    def streams(self) -> str:
+        """SCAN pattern of every stream under this prefix (agents', dead letters, consolidation)."""
+        return f"{self.prefix}:stream:*"
+
+    def agent_of(self, stream: str) -> str | None:
+        """The agent whose task stream is named ``stream``; None for any other key."""
+        head = f"{self.prefix}:stream:"
+        if not stream.startswith(head) or stream in (
+            self.dead_letter_stream(),
+            self.consolidation_stream(),
+        ):
+            return None
+        return stream.removeprefix(head)
+
     def dead_letter_stream(self) -> str:
         """Stream of entries that could not be processed or ran out of attempts (a view;
         the durable dead letters are rows in Postgres)."""
@@ -48,6 +62,15 @@ class Keys:
     def agent_status(self, agent: str, consumer: str) -> str:
         """Live status hash of one agent instance (a worker consumer)."""
         return f"{self.prefix}:agent:{agent}:{consumer}"
+
+    def worker_status(self, consumer: str) -> str:
+        """Live status hash of one worker (its agents, start time, in-flight steps)."""
+        return f"{self.prefix}:worker:{consumer}"
+
+    def workers(self) -> str:
+        """Set of the workers that wrote a status hash (``orchestrator agents`` starts here);
+        members whose hash expired are dropped by the reconciler."""
+        return f"{self.prefix}:workers"
 
     def worker_alive(self, consumer: str) -> str:
         """Present while the worker (stream consumer) is alive: a short TTL it refreshes."""

@@ -58,8 +58,12 @@ class Reconciler:
         """Stand for leadership and reconcile every interval until ``stop``; outages are waited
         out."""
         while not stop.is_set():
+            # The token names this worker: `orchestrator agents` shows who leads.
             lock = Lock(
-                self.rt.redis, self.rt.keys.reconciler_lock(), int(self.interval * 3 * 1000)
+                self.rt.redis,
+                self.rt.keys.reconciler_lock(),
+                int(self.interval * 3 * 1000),
+                owner=self.consumer,
             )
             try:
                 if await lock.acquire():
@@ -179,8 +183,8 @@ class Reconciler:
 
     async def housekeeping(self) -> None:
         """Keep Redis and Postgres bounded: trim acknowledged stream entries, drop consumers
-        of dead workers, prune finished workflows' history when configured, and memories
-        that decayed or expired."""
+        of dead workers and their entries in the ``workers`` set, prune finished workflows'
+        history when configured, and memories that decayed or expired."""
         rt = self.rt
 
         async def is_alive(consumer: str) -> bool:
@@ -190,6 +194,7 @@ class Reconciler:
             for agent in rt.app.agents:
                 await streams.trim_acknowledged(rt.redis, rt.keys, agent)
                 await streams.delete_consumers(rt.redis, rt.keys, agent, is_alive)
+            await status.drop_gone_workers(rt.redis, rt.keys)
         settings = rt.settings
         if settings.prune_after_days is not None:
             await rt.store.prune(older_than_seconds=settings.prune_after_days * 86400)

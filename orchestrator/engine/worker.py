@@ -22,6 +22,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
@@ -73,6 +74,7 @@ class Worker:
         self.runner = StepRunner(runtime, self.consumer)
         self.runner.refresh_liveness = self._report_status
         self._cursor: dict[str, bytes | str] = {}
+        self.started_at = time.time()  # reset when run() starts
 
     def stop(self) -> None:
         """Stop reading; running steps get ``shutdown_grace_seconds`` to finish."""
@@ -166,6 +168,7 @@ class Worker:
         return [f"{left} workflow(s) to consolidate"] if left else []
 
     async def _run(self) -> None:
+        self.started_at = time.time()
         await self._until_up("starting", self._start)
         settings = self.rt.settings
         async with anyio.create_task_group() as background:
@@ -189,10 +192,10 @@ class Worker:
             # Every step has finished (or was abandoned after the grace period).
             background.cancel_scope.cancel()
         # Gone on purpose: whatever is still pending on this consumer is taken over now,
-        # not when the liveness key lapses.
+        # not when the liveness key lapses; `orchestrator agents` stops listing it.
         with anyio.move_on_after(1):
             try:
-                await self.rt.redis.delete(self.rt.keys.worker_alive(self.consumer))
+                await status.gone(self.rt.redis, self.rt.keys, self.consumer)
             except REDIS_DOWN:
                 pass
 
@@ -357,11 +360,18 @@ class Worker:
         await self.runner.process(agent, entry, takeover=takeover)
 
     async def _report_status(self) -> None:
-        """Refresh this worker's liveness key and its live status hash per agent."""
+        """Refresh this worker's liveness key, its status hash and its live status hash per
+        agent, in one round trip."""
         rt = self.rt
         running = sorted(self.runner.running.values(), key=lambda r: r.since)
         pipe = rt.redis.pipeline(transaction=False)
         status.mark_alive_in(pipe, rt.keys, self.consumer, rt.settings.worker_ttl_seconds)
+        now, clock = time.time(), anyio.current_time()
+        # ``since`` is on the monotonic clock: as wall time for other processes.
+        steps = [status.InFlight.of(r.envelope, now - (clock - r.since)) for r in running]
+        status.mark_worker_in(
+            pipe, rt.keys, self._status(now, steps), rt.settings.status_ttl_seconds
+        )
         for agent in self.agents:
             mine = [r.envelope for r in running if r.envelope.agent == agent]
             status.mark_in(
@@ -371,6 +381,19 @@ class Worker:
                 rt.settings.status_ttl_seconds,
             )
         await pipe.execute()
+
+    def _status(self, now: float, steps: Sequence[status.InFlight]) -> status.WorkerStatus:
+        return status.WorkerStatus(
+            name=self.consumer,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            app=f"{self.rt.app.name} {self.rt.app.version}",
+            agents=self.agents,
+            concurrency=self.concurrency,
+            started_at=self.started_at,
+            updated_at=now,
+            in_flight=tuple(steps),
+        )
 
     async def _heartbeat(self) -> None:
         """Keep running steps alive, in one Redis round trip and (for long ones) one statement.
