@@ -183,3 +183,16 @@ def _postmaster_running(pgdata: Path) -> bool:
     except (ProcessLookupError, ValueError):
         return False
     return True
+
+
+def test_prune_and_forget_say_how_they_get_on(env: dict[str, str], tmp_path: Path) -> None:
+    completed_workflow(env, tmp_path)
+    time.sleep(1.1)  # finished over a second ago
+    pruned = run_cli(*APP, "prune", "--older-than", "1s", env=env)
+    assert pruned.returncode == 0, pruned.stderr
+    assert "pruning: " in pruned.stderr and "pruned 1 workflow(s)" in pruned.stdout
+    forgot = run_cli(
+        *APP, "forget", "--tenant", "default", "--customer", "anonymous", "--yes", env=env
+    )
+    assert forgot.returncode == 0, forgot.stderr
+    assert "forgetting: " in forgot.stderr and "erasure " in forgot.stdout

@@ -1,14 +1,14 @@
 """Commands that change the database as a whole: migrate, prune, forget."""
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
 from typing import Annotated, Any
 from uuid import UUID
 
 import typer
 
-from orchestrator.cli.support import guard, out, run_body
+from orchestrator.cli.support import activity, guard, out, run_body
 from orchestrator.client import Client
 from orchestrator.connections import redis_errors
 from orchestrator.errors import InvalidInput
@@ -44,12 +44,17 @@ def prune(
 
     async def body(runtime: Runtime) -> None:
         settings = runtime.settings
-        report = await runtime.store.prune(older_than_seconds=seconds)
-        report += await runtime.store.prune_memories(
-            half_life_days=settings.memory_half_life_days,
-            prune_below=settings.memory_prune_below,
-            retention_days=settings.memory_retention_days,
-        )
+        with activity("pruning") as note:
+            report = await runtime.store.prune(
+                older_than_seconds=seconds,
+                on_batch=lambda so_far: note(f"{so_far.workflows} workflows so far"),
+            )
+            note("decayed and expired memories")
+            report += await runtime.store.prune_memories(
+                half_life_days=settings.memory_half_life_days,
+                prune_below=settings.memory_prune_below,
+                retention_days=settings.memory_retention_days,
+            )
         if as_json:
             out.print_json(data=asdict(report))
             return
@@ -88,7 +93,8 @@ def forget(
         )
 
     async def body(runtime: Runtime) -> None:
-        erasure = await forget_customer(runtime, tenant, customer, cancel=cancel)
+        with activity("forgetting") as note:
+            erasure = await forget_customer(runtime, tenant, customer, cancel=cancel, note=note)
         if as_json:
             out.print_json(
                 data={
@@ -105,7 +111,12 @@ def forget(
 
 
 async def forget_customer(
-    runtime: Runtime, tenant: str, customer: str, *, cancel: bool = False
+    runtime: Runtime,
+    tenant: str,
+    customer: str,
+    *,
+    cancel: bool = False,
+    note: Callable[[str], None] = lambda _: None,
 ) -> Erasure:
     """Erase ``customer`` of ``tenant`` from Redis and Postgres (see store.erasure).
 
@@ -113,19 +124,24 @@ async def forget_customer(
     finished workflows), so a Redis failure leaves Postgres as it was and a second run
     finds everything again; then Postgres in one transaction, writing the audit; then
     the keys once more, in case a racing write (a consolidation's version bump) made one.
+    ``note`` hears which of these it is at.
     """
     store = ErasureStore(runtime.db)
+    note("finding the customer's sessions and workflows")
     plan = await store.plan(tenant_id=tenant, customer_id=customer)
     if plan.unfinished and cancel:
+        note(f"cancelling {len(plan.unfinished)} unfinished workflow(s)")
         client = Client(runtime)
         # Queued ones first: cancelling a running one starts the next queued of its session.
         for wid in sorted(plan.unfinished, key=lambda w: plan.workflows[w] != "queued"):
             await client.cancel(wid)
         plan = await store.plan(tenant_id=tenant, customer_id=customer)
     refuse_unfinished(plan)
+    note(f"deleting Redis keys and stream entries of {len(plan.workflows)} workflow(s)")
     with redis_errors():
         keys_deleted = await _delete_customer_keys(runtime, tenant, customer, plan.sessions)
         entries = await _delete_stream_entries(runtime, plan.workflows)
+    note("erasing in Postgres (one transaction)")
     erasure = await store.erase(
         tenant_id=tenant,
         customer_id=customer,

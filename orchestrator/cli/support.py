@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import sys
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -80,6 +81,26 @@ def progress(label: str, total: int) -> Iterator[Callable[[], None]]:
             err.print(f"{label}: {done}/{total}", highlight=False)
 
     yield advance
+
+
+@contextlib.contextmanager
+def activity(label: str) -> Iterator[Callable[[str], None]]:
+    """Yield ``note(text)`` to say how long work with no known end is getting on: a
+    spinner on stderr when it is a terminal, otherwise a plain line (at most one a
+    second: logs stay readable)."""
+    if not err.is_terminal:
+        last = 0.0
+
+        def line(text: str) -> None:
+            nonlocal last
+            if time.monotonic() - last >= 1.0:
+                last = time.monotonic()
+                err.print(f"{label}: {text}", highlight=False, markup=False)
+
+        yield line
+        return
+    with err.status(label) as spinner:
+        yield lambda text: spinner.update(f"{label}: {text}")
 
 
 class Output(StrEnum):

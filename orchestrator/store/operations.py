@@ -331,7 +331,15 @@ class Store:
                 retention_days=retention_days,
             )
 
-    async def prune(self, *, older_than_seconds: float) -> prune.PruneReport:
-        """Delete the history of workflows finished longer ago than ``older_than_seconds``."""
+    async def prune(
+        self,
+        *,
+        older_than_seconds: float,
+        on_batch: Callable[[prune.PruneReport], None] | None = None,
+    ) -> prune.PruneReport:
+        """Delete the history of workflows finished longer ago than ``older_than_seconds``
+        (``on_batch`` sees the running total after each batch)."""
         async with self._connect() as conn:
-            return await prune.prune_finished(conn, older_than_seconds=older_than_seconds)
+            return await prune.prune_finished(
+                conn, older_than_seconds=older_than_seconds, on_batch=on_batch
+            )

@@ -24,6 +24,7 @@ not bring it back (seeding never overwrites).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -119,10 +120,17 @@ class PruneReport:
         )
 
 
-async def prune_finished(conn: Conn, *, older_than_seconds: float, batch: int = 500) -> PruneReport:
+async def prune_finished(
+    conn: Conn,
+    *,
+    older_than_seconds: float,
+    batch: int = 500,
+    on_batch: Callable[[PruneReport], None] | None = None,
+) -> PruneReport:
     """Delete the history of workflows finished more than ``older_than_seconds`` ago.
 
-    Runs batch after batch (each its own transaction) until one comes back short.
+    Runs batch after batch (each its own transaction) until one comes back short;
+    ``on_batch`` sees the running total after each.
     """
     if older_than_seconds < 0 or batch < 1:
         raise InvalidInput("prune needs older_than_seconds >= 0 and batch >= 1")
@@ -130,6 +138,8 @@ async def prune_finished(conn: Conn, *, older_than_seconds: float, batch: int = 
     while True:
         report = await _prune_batch(conn, older_than_seconds, batch)
         total += report
+        if on_batch is not None:
+            on_batch(total)
         if report.workflows < batch:
             return total
 
