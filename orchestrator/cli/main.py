@@ -36,6 +36,7 @@ from orchestrator.errors import ConfigurationError, InvalidInput, ServiceUnavail
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.store.erasure import Erasure, ErasureStore, refuse_unfinished
+from orchestrator.telemetry import open_telemetry
 
 cli = typer.Typer(
     add_completion=False,
@@ -114,6 +115,12 @@ def worker(
     ctx: typer.Context,
     agents: Annotated[str | None, typer.Option(help="comma-separated agents (default all)")] = None,
     concurrency: Annotated[int, typer.Option(min=1)] = 8,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", min=1, max=65535, help="serve Prometheus metrics on this port"
+        ),
+    ] = None,
 ) -> None:
     """Run workers until SIGINT/SIGTERM (in-flight steps finish first)."""
     import signal
@@ -146,7 +153,13 @@ def worker(
             delay = 0.5
             while not stop.is_set():
                 try:
-                    async with open_runtime(opts.settings, app, apply_migrations=False) as rt:
+                    async with open_runtime(
+                        opts.settings,
+                        app,
+                        apply_migrations=False,
+                        tracer_provider=telemetry.tracer_provider,
+                        meter_provider=telemetry.meter_provider,
+                    ) as rt:
                         w = Worker(rt, agents=names, concurrency=concurrency)
                         workers.append(w)
                         err.print(
@@ -167,7 +180,8 @@ def worker(
                 delay = min(delay * 2, 10.0)
             tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    with open_telemetry(opts.settings, metrics_port=metrics_port, serve_metrics=True) as telemetry:
+        anyio.run(main)
 
 
 @cli.command()

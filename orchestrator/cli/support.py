@@ -18,6 +18,7 @@ from orchestrator.app import App, load_app
 from orchestrator.errors import ConfigurationError, InvalidInput, OrchestratorError
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
+from orchestrator.telemetry import Telemetry, open_telemetry
 
 T = TypeVar("T")
 
@@ -75,11 +76,18 @@ def run_body(opts: Options, body: Callable[[Runtime], Awaitable[T]], *, migrate:
     a new event loop, close it, and return what ``body`` returned."""
     app = opts.app()
 
-    async def main() -> T:
-        async with open_runtime(opts.settings, app, apply_migrations=migrate) as runtime:
+    async def main(telemetry: Telemetry) -> T:
+        async with open_runtime(
+            opts.settings,
+            app,
+            apply_migrations=migrate,
+            tracer_provider=telemetry.tracer_provider,
+            meter_provider=telemetry.meter_provider,
+        ) as runtime:
             return await body(runtime)
 
-    return anyio.run(main)
+    with open_telemetry(opts.settings) as telemetry:  # flushed when the command ends
+        return anyio.run(main, telemetry)
 
 
 def workflow_id_arg(value: str) -> UUID:

@@ -43,6 +43,7 @@ from orchestrator.errors import (
     StepError,
     StepLimitReached,
 )
+from orchestrator.metrics import StepOutcome
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
 from orchestrator.step.context import INPUT_SIGNAL, StepContext
@@ -163,6 +164,8 @@ class StepRunner:
                     envelope.agent,
                     taken.attempt,
                 )
+                if entry.idle_ms is not None:  # idle since its last execution's heartbeat
+                    rt.metrics.took_over(envelope.agent, "reclaim", entry.idle_ms / 1000)
                 # This execution's fence from now on, retries after an outage included.
                 attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
                 envelope = taken
@@ -172,6 +175,7 @@ class StepRunner:
                 await self._hand_off(self._ending(envelope, entry, lock))
                 return
             rt.crash.reached("after_claim")
+            rt.metrics.step_attempts.add(1, {"agent": envelope.agent})
             with tracing.span(
                 rt.tracer,
                 f"step {envelope.agent}",
@@ -198,6 +202,7 @@ class StepRunner:
     async def _poison(self, agent: str, entry: streams.Entry, reason: str) -> None:
         """Record an unreadable entry durably, park it on the dead-letter stream, ack it."""
         log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, reason)
+        self.rt.metrics.dead_letters.add(1, {"agent": agent})
         raw = entry.fields.get(streams.FIELD, b"")
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         await self.rt.store.poison(agent=agent, reason=reason, envelope=text)
@@ -224,10 +229,25 @@ class StepRunner:
         ctx = StepContext(
             rt, info, envelope.payload, opened.recorded, cls.tools, opened.waits, opened.signals
         )
-        started = datetime.now(UTC)
         key = (envelope.step_id, envelope.attempt)
         running = _Running(envelope, entry, lock, anyio.current_time(), ctx)
         self.running[key] = running
+        try:
+            ending, outcome = await self._settle(running, opened)
+        finally:
+            # Heartbeats covered the run and the commit, so a slow commit kept the lease.
+            self.running.pop(key, None)
+        rt.metrics.step_ended(envelope.agent, outcome, anyio.current_time() - running.since)
+        await self._hand_off(ending)
+
+    async def _settle(
+        self, running: _Running, opened: steps.OpenStep
+    ) -> tuple[streams.Handoff, StepOutcome]:
+        """Run the agent and commit what came of it: the handoff to send, and the outcome."""
+        rt, ctx = self.rt, running.ctx
+        envelope, entry, lock = running.envelope, running.entry, running.lock
+        cls = rt.app.agents[envelope.agent]
+        started = datetime.now(UTC)
         try:
             try:
                 with running.scope:
@@ -240,11 +260,12 @@ class StepRunner:
                 ending = self._ending(
                     envelope, entry, lock, next=completed.next, status=completed.status
                 )
-                ending = replace(ending, extras=self._memory_extras(ctx, completed.status))
+                extras = self._memory_extras(ctx, completed.status)
+                return replace(ending, extras=extras), "completed"
             except Parked as parked:
                 # Control flow (a BaseException the agent could not swallow): wait durably.
                 running.committing = True
-                ending = await self._park(envelope, entry, lock, ctx, started, parked)
+                return await self._park(envelope, entry, lock, ctx, started, parked), "waiting"
             except FenceRejected:
                 raise
             except INFRA_ERRORS:
@@ -252,14 +273,11 @@ class StepRunner:
             except Exception as exc:
                 running.committing = True
                 ending = await self._fail(envelope, entry, lock, ctx, started, opened, exc)
+                return ending, "failed" if ending.retry is None else "retried"
         except FenceRejected as exc:
             # Another execution owns the step now (or it closed): drop this one quietly.
             log.info("%s", exc)
-            ending = self._ending(envelope, entry, lock)
-        finally:
-            # Heartbeats covered the run and the commit, so a slow commit kept the lease.
-            self.running.pop(key, None)
-        await self._hand_off(ending)
+            return self._ending(envelope, entry, lock), "superseded"
 
     async def _execute(
         self,
@@ -391,11 +409,13 @@ class StepRunner:
             optional_join=rt.app.optional_join(envelope.pipeline),
         )
         if failure.retry is not None:
+            rt.metrics.retries.add(1, {"agent": envelope.agent})
             ending = self._ending(envelope, entry, lock)
             return replace(ending, retry=failure.retry, retry_delay=failure.delay)
         if not failure.workflow_failed:  # a branch ended; its join tolerates the failure
             return self._ending(envelope, entry, lock, next=failure.promoted, status=failure.status)
         # Out of attempts: dead-lettered; the next ticket of its session may start.
+        rt.metrics.dead_letters.add(1, {"agent": envelope.agent})
         ending = self._ending(
             envelope, entry, lock, next=failure.promoted, status=WorkflowStatus.FAILED
         )

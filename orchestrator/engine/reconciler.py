@@ -175,6 +175,8 @@ class Reconciler:
             return 0
         with redis_errors():
             await streams.enqueue(rt.redis, rt.keys, envelope)
+        rt.metrics.requeues.add(1, {"agent": step.agent})
+        rt.metrics.took_over(step.agent, "requeue", step.idle_seconds)
         return 1
 
     async def housekeeping(self) -> None:

@@ -230,6 +230,10 @@ class StepModel:
         completion = await runtime.model.complete(request, output, tools, run_tool, max_turns)
         ctx.usage = ctx.usage + completion.usage
         ctx.model_calls += 1
+        used = completion.usage
+        runtime.metrics.record_model_call(
+            ctx.info.tenant_id, self.name, used.prompt_tokens, used.completion_tokens, 0.0
+        )
         return completion.value
 
 
