@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     pool_size: int = Field(default=10, ge=1)
     block_ms: int = Field(default=1000, ge=1)
     log_level: str = "WARNING"
+    # One line per event: text, or a JSON object (orchestrator.logs).
+    log_format: Literal["text", "json"] = "text"
     # Telemetry (orchestrator.telemetry): where metrics and spans go; none by default.
     # Metrics: console, otlp (the [otlp] extra; OTEL_EXPORTER_OTLP_* say where), or
     # prometheus (a scrape endpoint served by workers on metrics_host:metrics_port).

@@ -33,6 +33,7 @@ from orchestrator.client import Client
 from orchestrator.connections import redis_errors
 from orchestrator.engine.worker import Worker
 from orchestrator.errors import ConfigurationError, InvalidInput, ServiceUnavailable
+from orchestrator.logs import configure as configure_logging
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.store.erasure import Erasure, ErasureStore, refuse_unfinished
@@ -60,7 +61,7 @@ def root(
         if debug
         else getattr(logging, opts.settings.log_level.upper(), logging.WARNING)
     )
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(level, opts.settings.log_format)
     ctx.obj = opts
 
 

@@ -29,7 +29,7 @@ import anyio
 from opentelemetry import trace
 from pydantic import BaseModel
 
-from orchestrator import tracing
+from orchestrator import logs, tracing
 from orchestrator.connections import redis_errors
 from orchestrator.coordination import consolidation, status, streams
 from orchestrator.coordination.locks import Lock
@@ -111,7 +111,18 @@ class StepRunner:
             owner=self.consumer,
         )
         attempt = _Attempt(envelope, takeover)
-        delay, retry = 0.1, False
+        bound = logs.bind_step(envelope)  # every line logged from here names the step
+        try:
+            await self._process_until_done(attempt, entry, lock)
+        finally:
+            logs.unbind(bound)
+
+    async def _process_until_done(
+        self, attempt: _Attempt, entry: streams.Entry, lock: Lock
+    ) -> None:
+        """``_process`` the entry, again after each infrastructure outage, until it is done
+        (or this worker stops)."""
+        envelope, delay, retry = attempt.envelope, 0.1, False
         while True:
             try:
                 if retry:
@@ -124,7 +135,7 @@ class StepRunner:
                     "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
                     envelope.workflow_id,
                     envelope.seq,
-                    agent,
+                    envelope.agent,
                     exc,
                     delay,
                 )
@@ -154,15 +165,25 @@ class StepRunner:
             if attempt.takeover or lock.stolen:
                 taken = await rt.store.take_over(envelope, self.consumer)
                 if taken is None:
-                    log.info("not taking over step %s: closed or not due", envelope.step_id)
+                    log.info(
+                        "workflow %s step %s (%s): not taking over: closed or not due",
+                        envelope.workflow_id,
+                        envelope.seq,
+                        envelope.agent,
+                    )
                     await self._hand_off(self._ending(envelope, entry, lock))
                     return
+                logs.bind_step(taken)  # this task's lines name the new attempt
+                silent = "" if entry.idle_ms is None else f" after {entry.idle_ms / 1000:.1f}s"
                 log.info(
-                    "workflow %s step %s (%s): taking over as attempt %d",
+                    "workflow %s step %s (%s): taking over as attempt %d: attempt %d went "
+                    "silent%s (its worker died or stalled)",
                     envelope.workflow_id,
                     envelope.seq,
                     envelope.agent,
                     taken.attempt,
+                    envelope.attempt,
+                    silent,
                 )
                 if entry.idle_ms is not None:  # idle since its last execution's heartbeat
                     rt.metrics.took_over(envelope.agent, "reclaim", entry.idle_ms / 1000)
@@ -171,7 +192,14 @@ class StepRunner:
                 envelope = taken
             opened = await rt.store.open(envelope)
             if not opened.runnable:
-                log.info("skipping %s step %s: %s", envelope.agent, envelope.step_id, opened.reason)
+                log.info(
+                    "workflow %s step %s (%s): skipping attempt %d: %s",
+                    envelope.workflow_id,
+                    envelope.seq,
+                    envelope.agent,
+                    envelope.attempt,
+                    opened.reason,
+                )
                 await self._hand_off(self._ending(envelope, entry, lock))
                 return
             rt.crash.reached("after_claim")
