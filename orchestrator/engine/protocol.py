@@ -27,6 +27,7 @@ from uuid import UUID
 
 import anyio
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel
 
 from orchestrator import logs, tracing
@@ -162,7 +163,41 @@ class StepRunner:
             return
         self.last[envelope.agent] = envelope
         try:
-            if attempt.takeover or lock.stolen:
+            with tracing.span(
+                rt.tracer,
+                f"step {envelope.agent}",
+                parent=envelope.traceparent,
+                **_span_attributes(envelope, self.consumer),
+            ) as span:
+                opened = await self._claim(attempt, entry, lock)
+                if opened is None:
+                    span.set_attribute("step.outcome", "skipped")
+                    return
+                envelope = attempt.envelope
+                span.set_attribute("step.attempt", envelope.attempt)
+                span.set_attribute("tenant.id", opened.tenant_id)
+                rt.crash.reached("after_claim")
+                rt.metrics.step_attempts.add(1, {"agent": envelope.agent})
+                await self._run_step(envelope, entry, lock, opened)
+        except INFRA_ERRORS:
+            raise  # the lease stays with this worker, which retries (see process)
+        except BaseException:
+            # Shutdown or a defect: free the lease at once (best effort); the entry stays
+            # pending and is taken over.
+            await lock.release_quietly()
+            raise
+
+    async def _claim(
+        self, attempt: _Attempt, entry: streams.Entry, lock: Lock
+    ) -> steps.OpenStep | None:
+        """Take the step under this execution's fence (a new one for a takeover) and read
+        what running it needs; None, the entry acknowledged, when it is not to run."""
+        rt, envelope = self.rt, attempt.envelope
+        takeover = attempt.takeover or lock.stolen
+        with rt.tracer.start_as_current_span(
+            "step.claim", attributes={"step.takeover": takeover}
+        ) as span:
+            if takeover:
                 taken = await rt.store.take_over(envelope, self.consumer)
                 if taken is None:
                     log.info(
@@ -172,26 +207,14 @@ class StepRunner:
                         envelope.agent,
                     )
                     await self._hand_off(self._ending(envelope, entry, lock))
-                    return
-                logs.bind_step(taken)  # this task's lines name the new attempt
-                silent = "" if entry.idle_ms is None else f" after {entry.idle_ms / 1000:.1f}s"
-                log.info(
-                    "workflow %s step %s (%s): taking over as attempt %d: attempt %d went "
-                    "silent%s (its worker died or stalled)",
-                    envelope.workflow_id,
-                    envelope.seq,
-                    envelope.agent,
-                    taken.attempt,
-                    envelope.attempt,
-                    silent,
-                )
-                if entry.idle_ms is not None:  # idle since its last execution's heartbeat
-                    rt.metrics.took_over(envelope.agent, "reclaim", entry.idle_ms / 1000)
+                    return None
+                self._took_over(envelope, taken, entry)
                 # This execution's fence from now on, retries after an outage included.
                 attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
                 envelope = taken
             opened = await rt.store.open(envelope)
             if not opened.runnable:
+                span.set_attribute("step.skipped", opened.reason)
                 log.info(
                     "workflow %s step %s (%s): skipping attempt %d: %s",
                     envelope.workflow_id,
@@ -201,27 +224,25 @@ class StepRunner:
                     opened.reason,
                 )
                 await self._hand_off(self._ending(envelope, entry, lock))
-                return
-            rt.crash.reached("after_claim")
-            rt.metrics.step_attempts.add(1, {"agent": envelope.agent})
-            with tracing.span(
-                rt.tracer,
-                f"step {envelope.agent}",
-                parent=envelope.traceparent,
-                **{
-                    "workflow.id": str(envelope.workflow_id),
-                    "step.seq": envelope.seq,
-                    "step.attempt": envelope.attempt,
-                },
-            ):
-                await self._run_step(envelope, entry, lock, opened)
-        except INFRA_ERRORS:
-            raise  # the lease stays with this worker, which retries (see process)
-        except BaseException:
-            # Shutdown or a defect: free the lease at once (best effort); the entry stays
-            # pending and is taken over.
-            await lock.release_quietly()
-            raise
+                return None
+        return opened
+
+    def _took_over(self, envelope: TaskEnvelope, taken: TaskEnvelope, entry: streams.Entry) -> None:
+        """Log and measure a takeover of ``envelope``'s step as ``taken``'s attempt."""
+        logs.bind_step(taken)  # this task's lines name the new attempt
+        silent = "" if entry.idle_ms is None else f" after {entry.idle_ms / 1000:.1f}s"
+        log.info(
+            "workflow %s step %s (%s): taking over as attempt %d: attempt %d went "
+            "silent%s (its worker died or stalled)",
+            envelope.workflow_id,
+            envelope.seq,
+            envelope.agent,
+            taken.attempt,
+            envelope.attempt,
+            silent,
+        )
+        if entry.idle_ms is not None:  # idle since its last execution's heartbeat
+            self.rt.metrics.took_over(envelope.agent, "reclaim", entry.idle_ms / 1000)
 
     async def _is_dead(self, owner: str) -> bool:
         """Whether the worker named ``owner`` stopped refreshing its liveness key."""
@@ -266,6 +287,7 @@ class StepRunner:
             # Heartbeats covered the run and the commit, so a slow commit kept the lease.
             self.running.pop(key, None)
         rt.metrics.step_ended(envelope.agent, outcome, anyio.current_time() - running.since)
+        trace.get_current_span().set_attribute("step.outcome", outcome)
         await self._hand_off(ending)
 
     async def _settle(
@@ -283,7 +305,8 @@ class StepRunner:
                 if running.scope.cancelled_caught:
                     raise ctx_superseded(envelope)
                 running.committing = True
-                completed = await rt.store.complete(envelope, outcome, opened, rt.app.joins)
+                with rt.tracer.start_as_current_span("step.complete"):
+                    completed = await rt.store.complete(envelope, outcome, opened, rt.app.joins)
                 rt.crash.reached("after_commit")
                 ending = self._ending(
                     envelope, entry, lock, next=completed.next, status=completed.status
@@ -368,15 +391,18 @@ class StepRunner:
     ) -> streams.Handoff:
         """The step waits, durably, for a signal or a time (no worker holds it meanwhile);
         or, when the signal it waits for is already there, runs again at once."""
-        parking = await self.rt.store.park(
-            envelope,
-            parked,
-            ordinal=ctx.waited - 1,
-            recorded=ctx.tool_runs,
-            worker=self.consumer,
-            started_at=started,
-            usage=_usage(self.rt, ctx),
-        )
+        with self.rt.tracer.start_as_current_span(
+            "step.park", attributes={"wait.signal": parked.name or ""}
+        ):
+            parking = await self.rt.store.park(
+                envelope,
+                parked,
+                ordinal=ctx.waited - 1,
+                recorded=ctx.tool_runs,
+                worker=self.consumer,
+                started_at=started,
+                usage=_usage(self.rt, ctx),
+            )
         if parking.rerun is not None:
             return self._ending(envelope, entry, lock, next=[parking.rerun])
         return self._ending(envelope, entry, lock, status=WorkflowStatus.WAITING)
@@ -416,6 +442,9 @@ class StepRunner:
             )
         )
         error = f"{type(exc).__name__}: {exc}"[:2000]
+        step_span = trace.get_current_span()
+        step_span.record_exception(exc)
+        step_span.set_status(Status(StatusCode.ERROR, error))
         log.warning(
             "workflow %s step %s (%s) failure %d/%d (%s): %s",
             envelope.workflow_id,
@@ -426,16 +455,19 @@ class StepRunner:
             "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
             error,
         )
-        failure = await rt.store.fail(
-            envelope,
-            error=error,
-            retry_after=retry_after,
-            recorded=ctx.tool_runs,
-            worker=self.consumer,
-            started_at=started,
-            usage=_usage(rt, ctx),
-            optional_join=rt.app.optional_join(envelope.pipeline),
-        )
+        with rt.tracer.start_as_current_span(
+            "step.fail", attributes={"step.retry": retry_after is not None}
+        ):
+            failure = await rt.store.fail(
+                envelope,
+                error=error,
+                retry_after=retry_after,
+                recorded=ctx.tool_runs,
+                worker=self.consumer,
+                started_at=started,
+                usage=_usage(rt, ctx),
+                optional_join=rt.app.optional_join(envelope.pipeline),
+            )
         if failure.retry is not None:
             rt.metrics.retries.add(1, {"agent": envelope.agent})
             ending = self._ending(envelope, entry, lock)
@@ -518,6 +550,18 @@ def ctx_superseded(envelope: TaskEnvelope) -> FenceRejected:
         step_id=envelope.step_id,
         agent=envelope.agent,
     )
+
+
+def _span_attributes(envelope: TaskEnvelope, worker: str) -> dict[str, Any]:
+    """What a step's span says about it (the attempt is set again after a takeover)."""
+    return {
+        "workflow.id": str(envelope.workflow_id),
+        "step.id": str(envelope.step_id),
+        "step.seq": envelope.seq,
+        "step.agent": envelope.agent,
+        "step.attempt": envelope.attempt,
+        "worker.id": worker,
+    }
 
 
 def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:
