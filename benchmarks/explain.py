@@ -205,6 +205,9 @@ def completion_args(step: Any, final: bool) -> list[Any]:
         1,
         300,
         120,
+        step["seq"] + 1 + len(nxt),  # the workflow's next step number
+        True,  # alone in its workflow: the one-statement path
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # the next steps' parent
     ]
 
 
@@ -224,6 +227,7 @@ async def cases(conn: Conn, n: int) -> list[Case]:
     ticket = {"ticket": {"customer_id": "cus-1", "subject": "Where is ORD-1?", "body": "Late."}}
     submit = [uuid4(), uuid4(), session, tenant, "cus-1", "support", ticket, "0.1.0"]
     submit += ["Where is ORD-1?\n\nLate.", "triage", {"pipeline": "support"}, f"key-{n + 1}"]
+    submit += [True, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]  # consolidate
     prune_ids: list[UUID] = []  # filled by the claim before each delete
 
     async def start_call(c: Conn) -> None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import redis.asyncio as aioredis
 from openai import AsyncOpenAI
+from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Tracer, TracerProvider
 
 from orchestrator import tracing
@@ -26,6 +27,7 @@ from orchestrator.coordination.working_memory import WorkingMemoryCache
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
 from orchestrator.faults import CrashPoints
+from orchestrator.metrics import Metrics
 from orchestrator.models.embeddings import Embedder, LexicalEmbedder, OpenAIEmbedder
 from orchestrator.models.llm import LanguageModel, OfflineModel, OpenAIModel
 from orchestrator.settings import Settings
@@ -58,6 +60,7 @@ class Runtime:
     crash: CrashPoints
     model_limiter: RateLimiter | None = None
     tracer: Tracer = field(default_factory=tracing.tracer)
+    metrics: Metrics = field(default_factory=Metrics)  # no-op unless given a meter
 
     def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         """A pooled connection, bounded in time; infrastructure failures raise
@@ -125,11 +128,15 @@ async def open_runtime(
     *,
     apply_migrations: bool = True,
     tracer_provider: TracerProvider | None = None,
+    meter_provider: MeterProvider | None = None,
     redis_required: bool = True,
 ) -> AsyncIterator[Runtime]:
     """Connect (starting embedded servers for unset URLs), check pgvector, migrate.
-    ``redis_required=False`` opens even while Redis is down (for what only reads
-    Postgres: Redis calls then fail as they are made)."""
+
+    Spans go to ``tracer_provider`` (else the globally configured one); metrics to
+    ``meter_provider``, and nowhere without one (``orchestrator.telemetry`` builds both
+    from the settings). ``redis_required=False`` opens even while Redis is down (for
+    what only reads Postgres: Redis calls then fail as they are made)."""
     with contextlib.ExitStack() as servers:
         redis_url = settings.redis_url or servers.enter_context(
             embedded_redis(settings.home / f"redis-{os.getpid()}")
@@ -173,6 +180,7 @@ async def open_runtime(
                 CrashPoints(settings.crash_at, settings.crash_after),
                 _limiter(settings, redis, keys),
                 tracing.tracer(tracer_provider),
+                Metrics(meter_provider.get_meter("orchestrator") if meter_provider else None),
             )
             if apply_migrations:
                 for hook in app.setup_hooks:

@@ -1,6 +1,7 @@
 """Settings from the environment (``REDIS_URL``, ``DATABASE_URL``, ``ORCHESTRATOR_*``)."""
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import AliasChoices, Field
@@ -46,7 +47,22 @@ class Settings(BaseSettings):
     status_ttl_seconds: int = Field(default=300, ge=1)
     pool_size: int = Field(default=10, ge=1)
     block_ms: int = Field(default=1000, ge=1)
-    log_level: str = "WARNING"
+    # Unset: INFO for `orchestrator worker` (takeovers, leadership: rare lines an operator
+    # wants), WARNING for every other command.
+    log_level: str | None = None
+    # One line per event: text, or a JSON object (orchestrator.logs).
+    log_format: Literal["text", "json"] = "text"
+    # Telemetry (orchestrator.telemetry): where metrics and spans go; none by default.
+    # Metrics: console, otlp (the [otlp] extra; OTEL_EXPORTER_OTLP_* say where), or
+    # prometheus (a scrape endpoint served by workers on metrics_host:metrics_port).
+    metrics_exporter: Literal["none", "console", "otlp", "prometheus"] = "none"
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int = Field(default=9464, ge=1, le=65535)
+    # How often console and otlp metrics are exported.
+    metrics_interval_seconds: float = Field(default=60.0, gt=0)
+    # Spans: console, otlp (the [otlp] extra), or file (JSON lines appended to traces_file).
+    traces_exporter: Literal["none", "console", "otlp", "file"] = "none"
+    traces_file: Path | None = None
     retry_base_seconds: float = Field(default=0.5, gt=0)
     retry_cap_seconds: float = Field(default=30.0, gt=0)
     # An open step with no progress for this long is re-enqueued from Postgres.

@@ -71,6 +71,7 @@ from orchestrator.errors import (
     WaitTimedOut,
 )
 from orchestrator.faults import CrashPoints
+from orchestrator.metrics import Metrics
 from orchestrator.models.embeddings import Embedder, LexicalEmbedder
 from orchestrator.models.llm import (
     Completion,
@@ -447,6 +448,7 @@ class _Services:
     model: LanguageModel
     embedder: Embedder
     tracer: Tracer = field(default_factory=NoOpTracer)
+    metrics: Metrics = field(default_factory=Metrics)
     crash: CrashPoints = field(default_factory=lambda: CrashPoints(None, 1))
     model_limiter: Limiter | None = None
 

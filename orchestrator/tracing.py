@@ -3,9 +3,15 @@
 The submit span's W3C ``traceparent`` rides on the first envelope; each step
 runs in a span that is a child of it and hands its own ``traceparent`` to the
 next envelopes, so submit → triage → research → response form one trace even
-when different workers run them. Spans go to whatever TracerProvider the
-application configured (the OpenTelemetry SDK's, or none: then they cost
-next to nothing).
+when different workers run them. Each step row keeps the traceparent its span
+starts under (``steps.traceparent``), so an envelope rebuilt from Postgres (a
+reconciler requeue, ``resume``, a woken wait, a session's next ticket) stays in
+the workflow's trace. Inside a step's span: ``step.claim``, ``step.complete`` (or
+``step.fail``, ``step.park``), ``model <purpose>`` per model call (model and
+tokens, ``gen_ai.*``), ``memory.recall`` per recall and ``tool <name>`` per tool
+call. Spans go to the TracerProvider given to ``open_runtime`` (see
+``orchestrator.telemetry``), else the globally configured one (none: then they
+cost next to nothing).
 """
 
 from __future__ import annotations

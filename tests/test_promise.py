@@ -730,6 +730,7 @@ async def test_submit_session_check_uses_an_index(rt: Runtime) -> None:
             {"pipeline": "gated", "first_agent": "gated"},
             None,
             False,
+            None,  # traceparent
         )
         assert "workflows_session_open" in _index_names(json.loads(plan)), plan
         # Nothing was written by EXPLAIN.

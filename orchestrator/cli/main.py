@@ -22,6 +22,8 @@ from orchestrator.cli.submit import submit
 from orchestrator.cli.support import ExitCode, Options, err, guard
 from orchestrator.cli.worker import worker
 from orchestrator.cli.workflows import cancel, input_, resume, runs, signal_, status, watch
+from orchestrator.errors import ConfigurationError
+from orchestrator.logs import configure as configure_logging
 
 cli = typer.Typer(
     add_completion=False,
@@ -36,6 +38,10 @@ except ImportError:  # pragma: no cover - older typer on click
     from click import exceptions as parse_errors  # type: ignore[no-redef]
 
 DISTRIBUTION = "durable-agents-runtime"
+
+
+def _default_level(ctx: typer.Context) -> str:
+    return "INFO" if ctx.invoked_subcommand == "worker" else "WARNING"
 
 
 def _print_version(value: bool) -> None:
@@ -60,12 +66,11 @@ def root(
     """Read the settings and set up logging before any command; the commands find the
     Options on ``ctx.obj``."""
     opts = Options(app)
-    level = (
-        logging.DEBUG
-        if debug
-        else getattr(logging, opts.settings.log_level.upper(), logging.WARNING)
-    )
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    name = "DEBUG" if debug else (opts.settings.log_level or _default_level(ctx)).upper()
+    level = logging.getLevelNamesMapping().get(name)
+    if level is None:
+        raise ConfigurationError(f"bad setting log_level: {name!r} is not a logging level")
+    configure_logging(level, opts.settings.log_format)
     ctx.obj = opts
 
 

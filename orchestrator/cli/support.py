@@ -33,6 +33,7 @@ from orchestrator.errors import ConfigurationError, InvalidInput, OrchestratorEr
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
 from orchestrator.store.workflows import prefix_digits
+from orchestrator.telemetry import Telemetry, open_telemetry
 
 T = TypeVar("T")
 
@@ -235,13 +236,19 @@ def run_body(
     return what ``body`` returned."""
     app = opts.app()
 
-    async def main() -> T:
+    async def main(telemetry: Telemetry) -> T:
         async with open_runtime(
-            opts.settings, app, apply_migrations=migrate, redis_required=needs_redis
+            opts.settings,
+            app,
+            apply_migrations=migrate,
+            redis_required=needs_redis,
+            tracer_provider=telemetry.tracer_provider,
+            meter_provider=telemetry.meter_provider,
         ) as runtime:
             return await body(runtime)
 
-    return anyio.run(main)
+    with open_telemetry(opts.settings) as telemetry:  # flushed when the command ends
+        return anyio.run(main, telemetry)
 
 
 def workflow_arg(value: str | None) -> str | None:

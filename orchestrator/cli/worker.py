@@ -10,6 +10,7 @@ from orchestrator.cli.support import Options, err, guard
 from orchestrator.engine.worker import Worker
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
 from orchestrator.runtime import open_runtime
+from orchestrator.telemetry import open_telemetry
 
 
 @guard
@@ -17,6 +18,12 @@ def worker(
     ctx: typer.Context,
     agents: Annotated[str | None, typer.Option(help="comma-separated agents (default all)")] = None,
     concurrency: Annotated[int, typer.Option(min=1)] = 8,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            "--metrics-port", min=1, max=65535, help="serve Prometheus metrics on this port"
+        ),
+    ] = None,
 ) -> None:
     """Run workers until SIGINT/SIGTERM (in-flight steps finish first)."""
     import signal
@@ -49,7 +56,13 @@ def worker(
             delay = 0.5
             while not stop.is_set():
                 try:
-                    async with open_runtime(opts.settings, app, apply_migrations=False) as rt:
+                    async with open_runtime(
+                        opts.settings,
+                        app,
+                        apply_migrations=False,
+                        tracer_provider=telemetry.tracer_provider,
+                        meter_provider=telemetry.meter_provider,
+                    ) as rt:
                         w = Worker(rt, agents=names, concurrency=concurrency)
                         workers.append(w)
                         err.print(
@@ -70,4 +83,5 @@ def worker(
                 delay = min(delay * 2, 10.0)
             tg.cancel_scope.cancel()
 
-    anyio.run(main)
+    with open_telemetry(opts.settings, metrics_port=metrics_port, serve_metrics=True) as telemetry:
+        anyio.run(main)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,9 @@ class Entry:
 
     id: bytes
     fields: dict[FieldT, EncodableT]
+    # A reclaimed entry: how long (ms) it had been idle, i.e. since its last execution's
+    # last heartbeat (touch_in) or delivery: that execution's last sign of life.
+    idle_ms: int | None = None
 
 
 async def ensure_group(client: aioredis.Redis, keys: Keys, agent: str) -> None:
@@ -77,9 +80,10 @@ async def reclaim(
     pending: Any = await client.xpending_range(
         keys.stream(agent), keys.group(agent), start, "+", count, idle=min_idle_ms
     )
-    ids = [p["message_id"] for p in pending]
+    idle = {p["message_id"]: int(p["time_since_delivered"]) for p in pending}
+    ids = list(idle)
     cursor: bytes | str = b"(" + ids[-1] if len(ids) == count else "-"
-    return cursor, await claim(client, keys, agent, consumer, ids, min_idle_ms=min_idle_ms)
+    return cursor, await claim(client, keys, agent, consumer, idle, min_idle_ms=min_idle_ms)
 
 
 async def claim(
@@ -87,18 +91,21 @@ async def claim(
     keys: Keys,
     agent: str,
     consumer: str,
-    ids: Sequence[bytes],
+    ids: Sequence[bytes] | Mapping[bytes, int],
     *,
     min_idle_ms: int,
 ) -> list[Entry]:
-    """XCLAIM ``ids`` still idle for ``min_idle_ms`` (one claimer wins each). Entries
-    deleted from the stream meanwhile (trimmed, lost) are acknowledged, so they do not
-    stay pending forever (Redis 6.2 keeps them); their steps are rebuilt from Postgres."""
+    """XCLAIM ``ids`` still idle for ``min_idle_ms`` (one claimer wins each); given as a
+    mapping, their idle times as XPENDING saw them go on the entries (``Entry.idle_ms``).
+    Entries deleted from the stream meanwhile (trimmed, lost) are acknowledged, so they
+    do not stay pending forever (Redis 6.2 keeps them); their steps are rebuilt from
+    Postgres."""
     if not ids:
         return []
+    idle = ids if isinstance(ids, Mapping) else {}
     stream, group = keys.stream(agent), keys.group(agent)
     claimed: Any = await client.xclaim(stream, group, consumer, min_idle_ms, list(ids))
-    entries = [Entry(i, f) for i, f in claimed if i is not None and f]
+    entries = [Entry(i, f, idle.get(i)) for i, f in claimed if i is not None and f]
     found = {e.id for e in entries}
     missing = [i for i in ids if i not in found]
     if missing:
@@ -122,13 +129,13 @@ async def pending_by_consumer(client: aioredis.Redis, keys: Keys, agent: str) ->
 
 async def pending_of(
     client: aioredis.Redis, keys: Keys, agent: str, owner: str, *, count: int
-) -> list[bytes]:
-    """Ids of up to ``count`` entries pending on the consumer ``owner`` (to claim them when
-    it is dead)."""
+) -> dict[bytes, int]:
+    """Up to ``count`` entries pending on the consumer ``owner`` (to claim them when it is
+    dead): their ids, with how long (ms) each has been idle."""
     rows: Any = await client.xpending_range(
         keys.stream(agent), keys.group(agent), "-", "+", count, consumername=owner
     )
-    return [r["message_id"] for r in rows]
+    return {r["message_id"]: int(r["time_since_delivered"]) for r in rows}
 
 
 async def trim_acknowledged(client: aioredis.Redis, keys: Keys, agent: str) -> None:
@@ -199,6 +206,28 @@ async def lag(client: aioredis.Redis, stream: str, group: dict[Any, Any]) -> int
         return int(known)
     delivered = _text(group["last-delivered-id"])
     return int(await client.eval(COUNT_AFTER, 1, stream, delivered, LAG_SCAN))
+
+
+async def backlog(
+    client: aioredis.Redis, keys: Keys, agents: Sequence[str]
+) -> dict[str, tuple[int, int]]:
+    """(lag, pending) of each agent's consumer group, from XINFO GROUPS in one round trip:
+    entries not yet delivered, and delivered but not acknowledged. A missing stream or
+    group is left out. Redis 6.2 reports no lag: the entries after the last delivered one
+    are counted then, up to ``LAG_SCAN``."""
+    pipe = client.pipeline(transaction=False)
+    for agent in agents:
+        pipe.xinfo_groups(keys.stream(agent))
+    replies = await pipe.execute(raise_on_error=False)
+    found: dict[str, tuple[int, int]] = {}
+    for agent, groups in zip(agents, replies, strict=True):
+        if isinstance(groups, Exception):
+            continue  # no stream yet (or Redis lost it)
+        group = next((g for g in groups if _text(g["name"]) == keys.group(agent)), None)
+        if group is None:
+            continue
+        found[agent] = (await lag(client, keys.stream(agent), group), int(group["pending"]))
+    return found
 
 
 def encode(envelope: TaskEnvelope) -> dict[FieldT, EncodableT]:

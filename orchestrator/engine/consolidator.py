@@ -381,7 +381,9 @@ class Consolidator:
     async def _dead_letter(self, entry: Entry, reason: str, workflow_id: UUID | None) -> None:
         """Keep the entry as a dead letter in Postgres (its failures count against the
         workflow's retry budget) and on the dead-letter stream, then acknowledge it."""
-        log.warning("dead-lettering consolidation entry %r: %s", entry.id, reason)
+        log.warning(
+            "dead-lettering consolidation entry %r (workflow %s): %s", entry.id, workflow_id, reason
+        )
         raw = {_text(k): _text(v) for k, v in entry.fields.items()}
         async with self.rt.db() as conn:
             await dead_letters.add(

@@ -27,9 +27,10 @@ from uuid import UUID
 
 import anyio
 from opentelemetry import trace
+from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel
 
-from orchestrator import tracing
+from orchestrator import logs, tracing
 from orchestrator.connections import redis_errors
 from orchestrator.coordination import consolidation, status, streams
 from orchestrator.coordination.locks import Lock
@@ -43,6 +44,7 @@ from orchestrator.errors import (
     StepError,
     StepLimitReached,
 )
+from orchestrator.metrics import StepOutcome
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
 from orchestrator.step.context import INPUT_SIGNAL, StepContext
@@ -110,7 +112,18 @@ class StepRunner:
             owner=self.consumer,
         )
         attempt = _Attempt(envelope, takeover)
-        delay, retry = 0.1, False
+        bound = logs.bind_step(envelope)  # every line logged from here names the step
+        try:
+            await self._process_until_done(attempt, entry, lock)
+        finally:
+            logs.unbind(bound)
+
+    async def _process_until_done(
+        self, attempt: _Attempt, entry: streams.Entry, lock: Lock
+    ) -> None:
+        """``_process`` the entry, again after each infrastructure outage, until it is done
+        (or this worker stops)."""
+        envelope, delay, retry = attempt.envelope, 0.1, False
         while True:
             try:
                 if retry:
@@ -123,7 +136,7 @@ class StepRunner:
                     "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
                     envelope.workflow_id,
                     envelope.seq,
-                    agent,
+                    envelope.agent,
                     exc,
                     delay,
                 )
@@ -150,38 +163,21 @@ class StepRunner:
             return
         self.last[envelope.agent] = envelope
         try:
-            if attempt.takeover or lock.stolen:
-                taken = await rt.store.take_over(envelope, self.consumer)
-                if taken is None:
-                    log.info("not taking over step %s: closed or not due", envelope.step_id)
-                    await self._hand_off(self._ending(envelope, entry, lock))
-                    return
-                log.info(
-                    "workflow %s step %s (%s): taking over as attempt %d",
-                    envelope.workflow_id,
-                    envelope.seq,
-                    envelope.agent,
-                    taken.attempt,
-                )
-                # This execution's fence from now on, retries after an outage included.
-                attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
-                envelope = taken
-            opened = await rt.store.open(envelope)
-            if not opened.runnable:
-                log.info("skipping %s step %s: %s", envelope.agent, envelope.step_id, opened.reason)
-                await self._hand_off(self._ending(envelope, entry, lock))
-                return
-            rt.crash.reached("after_claim")
             with tracing.span(
                 rt.tracer,
                 f"step {envelope.agent}",
                 parent=envelope.traceparent,
-                **{
-                    "workflow.id": str(envelope.workflow_id),
-                    "step.seq": envelope.seq,
-                    "step.attempt": envelope.attempt,
-                },
-            ):
+                **_span_attributes(envelope, self.consumer),
+            ) as span:
+                opened = await self._claim(attempt, entry, lock)
+                if opened is None:
+                    span.set_attribute("step.outcome", "skipped")
+                    return
+                envelope = attempt.envelope
+                span.set_attribute("step.attempt", envelope.attempt)
+                span.set_attribute("tenant.id", opened.tenant_id)
+                rt.crash.reached("after_claim")
+                rt.metrics.step_attempts.add(1, {"agent": envelope.agent})
                 await self._run_step(envelope, entry, lock, opened)
         except INFRA_ERRORS:
             raise  # the lease stays with this worker, which retries (see process)
@@ -191,6 +187,63 @@ class StepRunner:
             await lock.release_quietly()
             raise
 
+    async def _claim(
+        self, attempt: _Attempt, entry: streams.Entry, lock: Lock
+    ) -> steps.OpenStep | None:
+        """Take the step under this execution's fence (a new one for a takeover) and read
+        what running it needs; None, the entry acknowledged, when it is not to run."""
+        rt, envelope = self.rt, attempt.envelope
+        takeover = attempt.takeover or lock.stolen
+        with rt.tracer.start_as_current_span(
+            "step.claim", attributes={"step.takeover": takeover}
+        ) as span:
+            if takeover:
+                taken = await rt.store.take_over(envelope, self.consumer)
+                if taken is None:
+                    log.info(
+                        "workflow %s step %s (%s): not taking over: closed or not due",
+                        envelope.workflow_id,
+                        envelope.seq,
+                        envelope.agent,
+                    )
+                    await self._hand_off(self._ending(envelope, entry, lock))
+                    return None
+                self._took_over(envelope, taken, entry)
+                # This execution's fence from now on, retries after an outage included.
+                attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
+                envelope = taken
+            opened = await rt.store.open(envelope)
+            if not opened.runnable:
+                span.set_attribute("step.skipped", opened.reason)
+                log.info(
+                    "workflow %s step %s (%s): skipping attempt %d: %s",
+                    envelope.workflow_id,
+                    envelope.seq,
+                    envelope.agent,
+                    envelope.attempt,
+                    opened.reason,
+                )
+                await self._hand_off(self._ending(envelope, entry, lock))
+                return None
+        return opened
+
+    def _took_over(self, envelope: TaskEnvelope, taken: TaskEnvelope, entry: streams.Entry) -> None:
+        """Log and measure a takeover of ``envelope``'s step as ``taken``'s attempt."""
+        logs.bind_step(taken)  # this task's lines name the new attempt
+        silent = "" if entry.idle_ms is None else f" after {entry.idle_ms / 1000:.1f}s"
+        log.info(
+            "workflow %s step %s (%s): taking over as attempt %d: attempt %d went "
+            "silent%s (its worker died or stalled)",
+            envelope.workflow_id,
+            envelope.seq,
+            envelope.agent,
+            taken.attempt,
+            envelope.attempt,
+            silent,
+        )
+        if entry.idle_ms is not None:  # idle since its last execution's heartbeat
+            self.rt.metrics.took_over(envelope.agent, "reclaim", entry.idle_ms / 1000)
+
     async def _is_dead(self, owner: str) -> bool:
         """Whether the worker named ``owner`` stopped refreshing its liveness key."""
         return not (await status.alive(self.rt.redis, self.rt.keys, [owner]))[0]
@@ -198,6 +251,7 @@ class StepRunner:
     async def _poison(self, agent: str, entry: streams.Entry, reason: str) -> None:
         """Record an unreadable entry durably, park it on the dead-letter stream, ack it."""
         log.warning("dead-lettering entry %r of %s: %s", entry.id, agent, reason)
+        self.rt.metrics.dead_letters.add(1, {"agent": agent})
         raw = entry.fields.get(streams.FIELD, b"")
         text = raw.decode(errors="replace") if isinstance(raw, bytes) else str(raw)
         await self.rt.store.poison(agent=agent, reason=reason, envelope=text)
@@ -224,10 +278,26 @@ class StepRunner:
         ctx = StepContext(
             rt, info, envelope.payload, opened.recorded, cls.tools, opened.waits, opened.signals
         )
-        started = datetime.now(UTC)
         key = (envelope.step_id, envelope.attempt)
         running = _Running(envelope, entry, lock, anyio.current_time(), ctx)
         self.running[key] = running
+        try:
+            ending, outcome = await self._settle(running, opened)
+        finally:
+            # Heartbeats covered the run and the commit, so a slow commit kept the lease.
+            self.running.pop(key, None)
+        rt.metrics.step_ended(envelope.agent, outcome, anyio.current_time() - running.since)
+        trace.get_current_span().set_attribute("step.outcome", outcome)
+        await self._hand_off(ending)
+
+    async def _settle(
+        self, running: _Running, opened: steps.OpenStep
+    ) -> tuple[streams.Handoff, StepOutcome]:
+        """Run the agent and commit what came of it: the handoff to send, and the outcome."""
+        rt, ctx = self.rt, running.ctx
+        envelope, entry, lock = running.envelope, running.entry, running.lock
+        cls = rt.app.agents[envelope.agent]
+        started = datetime.now(UTC)
         try:
             try:
                 with running.scope:
@@ -235,16 +305,18 @@ class StepRunner:
                 if running.scope.cancelled_caught:
                     raise ctx_superseded(envelope)
                 running.committing = True
-                completed = await rt.store.complete(envelope, outcome, opened, rt.app.joins)
+                with rt.tracer.start_as_current_span("step.complete"):
+                    completed = await rt.store.complete(envelope, outcome, opened, rt.app.joins)
                 rt.crash.reached("after_commit")
                 ending = self._ending(
                     envelope, entry, lock, next=completed.next, status=completed.status
                 )
-                ending = replace(ending, extras=self._memory_extras(ctx, completed.status))
+                extras = self._memory_extras(ctx, completed.status)
+                return replace(ending, extras=extras), "completed"
             except Parked as parked:
                 # Control flow (a BaseException the agent could not swallow): wait durably.
                 running.committing = True
-                ending = await self._park(envelope, entry, lock, ctx, started, parked)
+                return await self._park(envelope, entry, lock, ctx, started, parked), "waiting"
             except FenceRejected:
                 raise
             except INFRA_ERRORS:
@@ -252,14 +324,11 @@ class StepRunner:
             except Exception as exc:
                 running.committing = True
                 ending = await self._fail(envelope, entry, lock, ctx, started, opened, exc)
+                return ending, "failed" if ending.retry is None else "retried"
         except FenceRejected as exc:
             # Another execution owns the step now (or it closed): drop this one quietly.
             log.info("%s", exc)
-            ending = self._ending(envelope, entry, lock)
-        finally:
-            # Heartbeats covered the run and the commit, so a slow commit kept the lease.
-            self.running.pop(key, None)
-        await self._hand_off(ending)
+            return self._ending(envelope, entry, lock), "superseded"
 
     async def _execute(
         self,
@@ -322,15 +391,18 @@ class StepRunner:
     ) -> streams.Handoff:
         """The step waits, durably, for a signal or a time (no worker holds it meanwhile);
         or, when the signal it waits for is already there, runs again at once."""
-        parking = await self.rt.store.park(
-            envelope,
-            parked,
-            ordinal=ctx.waited - 1,
-            recorded=ctx.tool_runs,
-            worker=self.consumer,
-            started_at=started,
-            usage=_usage(self.rt, ctx),
-        )
+        with self.rt.tracer.start_as_current_span(
+            "step.park", attributes={"wait.signal": parked.name or ""}
+        ):
+            parking = await self.rt.store.park(
+                envelope,
+                parked,
+                ordinal=ctx.waited - 1,
+                recorded=ctx.tool_runs,
+                worker=self.consumer,
+                started_at=started,
+                usage=_usage(self.rt, ctx),
+            )
         if parking.rerun is not None:
             return self._ending(envelope, entry, lock, next=[parking.rerun])
         return self._ending(envelope, entry, lock, status=WorkflowStatus.WAITING)
@@ -370,6 +442,9 @@ class StepRunner:
             )
         )
         error = f"{type(exc).__name__}: {exc}"[:2000]
+        step_span = trace.get_current_span()
+        step_span.record_exception(exc)
+        step_span.set_status(Status(StatusCode.ERROR, error))
         log.warning(
             "workflow %s step %s (%s) failure %d/%d (%s): %s",
             envelope.workflow_id,
@@ -380,22 +455,27 @@ class StepRunner:
             "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
             error,
         )
-        failure = await rt.store.fail(
-            envelope,
-            error=error,
-            retry_after=retry_after,
-            recorded=ctx.tool_runs,
-            worker=self.consumer,
-            started_at=started,
-            usage=_usage(rt, ctx),
-            optional_join=rt.app.optional_join(envelope.pipeline),
-        )
+        with rt.tracer.start_as_current_span(
+            "step.fail", attributes={"step.retry": retry_after is not None}
+        ):
+            failure = await rt.store.fail(
+                envelope,
+                error=error,
+                retry_after=retry_after,
+                recorded=ctx.tool_runs,
+                worker=self.consumer,
+                started_at=started,
+                usage=_usage(rt, ctx),
+                optional_join=rt.app.optional_join(envelope.pipeline),
+            )
         if failure.retry is not None:
+            rt.metrics.retries.add(1, {"agent": envelope.agent})
             ending = self._ending(envelope, entry, lock)
             return replace(ending, retry=failure.retry, retry_delay=failure.delay)
         if not failure.workflow_failed:  # a branch ended; its join tolerates the failure
             return self._ending(envelope, entry, lock, next=failure.promoted, status=failure.status)
         # Out of attempts: dead-lettered; the next ticket of its session may start.
+        rt.metrics.dead_letters.add(1, {"agent": envelope.agent})
         ending = self._ending(
             envelope, entry, lock, next=failure.promoted, status=WorkflowStatus.FAILED
         )
@@ -470,6 +550,18 @@ def ctx_superseded(envelope: TaskEnvelope) -> FenceRejected:
         step_id=envelope.step_id,
         agent=envelope.agent,
     )
+
+
+def _span_attributes(envelope: TaskEnvelope, worker: str) -> dict[str, Any]:
+    """What a step's span says about it (the attempt is set again after a takeover)."""
+    return {
+        "workflow.id": str(envelope.workflow_id),
+        "step.id": str(envelope.step_id),
+        "step.seq": envelope.seq,
+        "step.agent": envelope.agent,
+        "step.attempt": envelope.attempt,
+        "worker.id": worker,
+    }
 
 
 def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:

@@ -179,6 +179,24 @@ class Reconciler:
             return 0
         with redis_errors():
             await streams.enqueue(rt.redis, rt.keys, envelope)
+        rt.metrics.requeues.add(1, {"agent": step.agent})
+        rt.metrics.took_over(step.agent, "requeue", step.idle_seconds)
+        log.info(
+            "workflow %s step %s (%s): re-enqueued as attempt %d: no progress for %.1fs "
+            "and nobody holds it (its worker died, or Redis lost its envelope)",
+            step.workflow_id,
+            step.seq,
+            step.agent,
+            envelope.attempt,
+            step.idle_seconds,
+            extra={
+                "workflow_id": str(step.workflow_id),
+                "step_id": str(step.step_id),
+                "seq": step.seq,
+                "agent": step.agent,
+                "attempt": envelope.attempt,
+            },
+        )
         return 1
 
     async def housekeeping(self) -> None:

@@ -12,6 +12,8 @@ the readers, each in a loop that waits out any Redis or Postgres outage
   Postgres, their ``updated_at`` (the fallback once Redis is lost); a run whose
   lock or fence moved to another execution is cancelled.
 * delayed retries, and the reconciler (one leader per deployment).
+* with a meter (``Runtime.metrics``): its groups' lag and pending, read every few
+  seconds for the stream gauges.
 
 Only a defect in the worker's own code ends it, with one clear error.
 """
@@ -39,6 +41,8 @@ from orchestrator.errors import ConfigurationError, OrchestratorError
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("orchestrator.worker")
+
+STREAM_METRICS_SECONDS = 5.0  # how often a worker with a meter reads its groups' backlog
 
 
 class Worker:
@@ -184,8 +188,17 @@ class Worker:
             )
             if self.reconcile:
                 background.start_soon(Reconciler(self.rt, self.consumer).run, self._stop)
+            metrics = self.rt.metrics
             if self.consolidate:
-                background.start_soon(Consolidator(self.rt, self.consumer).run, self._stop)
+                # Its lag gauges cost a query every few seconds: only when metrics go somewhere.
+                meter = metrics.meter if metrics.enabled else None
+                background.start_soon(
+                    Consolidator(self.rt, self.consumer, meter=meter).run, self._stop
+                )
+            if metrics.enabled:
+                background.start_soon(
+                    self._every, "stream metrics", self._measure_streams, STREAM_METRICS_SECONDS
+                )
             async with anyio.create_task_group() as consumers:
                 for agent in self.agents:
                     consumers.start_soon(self._consume, agent)
@@ -232,6 +245,11 @@ class Worker:
                     log.warning("%s: %s; retrying until it is back", what, exc)
                 failing = True
             await anyio.sleep(interval)
+
+    async def _measure_streams(self) -> None:
+        """Lag and pending of this worker's groups, for the stream gauges."""
+        rt = self.rt
+        rt.metrics.observe_streams(await streams.backlog(rt.redis, rt.keys, self.agents))
 
     async def _move_delayed(self) -> None:
         if not self._stop.is_set():
@@ -330,10 +348,10 @@ class Worker:
         if not owners:
             return []
         alive = await status.alive(rt.redis, rt.keys, owners)
-        ids: list[bytes] = []
+        ids: dict[bytes, int] = {}  # entry id -> idle ms (since the owner last touched it)
         for owner, is_alive in zip(owners, alive, strict=True):
             if not is_alive and len(ids) < count:
-                ids += await streams.pending_of(
+                ids |= await streams.pending_of(
                     rt.redis, rt.keys, agent, owner, count=count - len(ids)
                 )
         if ids:

@@ -227,9 +227,20 @@ class StepModel:
         runtime, ctx = self._ctx._services, self._ctx
         if runtime.model_limiter is not None:
             await runtime.model_limiter.take(ctx.info.tenant_id)
-        completion = await runtime.model.complete(request, output, tools, run_tool, max_turns)
+        # A span per call (the tool calls the model makes are its children).
+        with runtime.tracer.start_as_current_span(
+            f"model {request.purpose}",
+            attributes={"gen_ai.request.model": self.name, "model.purpose": request.purpose},
+        ) as span:
+            completion = await runtime.model.complete(request, output, tools, run_tool, max_turns)
+            used = completion.usage
+            span.set_attribute("gen_ai.usage.input_tokens", used.prompt_tokens)
+            span.set_attribute("gen_ai.usage.output_tokens", used.completion_tokens)
         ctx.usage = ctx.usage + completion.usage
         ctx.model_calls += 1
+        runtime.metrics.record_model_call(
+            ctx.info.tenant_id, self.name, used.prompt_tokens, used.completion_tokens, 0.0
+        )
         return completion.value
 
 

@@ -82,6 +82,7 @@ class ToolLedger:
                     agent=self.info.agent,
                 )
             if recorded.status == "succeeded":
+                self._services.metrics.tool_call(name, replayed=True)
                 return recorded.result
         if spec.idempotent:
             return await self._call_buffered(spec, run)
@@ -115,6 +116,7 @@ class ToolLedger:
             if seen is None:
                 raise self._fenced_out(f"tool call {run.key}")
             if seen.status == "succeeded":
+                self._services.metrics.tool_call(spec.name, replayed=True)
                 return seen.result
             if seen.status == "started" and not seen.lapsed:
                 await anyio.sleep(IN_DOUBT_POLL_SECONDS)  # its owner may still record it
@@ -174,6 +176,7 @@ class ToolLedger:
             return _CHANGED
         result = _jsonable(spec.name, found)
         if await self._take(seen, "succeeded", result=result):
+            self._services.metrics.tool_call(spec.name, replayed=True)  # adopted, not called
             return result
         return _CHANGED
 
@@ -198,6 +201,7 @@ class ToolLedger:
         )
 
     async def _invoke(self, spec: ToolSpec, run: ToolRun) -> Any:
+        self._services.metrics.tool_call(spec.name, replayed=False)
         extra: dict[str, Any] = {}
         if spec.takes_key:
             extra["idempotency_key"] = run.key

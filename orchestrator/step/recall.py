@@ -55,7 +55,27 @@ async def recall_for_step(
     kinds: Sequence[str] | None = None,
 ) -> RecallResult:
     """The ``k`` memories of this step's customer (and tenant-wide ones) that best match
-    ``query``, hybrid (vector and full text), from the session's cache when it is current."""
+    ``query``, hybrid (vector and full text), from the session's cache when it is current.
+    One span per recall (``memory.recall``: how many, how, whether cached; never the
+    query's text, which may be personal)."""
+    with services.tracer.start_as_current_span(
+        "memory.recall", attributes={"memory.k": k, "memory.kinds": list(kinds or [])}
+    ) as span:
+        found = await _recall(services, info, query, k=k, kinds=kinds)
+        span.set_attribute("memory.cached", found.cached)
+        span.set_attribute("memory.mode", found.mode)
+        span.set_attribute("memory.count", len(found.memories))
+        return found
+
+
+async def _recall(
+    services: StepServices,
+    info: StepInfo,
+    query: str,
+    *,
+    k: int,
+    kinds: Sequence[str] | None,
+) -> RecallResult:
     customers = list(dict.fromkeys([info.customer_id, ""]))
     embedder = services.embedder.name
     cache = services.recall_cache

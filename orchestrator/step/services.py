@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from opentelemetry.trace import Tracer
 
 from orchestrator.faults import CrashPoints
+from orchestrator.metrics import Metrics
 from orchestrator.models.embeddings import Embedder
 from orchestrator.models.llm import LanguageModel
 from orchestrator.schemas.memory import Patch, WorkingMemory
@@ -117,6 +118,11 @@ class StepServices(Protocol):
     @property
     def tracer(self) -> Tracer:
         """The OpenTelemetry tracer (tool calls are spans)."""
+        ...
+
+    @property
+    def metrics(self) -> Metrics:
+        """The runtime's metric instruments (tool calls, model usage)."""
         ...
 
     @property

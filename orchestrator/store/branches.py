@@ -40,13 +40,14 @@ FOR NO KEY UPDATE
 """
 JOIN_AGENT = "SELECT agent FROM steps WHERE id = $1"
 INSERT_STEPS = """
-INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
-SELECT i, $1, q, a, $2, s, $3
+INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input, traceparent)
+SELECT i, $1, q, a, $2, s, $3, $8
 FROM unnest($4::uuid[], $5::int[], $6::text[], $7::text[]) AS x(i, q, a, s)
 """
 # Conditional on 'pending': a join is promoted once, whatever happens around it.
 PROMOTE_JOIN = """
-UPDATE steps SET status = 'queued', input = $2, updated_at = now()
+UPDATE steps SET status = 'queued', input = $2, updated_at = now(),
+                 traceparent = coalesce($3, traceparent)
 WHERE id = $1 AND status = 'pending'
 RETURNING id, seq, agent, assigned_by, attempt
 """
@@ -157,6 +158,7 @@ async def settle(
             [r[1] for r in rows],
             [r[2] for r in rows],
             [r[3] for r in rows],
+            traceparent or envelope.traceparent,
         )
     if len(handed) > 1:
         wf.events.append((EventType.WORKFLOW_FORKED, {"branches": [e.agent for e in handed]}))
@@ -199,6 +201,7 @@ async def fail_branch(
             [wf.next_seq],
             [join],
             ["pending"],
+            envelope.traceparent,
         )
         wf.next_seq += 1
     handed = await _after_branch_end(conn, envelope, wf, envelope.traceparent)
@@ -215,7 +218,9 @@ async def _after_branch_end(
         wf.status = WorkflowStatus.COMPLETED.value
         wf.events.append((EventType.WORKFLOW_COMPLETED, {}))
         return []
-    row = await conn.fetchrow(PROMOTE_JOIN, wf.join_step, wf.state)
+    row = await conn.fetchrow(
+        PROMOTE_JOIN, wf.join_step, wf.state, traceparent or envelope.traceparent
+    )
     wf.join_step, wf.join_agent = None, None
     if row is None:  # not pending any more (cannot happen under the lock; stay safe)
         wf.status = WorkflowStatus.COMPLETED.value

@@ -36,7 +36,8 @@ def next_step(
 
 
 def of_row(row: Any) -> TaskEnvelope:
-    """The envelope of a step row joined with its workflow's tenant and pipeline."""
+    """The envelope of a step row joined with its workflow's tenant and pipeline; its
+    stored ``traceparent`` keeps it in the workflow's trace."""
     return TaskEnvelope(
         workflow_id=row["workflow_id"],
         step_id=row["id"],
@@ -47,4 +48,5 @@ def of_row(row: Any) -> TaskEnvelope:
         pipeline=row["pipeline"],
         assigned_by=row["assigned_by"],
         payload=row["input"],
+        traceparent=row["traceparent"],
     )

@@ -359,6 +359,14 @@ CREATE POLICY engine_sweeps ON memories FOR SELECT
     USING (current_setting('orchestrator.sweep', true) = 'memories');
 """
 
+V10_TRACE_CONTEXT = """
+-- The W3C traceparent each step's span is started under (the submit span's for the first
+-- step, then the span of the step that handed on to it), so an envelope rebuilt from
+-- Postgres (a reconciler requeue, resume, a woken wait, a session's next ticket) keeps the
+-- workflow's trace. Nullable, no default: adding it rewrites nothing.
+ALTER TABLE steps ADD COLUMN traceparent text;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -369,6 +377,7 @@ MIGRATIONS: tuple[str, ...] = (
     V7_GENERAL_ENGINE,
     V8_MEMORY,
     V9_ERASURE,
+    V10_TRACE_CONTEXT,
 )
 
 CREATE_VERSION_TABLE = """

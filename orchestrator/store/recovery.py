@@ -22,7 +22,8 @@ from orchestrator.store import events as audit
 # their envelope may be lost with Redis, or their worker dead.
 SELECT_STALLED = """
 SELECT s.id, s.agent, s.attempt, s.workflow_id, s.seq,
-       (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms
+       (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms,
+       extract(epoch FROM now() - s.updated_at)::float8 AS idle_seconds
 FROM steps s JOIN workflows w ON w.id = s.workflow_id
 WHERE s.status = 'queued' AND w.status = 'running'
   AND s.updated_at < now() - make_interval(secs => $1)
@@ -37,7 +38,7 @@ FROM workflows w
 WHERE s.id = $1 AND s.status = 'queued' AND w.id = s.workflow_id AND w.status = 'running'
   AND ($2::int IS NULL OR s.attempt = $2)
 RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
-          w.tenant_id, w.pipeline
+          s.traceparent, w.tenant_id, w.pipeline
 """
 # Running steps prove they are alive (the fallback once Redis is lost), in one
 # statement per worker; a step missing from the answer was fenced out.
@@ -105,6 +106,9 @@ class Stalled:
     attempt: int
     workflow_id: UUID
     seq: int
+    # Seconds since then (Postgres clock): how long its last execution, if any, has been
+    # silent (the takeover time a requeue reports).
+    idle_seconds: float = 0.0
 
 
 async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[Stalled]:
@@ -112,7 +116,15 @@ async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[St
     ``older_than`` seconds, oldest first."""
     rows = await conn.fetch(SELECT_STALLED, older_than, limit)
     return [
-        Stalled(r["id"], r["agent"], r["updated_ms"], r["attempt"], r["workflow_id"], r["seq"])
+        Stalled(
+            r["id"],
+            r["agent"],
+            r["updated_ms"],
+            r["attempt"],
+            r["workflow_id"],
+            r["seq"],
+            r["idle_seconds"],
+        )
         for r in rows
     ]
 
@@ -207,7 +219,7 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
 
 SELECT_STEP_ENVELOPE = """
 SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
-       w.tenant_id, w.pipeline
+       s.traceparent, w.tenant_id, w.pipeline
 FROM steps s JOIN workflows w ON w.id = s.workflow_id WHERE s.id = $1
 """
 

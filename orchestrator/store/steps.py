@@ -92,8 +92,8 @@ WITH closed AS (
     INSERT INTO checkpoints (workflow_id, seq, agent, state)
     SELECT workflow_id, $13, $14, $15 FROM closed
 ), next_steps AS (
-    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
-    SELECT i, c.workflow_id, q, a, $14, 'queued', $15
+    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input, traceparent)
+    SELECT i, c.workflow_id, q, a, $14, 'queued', $15, $29
     FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running' AND $28,
          unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
     RETURNING id
@@ -338,6 +338,7 @@ async def _close(
         *outcome.usage.row(),
         opened.next_seq + len(nxt),
         linear,
+        outcome.traceparent or envelope.traceparent,  # what the next steps' spans start under
     )
     if row is None or not row["closed"]:
         raise _rejected("completion", envelope)

@@ -73,7 +73,7 @@ UPDATE steps s SET attempt = s.attempt + 1, updated_at = now(), not_before = NUL
 FROM workflows w
 WHERE s.id = $1 AND s.attempt = $2 AND s.status = 'queued' AND w.id = s.workflow_id
 RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
-          w.tenant_id, w.pipeline
+          s.traceparent, w.tenant_id, w.pipeline
 """
 INSERT_SIGNAL = """
 INSERT INTO signals (workflow_id, name, payload)
@@ -106,7 +106,8 @@ WITH due AS (
     UPDATE steps s SET status = 'queued', attempt = s.attempt + 1, waiting_for = NULL,
                        not_before = NULL, question = NULL, updated_at = now()
     FROM due WHERE s.id = due.id
-    RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input
+    RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
+              s.traceparent
 ), resumed AS (
     UPDATE workflows SET status = 'running', updated_at = now()
     WHERE id IN (SELECT workflow_id FROM woken) AND status = 'waiting'
@@ -116,7 +117,7 @@ WITH due AS (
     FROM woken
 )
 SELECT k.id, k.workflow_id, k.seq, k.agent, k.assigned_by, k.attempt, k.input,
-       w.tenant_id, w.pipeline
+       k.traceparent, w.tenant_id, w.pipeline
 FROM woken k JOIN workflows w ON w.id = k.workflow_id
 WHERE w.status IN ('running', 'waiting')
 """

@@ -44,8 +44,8 @@ WITH owner AS (
     INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
     SELECT $3, $4, id, 'customer', $5, $9 FROM workflow_row
 ), step_row AS (
-    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
-    SELECT $2, id, 0, $10, 'submit', 'queued', $7 FROM workflow_row
+    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input, traceparent)
+    SELECT $2, id, 0, $10, 'submit', 'queued', $7, $14 FROM workflow_row
 ), event_row AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT id, NULL, 'workflow.submitted', $11 FROM workflow_row
@@ -130,6 +130,7 @@ async def create(conn: Conn, sub: Submission) -> Created:
         {"pipeline": sub.pipeline, "first_agent": sub.first_agent},
         sub.key,
         sub.consolidate,
+        sub.traceparent,
     )
     if status is None and sub.key is not None:
         existing = await conn.fetchval(SELECT_BY_KEY, sub.tenant, sub.key)
