@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -115,6 +116,9 @@ def _start_pgserver(directory: Path) -> Any:
         raise ConfigurationError(
             f"DATABASE_URL is unset and no embedded Postgres: {_INSTALL_HINT}"
         ) from exc
+    # pgserver narrates every pg_ctl call at INFO: a worker (which logs at INFO) would
+    # print a screenful of it at start.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     try:
         _forget_dead_handles(pgserver, directory)
         get_server: Any = getattr(pgserver, "get_server")  # noqa: B009 - untyped package

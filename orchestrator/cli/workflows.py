@@ -167,7 +167,7 @@ async def _follow_events(runtime: Runtime, wid: UUID, *, live: bool) -> None:
         while True:
             state = await runtime.store.workflow_status(wid)
             for event in await runtime.store.events_after(wid, last):
-                out.print(event_line(event), highlight=False)
+                out.print(event_line(event), highlight=False, soft_wrap=True)
                 last = event.id
             if state.terminal or not live:  # embedded: nothing else can move it on
                 break
