@@ -150,11 +150,16 @@ class Client:
         return workflow_id
 
     async def runs(
-        self, *, status: WorkflowStatus | None = None, tenant: str | None = None, limit: int = 20
+        self,
+        *,
+        status: WorkflowStatus | None = None,
+        tenant: str | None = None,
+        limit: int = 20,
+        order: workflows.RunOrder = workflows.RunOrder.CREATED,
     ) -> list[dict[str, Any]]:
-        """The most recent workflows, newest first."""
+        """Workflows, newest first (or costliest first: ``order=RunOrder.COST``)."""
         return await self.rt.store.recent(
-            status=status.value if status else None, tenant=tenant, limit=limit
+            status=status.value if status else None, tenant=tenant, limit=limit, order=order
         )
 
     async def watch(self) -> AsyncIterator[Signal]:

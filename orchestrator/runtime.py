@@ -28,6 +28,7 @@ from orchestrator.errors import ConfigurationError, ServiceUnavailable
 from orchestrator.faults import CrashPoints
 from orchestrator.models.embeddings import Embedder, LexicalEmbedder, OpenAIEmbedder
 from orchestrator.models.llm import LanguageModel, OfflineModel, OpenAIModel
+from orchestrator.models.pricing import Pricing
 from orchestrator.settings import Settings
 from orchestrator.store import Conn, memory
 from orchestrator.store.migrations import (
@@ -58,6 +59,8 @@ class Runtime:
     crash: CrashPoints
     model_limiter: RateLimiter | None = None
     tracer: Tracer = field(default_factory=tracing.tracer)
+    # What model calls cost (the model_prices setting over the defaults).
+    pricing: Pricing = field(default_factory=Pricing)
 
     def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         """A pooled connection, bounded in time; infrastructure failures raise
@@ -169,6 +172,7 @@ async def open_runtime(
                 CrashPoints(settings.crash_at, settings.crash_after),
                 _limiter(settings, redis, keys),
                 tracing.tracer(tracer_provider),
+                Pricing(settings.model_prices),
             )
             if apply_migrations:
                 for hook in app.setup_hooks:

@@ -26,6 +26,7 @@ from orchestrator.cli.render import (
     print_summary,
     recognition_line,
     steps_table,
+    usd,
     workflow_panel,
 )
 from orchestrator.cli.support import Options, err, guard, out, run_body, workflow_id_arg
@@ -36,6 +37,7 @@ from orchestrator.errors import ConfigurationError, InvalidInput, ServiceUnavail
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.store.erasure import Erasure, ErasureStore, refuse_unfinished
+from orchestrator.store.workflows import RunOrder
 
 cli = typer.Typer(
     add_completion=False,
@@ -299,12 +301,15 @@ def runs(
     status: Annotated[WorkflowStatus | None, typer.Option(help="only this status")] = None,
     tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    sort: Annotated[
+        RunOrder, typer.Option(help="created: newest first; cost: costliest first")
+    ] = RunOrder.CREATED,
 ) -> None:
-    """List recent workflows, newest first."""
+    """List recent workflows, newest first (or costliest first: --sort cost)."""
 
     async def body(runtime: Runtime) -> None:
-        rows = await Client(runtime).runs(status=status, tenant=tenant, limit=limit)
-        table = Table("workflow", "tenant", "pipeline", "status", "created", "error")
+        rows = await Client(runtime).runs(status=status, tenant=tenant, limit=limit, order=sort)
+        table = Table("workflow", "tenant", "pipeline", "status", "created", "cost", "error")
         for r in rows:
             table.add_row(
                 str(r["id"]),
@@ -312,6 +317,7 @@ def runs(
                 r["pipeline"],
                 r["status"],
                 r["created_at"].isoformat(timespec="seconds"),
+                usd(r["cost_usd"]),
                 (r["error"] or "")[:60],
             )
         out.print(table)

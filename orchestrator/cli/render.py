@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from decimal import Decimal
 from typing import Any
 
 from rich.console import Console, Group
@@ -117,3 +118,15 @@ def recognition_line(record: WorkflowRecord) -> str:
         return f"{who}: not recognised (nothing remembered)"
     kinds = ", ".join(f"{m['kind']} memory:{m['id']}" for m in remembered)
     return f"{who}: recognised, recalled {len(remembered)} memories ({kinds})"
+
+
+def usd(amount: Decimal | float | None) -> str:
+    """An amount in USD for a table: ``$12.34`` from a dollar up, else up to six decimals
+    (``$0.000185``); ``$0`` for nothing, ``<$0.000001`` for less."""
+    value = Decimal(str(amount or 0))
+    if value == 0:
+        return "$0"
+    if abs(value) >= 1:
+        return f"${value:,.2f}"
+    digits = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "<$0.000001" if digits in ("0", "-0") else f"${digits}"

@@ -473,8 +473,13 @@ def ctx_superseded(envelope: TaskEnvelope) -> FenceRejected:
 
 
 def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:
+    name = runtime.model.name
     return steps.ModelUse(
-        runtime.model.name, ctx.model_calls, ctx.usage.prompt_tokens, ctx.usage.completion_tokens
+        name,
+        ctx.model_calls,
+        ctx.usage.prompt_tokens,
+        ctx.usage.completion_tokens,
+        runtime.pricing.cost(name, ctx.usage),
     )
 
 

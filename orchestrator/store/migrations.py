@@ -359,6 +359,14 @@ CREATE POLICY engine_sweeps ON memories FOR SELECT
     USING (current_setting('orchestrator.sweep', true) = 'memories');
 """
 
+V10_COST = """
+-- What model calls cost (USD, exact): per step attempt, summed per workflow by the
+-- attempt's own transaction (completion, failure or parking). No index on the workflow's
+-- cost: a completion adding to it stays a HOT update; `runs --sort cost` sorts a scan.
+ALTER TABLE step_attempts ADD COLUMN cost_usd numeric NOT NULL DEFAULT 0;
+ALTER TABLE workflows ADD COLUMN cost_usd numeric NOT NULL DEFAULT 0;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -369,6 +377,7 @@ MIGRATIONS: tuple[str, ...] = (
     V7_GENERAL_ENGINE,
     V8_MEMORY,
     V9_ERASURE,
+    V10_COST,
 )
 
 CREATE_VERSION_TABLE = """

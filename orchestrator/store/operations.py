@@ -20,6 +20,7 @@ from orchestrator.errors import Parked
 from orchestrator.schemas import TaskEnvelope, WorkflowRecord, WorkflowStatus
 from orchestrator.store import (
     Conn,
+    costs,
     dead_letters,
     erasure,
     prune,
@@ -55,6 +56,11 @@ class Store:
         return transcripts.TranscriptStore(self._connect)
 
     @property
+    def costs(self) -> costs.CostStore:
+        """Model costs per step and per tenant."""
+        return costs.CostStore(self._connect)
+
+    @property
     def erasure(self) -> erasure.ErasureStore:
         """Erasing one customer of one tenant (``orchestrator forget``)."""
         return erasure.ErasureStore(self._connect)
@@ -81,11 +87,18 @@ class Store:
             return await workflows.terminal_statuses(conn, workflow_ids)
 
     async def recent(
-        self, *, status: str | None, tenant: str | None, limit: int
+        self,
+        *,
+        status: str | None,
+        tenant: str | None,
+        limit: int,
+        order: workflows.RunOrder = workflows.RunOrder.CREATED,
     ) -> list[dict[str, Any]]:
-        """The most recent workflows, newest first, optionally by status and tenant."""
+        """Workflows newest (or costliest) first, optionally by status and tenant."""
         async with self._connect() as conn:
-            return await workflows.recent(conn, status=status, tenant=tenant, limit=limit)
+            return await workflows.recent(
+                conn, status=status, tenant=tenant, limit=limit, order=order
+            )
 
     async def cancel(self, workflow_id: UUID) -> list[TaskEnvelope] | None:
         """Cancel an unfinished workflow (None if finished); returns what starts next."""

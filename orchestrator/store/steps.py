@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import uuid4
 
@@ -75,8 +76,8 @@ WITH closed AS (
     RETURNING id, workflow_id
 ), attempt_row AS (
     INSERT INTO step_attempts (step_id, attempt, worker, outcome, started_at, model,
-                               model_calls, prompt_tokens, completion_tokens)
-    SELECT id, $2, $4, 'completed', $5, $23, $24, $25, $26 FROM closed
+                               model_calls, prompt_tokens, completion_tokens, cost_usd)
+    SELECT id, $2, $4, 'completed', $5, $23, $24, $25, $26, $27 FROM closed
 ), run_rows AS (
     INSERT INTO tool_runs (idempotency_key, workflow_id, step_id, ordinal, tool, attempt,
                            status, args, result, error, finished_at)
@@ -94,7 +95,7 @@ WITH closed AS (
 ), next_steps AS (
     INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input)
     SELECT i, c.workflow_id, q, a, $14, 'queued', $15
-    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running' AND $28,
+    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running' AND $29,
          unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
     RETURNING id
 ), transcript AS (
@@ -102,14 +103,21 @@ WITH closed AS (
     SELECT w.session_id, w.tenant_id, w.id, 'agent', $14, m
     FROM closed c JOIN workflows w ON w.id = c.workflow_id, unnest($19::text[]) AS m
 ), workflow_row AS (
-    -- Only for a step alone in its workflow ($28); branches settle under the row lock
+    -- Only for a step alone in its workflow ($29); branches settle under the row lock
     -- in the same transaction (store.branches).
     UPDATE workflows
-    SET state = $15, status = $20::text, updated_at = now(), next_seq = $27,
+    SET state = $15, status = $20::text, updated_at = now(), next_seq = $28,
         open_steps = cardinality($16::uuid[]),
-        completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END
-    WHERE id = (SELECT workflow_id FROM closed) AND status = 'running' AND $28::bool
+        completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END,
+        cost_usd = cost_usd + $27
+    WHERE id = (SELECT workflow_id FROM closed) AND status = 'running' AND $29::bool
     RETURNING session_id, status
+), workflow_cost AS (
+    -- The cost, when workflow_row leaves the row alone (a branch, a cancelled workflow):
+    -- the conditions exclude each other, so the row is updated once by this statement.
+    UPDATE workflows SET cost_usd = cost_usd + $27
+    WHERE id = (SELECT workflow_id FROM closed) AND $27 > 0
+      AND NOT (status = 'running' AND $29::bool)
 ), event_rows AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT c.workflow_id, c.id, t, d::jsonb
@@ -123,10 +131,15 @@ SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps
                       WHERE q.session_id = wr.session_id AND q.status = 'queued'))
            AS session_with_queue
 """
+# A failed or parked attempt, and its cost added to the workflow: one statement of the
+# failure's or parking's transaction.
 INSERT_ATTEMPT = """
-INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
-                           model_calls, prompt_tokens, completion_tokens)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+WITH attempt_row AS (
+    INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
+                               model_calls, prompt_tokens, completion_tokens, cost_usd)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+)
+UPDATE workflows SET cost_usd = cost_usd + $11 WHERE id = $12 AND $11 > 0
 """
 UPDATE_WORKFLOW = """
 UPDATE workflows
@@ -169,15 +182,17 @@ class ModelUse:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
 
-    def row(self) -> tuple[str | None, int, int, int]:
+    def row(self) -> tuple[str | None, int, int, int, Decimal]:
         """The attempt row's values: model (None when no call was made), calls, prompt
-        and completion tokens."""
+        and completion tokens, cost in USD."""
         return (
             self.model if self.calls else None,
             self.calls,
             self.prompt_tokens,
             self.completion_tokens,
+            self.cost_usd,
         )
 
 
@@ -500,6 +515,7 @@ async def _record_attempt(
         error,
         started_at,
         *usage.row(),
+        envelope.workflow_id,
     )
     await tool_runs.insert_finished(
         conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded

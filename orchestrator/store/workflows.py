@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -67,10 +68,26 @@ SELECT id, status FROM workflows
 WHERE id = ANY($1::uuid[]) AND status IN ('completed', 'failed', 'cancelled')
 """
 LIST_RECENT = """
-SELECT id, tenant_id, pipeline, status, error, created_at, completed_at FROM workflows
+SELECT id, tenant_id, pipeline, status, error, created_at, completed_at, cost_usd FROM workflows
 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR tenant_id = $2)
 ORDER BY created_at DESC LIMIT $3
 """
+# Costliest first (newest first among equals). No index on cost (see migration V10).
+LIST_COSTLIEST = """
+SELECT id, tenant_id, pipeline, status, error, created_at, completed_at, cost_usd FROM workflows
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR tenant_id = $2)
+ORDER BY cost_usd DESC, created_at DESC LIMIT $3
+"""
+
+
+class RunOrder(StrEnum):
+    """How ``runs`` orders workflows: newest first, or costliest first."""
+
+    CREATED = "created"
+    COST = "cost"
+
+
+_LISTS = {RunOrder.CREATED: LIST_RECENT, RunOrder.COST: LIST_COSTLIEST}
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,7 +198,13 @@ async def terminal_statuses(conn: Conn, workflow_ids: list[UUID]) -> dict[UUID, 
 
 
 async def recent(
-    conn: Conn, *, status: str | None, tenant: str | None, limit: int
+    conn: Conn,
+    *,
+    status: str | None,
+    tenant: str | None,
+    limit: int,
+    order: RunOrder = RunOrder.CREATED,
 ) -> list[dict[str, Any]]:
-    """The newest ``limit`` workflows, filtered by ``status`` and ``tenant`` when given."""
-    return [dict(r) for r in await conn.fetch(LIST_RECENT, status, tenant, limit)]
+    """The first ``limit`` workflows in ``order`` (newest or costliest first), filtered by
+    ``status`` and ``tenant`` when given."""
+    return [dict(r) for r in await conn.fetch(_LISTS[order], status, tenant, limit)]
