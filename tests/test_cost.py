@@ -1,8 +1,9 @@
 """Cost accounting on real Postgres: per attempt, step, workflow and tenant; `runs --sort
-cost`; the price table."""
+cost`; per-tenant budgets that stop model calls; the price table."""
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -18,9 +19,10 @@ from orchestrator.models.pricing import Pricing
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import ModelPrice, Settings
+from orchestrator.store import tenancy
 from orchestrator.store.workflows import RunOrder
 from orchestrator.testing import ScriptedModel
-from tests.conftest import fetch
+from tests.conftest import fetch, owner_connection
 from tests.cost_app import (
     PLAN_USD,
     WRITE_USD,
@@ -29,7 +31,7 @@ from tests.cost_app import (
     priced_runtime,
     scripted_model,
 )
-from tests.test_cli import run_cli
+from tests.test_cli import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -126,7 +128,117 @@ async def test_runs_sort_by_cost(rt: Runtime) -> None:
     assert run_cli("runs", "--sort", "price", env=cli_env).returncode == 2  # usage error
 
 
-async def test_the_offline_model_costs_nothing(support: Runtime) -> None:
+async def test_a_spent_budget_stops_the_next_steps_model_calls(
+    rt: Runtime, model: ScriptedModel
+) -> None:
+    cli_env = _env(rt.settings)
+    await _run(rt, ("write", "acme"))  # $0.012 spent before the budget exists
+    set_out = run_cli("budget", "set", "--tenant", "acme", "--usd", "0.02", env=cli_env)
+    assert set_out.returncode == 0, set_out.stderr
+    assert "budget of tenant acme: $0.02 (spent $0.012, $0.008 left)" in set_out.stdout
+
+    # Under budget when it opens: runs, and overruns ($0.024 of $0.02).
+    # Then the next step of the tenant finds it spent: no model call, a clear failure.
+    within, stopped, elsewhere = await _run(
+        rt, ("write", "acme"), ("plan_write", "acme"), ("write", "globex")
+    )
+    client = Client(rt)
+    assert (await client.get(within)).status is WorkflowStatus.COMPLETED
+    assert (await client.get(elsewhere)).status is WorkflowStatus.COMPLETED
+    failed = await client.get(stopped)
+    assert failed.status is WorkflowStatus.FAILED
+    assert failed.error is not None
+    assert failed.error.startswith("planner: BudgetExceeded: tenant 'acme' has spent its model")
+    assert "($0.0240 of $0.02)" in failed.error
+    assert "orchestrator budget set --tenant acme --usd N" in failed.error
+    assert [c.purpose for c in model.calls] == ["write", "write", "write"]  # none for planner
+    attempts = await fetch(
+        rt,
+        """SELECT a.outcome, a.model_calls FROM step_attempts a JOIN steps s ON s.id = a.step_id
+           WHERE s.workflow_id = $1""",
+        stopped,
+    )
+    assert [tuple(a) for a in attempts] == [("failed", 0)]  # never retried
+
+    shown = run_cli("budget", "show", "--json", env=cli_env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == [
+        {
+            "tenant_id": "acme",
+            "budget_usd": 0.02,
+            "spent_usd": 0.024,
+            "left_usd": 0.0,
+            "exhausted": True,
+            "workflows": 3,
+            "cost_usd": 0.024,
+        },
+        {
+            "tenant_id": "globex",
+            "budget_usd": None,
+            "spent_usd": None,
+            "left_usd": None,
+            "exhausted": False,
+            "workflows": 1,
+            "cost_usd": 0.012,
+        },
+    ]
+    table = run_cli("budget", "show", "--tenant", "acme", env=cli_env)
+    assert "exhausted" in table.stdout and "globex" not in table.stdout
+
+    assert run_cli("budget", "clear", "--tenant", "acme", env=cli_env).returncode == 0
+    [again] = await _run(rt, ("plan_write", "acme"))
+    assert (await client.get(again)).status is WorkflowStatus.COMPLETED
+
+
+async def test_a_step_in_flight_overruns_by_at_most_its_own_last_call(
+    rt: Runtime, model: ScriptedModel
+) -> None:
+    budget = await rt.store.costs.set_budget("initech", Decimal("0.005"))
+    assert (budget.usd, budget.spent_usd) == (Decimal("0.005"), 0)
+    [wid] = await _run(rt, ("spend", "initech"))  # two $0.012 calls in one step
+    record = await Client(rt).get(wid)
+    assert record.status is WorkflowStatus.FAILED and "BudgetExceeded" in (record.error or "")
+    assert len(model.calls) == 1  # the first call was under budget; the second never left
+    [spent] = await rt.store.costs.budgets("initech")
+    assert spent.spent_usd == WRITE_USD and spent.exhausted  # the failed attempt's call counts
+    [attempt] = await fetch(rt, "SELECT model_calls, cost_usd FROM step_attempts")
+    assert tuple(attempt) == (1, WRITE_USD)
+
+
+async def test_budget_rows_are_tenant_scoped(rt: Runtime) -> None:
+    await rt.store.costs.set_budget("red", Decimal(5))
+    await rt.store.costs.set_budget("blue", Decimal(7))
+    async with owner_connection(rt) as conn:
+        forced = await conn.fetchrow(
+            "SELECT relrowsecurity, relforcerowsecurity FROM pg_class "
+            "WHERE relname = 'tenant_budgets' AND relnamespace = current_schema()::regnamespace"
+        )
+        assert forced is not None and tuple(forced) == (True, True)
+        # As the application role without the engine's scope: only the tenant's own row.
+        await conn.execute("SELECT set_config('role', 'orchestrator_app', false)")
+        async with tenancy.scoped(conn, "red"):
+            seen = await conn.fetch("SELECT tenant_id, usd FROM tenant_budgets")
+        assert [tuple(r) for r in seen] == [("red", 5)]
+        assert await conn.fetchval("SELECT count(*) FROM tenant_budgets") == 0
+
+
+async def test_budget_command_errors(cli_env: dict[str, str]) -> None:
+    assert run_cli("migrate", env=cli_env).returncode == 0
+    assert_one_line_error(
+        run_cli("budget", "set", "--tenant", "acme", "--usd", "lots", env=cli_env),
+        "not an amount of USD: 'lots'",
+    )
+    assert_one_line_error(
+        run_cli("budget", "set", "--tenant", "acme", "--usd", "-3", env=cli_env),
+        "a budget is zero or more USD",
+    )
+    assert_one_line_error(
+        run_cli("budget", "clear", "--tenant", "nobody", env=cli_env), "has no budget"
+    )
+
+
+async def test_the_offline_model_costs_nothing_and_no_budget_stops_it(support: Runtime) -> None:
+    await support.store.costs.set_budget("acme", Decimal(0))  # spent from the start
     client = Client(support)
     tickets = [t for t in support_app.sample_tickets() if t.tenant_id == "acme"][:2]
     ids = [await client.submit("support", t) for t in tickets]

@@ -20,6 +20,7 @@ from pydantic import ValidationError
 from rich.table import Table
 
 from orchestrator.app import Pipeline
+from orchestrator.cli.budget import budget
 from orchestrator.cli.demo import load_inputs, returning_inputs, run_local
 from orchestrator.cli.dlq import dlq
 from orchestrator.cli.render import (
@@ -561,6 +562,7 @@ def parse_duration(value: str) -> int:
 
 
 cli.add_typer(dlq, name="dlq")
+cli.add_typer(budget, name="budget")
 
 
 def main() -> None:

@@ -45,6 +45,7 @@ from orchestrator.errors import (
 )
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
+from orchestrator.step.budget import StepBudget
 from orchestrator.step.context import INPUT_SIGNAL, StepContext
 from orchestrator.step.info import StepInfo
 from orchestrator.step.run import run_agent
@@ -222,7 +223,14 @@ class StepRunner:
             opened.customer_id,
         )
         ctx = StepContext(
-            rt, info, envelope.payload, opened.recorded, cls.tools, opened.waits, opened.signals
+            rt,
+            info,
+            envelope.payload,
+            opened.recorded,
+            cls.tools,
+            opened.waits,
+            opened.signals,
+            _budget(rt, opened),
         )
         started = datetime.now(UTC)
         key = (envelope.step_id, envelope.attempt)
@@ -480,6 +488,18 @@ def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:
         ctx.usage.prompt_tokens,
         ctx.usage.completion_tokens,
         runtime.pricing.cost(name, ctx.usage),
+    )
+
+
+def _budget(runtime: Runtime, opened: steps.OpenStep) -> StepBudget | None:
+    """The tenant's budget as the open read found it (None: the tenant has none)."""
+    if opened.budget_usd is None:
+        return None
+    return StepBudget(
+        opened.tenant_id,
+        opened.budget_usd,
+        opened.budget_spent_usd,
+        partial(runtime.pricing.cost, runtime.model.name),
     )
 
 

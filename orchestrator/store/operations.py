@@ -57,7 +57,7 @@ class Store:
 
     @property
     def costs(self) -> costs.CostStore:
-        """Model costs per step and per tenant."""
+        """Tenants' model costs and budgets (``orchestrator budget``)."""
         return costs.CostStore(self._connect)
 
     @property

@@ -31,8 +31,10 @@ SELECT s.status, s.attempt, s.failures, s.waits, w.status AS workflow_status,
        coalesce((SELECT jsonb_agg(jsonb_build_array(t.idempotency_key, t.ordinal, t.tool,
                                                     t.status, t.args, t.result, t.error,
                                                     t.attempt))
-                 FROM tool_runs t WHERE t.step_id = s.id), '[]'::jsonb) AS runs
+                 FROM tool_runs t WHERE t.step_id = s.id), '[]'::jsonb) AS runs,
+       b.usd AS budget_usd, b.spent_usd AS budget_spent_usd
 FROM steps s JOIN workflows w ON w.id = s.workflow_id
+     LEFT JOIN tenant_budgets b ON b.tenant_id = w.tenant_id
 WHERE s.id = $1
 """
 # Taking over a step whose last execution died or stalled: a new fence (attempt), so
@@ -118,6 +120,11 @@ WITH closed AS (
     UPDATE workflows SET cost_usd = cost_usd + $27
     WHERE id = (SELECT workflow_id FROM closed) AND $27 > 0
       AND NOT (status = 'running' AND $29::bool)
+), budget_row AS (
+    -- Only a tenant with a budget keeps a running spend (no row, no write).
+    UPDATE tenant_budgets b SET spent_usd = b.spent_usd + $27, updated_at = now()
+    FROM closed c JOIN workflows w ON w.id = c.workflow_id
+    WHERE b.tenant_id = w.tenant_id AND $27 > 0
 ), event_rows AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT c.workflow_id, c.id, t, d::jsonb
@@ -131,15 +138,19 @@ SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps
                       WHERE q.session_id = wr.session_id AND q.status = 'queued'))
            AS session_with_queue
 """
-# A failed or parked attempt, and its cost added to the workflow: one statement of the
-# failure's or parking's transaction.
+# A failed or parked attempt, and its cost added to the workflow (and to the tenant's
+# spend, when it has a budget): one statement of the failure's or parking's transaction.
 INSERT_ATTEMPT = """
 WITH attempt_row AS (
     INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
                                model_calls, prompt_tokens, completion_tokens, cost_usd)
     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+), workflow_cost AS (
+    UPDATE workflows SET cost_usd = cost_usd + $11 WHERE id = $12 AND $11 > 0
+    RETURNING tenant_id
 )
-UPDATE workflows SET cost_usd = cost_usd + $11 WHERE id = $12 AND $11 > 0
+UPDATE tenant_budgets b SET spent_usd = b.spent_usd + $11, updated_at = now()
+FROM workflow_cost c WHERE b.tenant_id = c.tenant_id
 """
 UPDATE_WORKFLOW = """
 UPDATE workflows
@@ -172,6 +183,9 @@ class OpenStep:
     tenant_id: str = ""
     session_id: str = ""
     customer_id: str = ""
+    # The tenant's model budget (USD) and its spend when the step opened; None: no budget.
+    budget_usd: Decimal | None = None
+    budget_spent_usd: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +264,8 @@ async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
         tenant_id=row["tenant_id"],
         session_id=row["session_id"],
         customer_id=row["customer_id"] or "",
+        budget_usd=row["budget_usd"],
+        budget_spent_usd=row["budget_spent_usd"] or Decimal(0),
     )
 
 
