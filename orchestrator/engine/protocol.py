@@ -44,7 +44,7 @@ from orchestrator.errors import (
     StepLimitReached,
 )
 from orchestrator.runtime import Runtime
-from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
+from orchestrator.schemas import EventType, Signal, TaskEnvelope, WorkflowStatus
 from orchestrator.step.budget import StepBudget
 from orchestrator.step.context import INPUT_SIGNAL, StepContext
 from orchestrator.step.info import StepInfo
@@ -291,7 +291,7 @@ class StepRunner:
             started_at=started,
             usage=_usage(self.rt, ctx),
             traceparent=tracing.traceparent_of(trace.get_current_span()),
-            events=tuple(ctx.memory.record()),
+            events=(*ctx.memory.record(), *_replay_events(ctx)),
         )
 
     def _route(
@@ -397,6 +397,7 @@ class StepRunner:
             started_at=started,
             usage=_usage(rt, ctx),
             optional_join=rt.app.optional_join(envelope.pipeline),
+            events=_replay_events(ctx),
         )
         if failure.retry is not None:
             ending = self._ending(envelope, entry, lock)
@@ -500,6 +501,24 @@ def _budget(runtime: Runtime, opened: steps.OpenStep) -> StepBudget | None:
         opened.budget_usd,
         opened.budget_spent_usd,
         partial(runtime.pricing.cost, runtime.model.name),
+    )
+
+
+def _replay_events(ctx: StepContext) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """One ``tool.replayed`` event per recorded result this execution returned (committed
+    with its outcome, so ``orchestrator show`` can tell a replay from a call)."""
+    return tuple(
+        (
+            EventType.TOOL_REPLAYED,
+            {
+                "key": run.key,
+                "tool": run.tool,
+                "ordinal": run.ordinal,
+                "attempt": ctx.info.attempt,
+                "recorded_attempt": run.attempt,
+            },
+        )
+        for run in ctx.tool_replays
     )
 
 

@@ -188,6 +188,11 @@ class StepContext:
         """Finished idempotent calls of this execution, committed with the step."""
         return self._ledger.buffered
 
+    @property
+    def tool_replays(self) -> list[ToolRun]:
+        """Recorded successes this execution returned instead of calling the tool again."""
+        return self._ledger.replayed
+
 
 class StepModel:
     """``ctx.model``: the runtime's model behind the tenant's rate limit, with the step's

@@ -11,7 +11,7 @@ connection. ``tests/test_store.py`` is its own suite, against real Postgres.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -154,8 +154,10 @@ class Store:
         started_at: datetime,
         usage: steps.ModelUse,
         optional_join: str | None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> steps.Failure:
-        """Record a failed attempt: retry later, end a tolerated branch, or dead-letter."""
+        """Record a failed attempt: retry later, end a tolerated branch, or dead-letter;
+        ``events`` (what the run did) are recorded with it."""
         async with self._connect() as conn:
             return await steps.fail(
                 conn,
@@ -167,6 +169,7 @@ class Store:
                 started_at=started_at,
                 usage=usage,
                 optional_join=optional_join,
+                events=events,
             )
 
     async def park(

@@ -9,6 +9,7 @@ worker started with. The first fenced completion wins; any other is rejected.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
@@ -223,7 +224,8 @@ class Outcome:
     started_at: datetime
     usage: ModelUse = ModelUse()
     traceparent: str | None = None  # the step's span, parent of the next steps' spans
-    # More events committed with the step (type, data): what it did with memory.
+    # More events committed with the step (type, data): what it did with memory, the
+    # recorded tool results it replayed.
     events: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
@@ -406,6 +408,7 @@ async def fail(
     started_at: datetime,
     usage: ModelUse | None = None,
     optional_join: str | None = None,
+    events: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> Failure:
     """Record a failed attempt (keeping its tool results) in one transaction.
 
@@ -435,14 +438,17 @@ async def fail(
             raise _rejected("failure", envelope)
         await _record_attempt(conn, envelope, "failed", error, worker, started_at, usage, recorded)
         data = {"agent": envelope.agent, "attempt": envelope.attempt, "error": error}
+        done = [(EventType(t), d) for t, d in events]  # what the run did (tools replayed)
         if retry_after is not None:
             await _events(
-                conn, envelope, [(EventType.STEP_RETRIED, {**data, "retry_after": retry_after})]
+                conn,
+                envelope,
+                [*done, (EventType.STEP_RETRIED, {**data, "retry_after": retry_after})],
             )
             return Failure(envelope.model_copy(update={"attempt": new_attempt}), retry_after)
         ended = await branches.fail_branch(conn, envelope, error=error, join=optional_join)
         if ended is not None:  # one branch of several: the others (and the join) go on
-            await _events(conn, envelope, [(EventType.BRANCH_FAILED, data)])
+            await _events(conn, envelope, [*done, (EventType.BRANCH_FAILED, data)])
             return Failure(None, 0.0, ended.next, workflow_failed=False, status=ended.status)
         await conn.execute(
             UPDATE_WORKFLOW,
@@ -463,6 +469,7 @@ async def fail(
             conn,
             envelope,
             [
+                *done,
                 (EventType.STEP_FAILED, data),
                 (EventType.STEP_DEAD_LETTERED, {"id": letter}),
                 (EventType.WORKFLOW_FAILED, {"error": error}),
