@@ -16,6 +16,7 @@ from orchestrator.coordination import streams
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, WorkflowRecord, WorkflowStatus
+from orchestrator.schemas.story import Story
 from orchestrator.step.context import INPUT_SIGNAL
 from orchestrator.store import workflows
 from orchestrator.store.dead_letters import DeadLetter
@@ -177,6 +178,17 @@ class Client:
                     continue  # not ours or garbled: a view can skip it
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def resolve(self, prefix: str) -> UUID:
+        """The whole id of the one workflow whose id starts with ``prefix`` (any case,
+        with or without dashes); InvalidInput when none does, or several do."""
+        return await self.rt.store.resolve_workflow_prefix(prefix)
+
+    async def story(self, workflow_id: UUID) -> Story:
+        """The whole story of a workflow: steps, attempts, tool calls (executed or
+        replayed), model use and cost, recalls, waits, signals, errors and their retry
+        decisions, output (``orchestrator.schemas.story``); WorkflowNotFound if unknown."""
+        return await self.rt.store.story(workflow_id)
 
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
         """A workflow with its steps, as Postgres has it; WorkflowNotFound if unknown."""

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
+from uuid import UUID
 
 import pytest
 
+from orchestrator.cli.main import forget_customer
 from orchestrator.client import Client
 from orchestrator.engine.worker import Worker
+from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
+from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
 from tests.conftest import fetch
 from tests.cost_app import Probe, build_cost_app, priced_runtime, scripted_model
@@ -46,3 +51,102 @@ async def test_a_replayed_tool_call_is_recorded_with_the_step(rt: Runtime, probe
             "recorded_attempt": 1,
         }
     ]
+
+
+def _env(settings: Settings) -> dict[str, str]:
+    return {
+        "REDIS_URL": settings.redis_url or "",
+        "DATABASE_URL": settings.database_url or "",
+        "ORCHESTRATOR_DB_SCHEMA": settings.db_schema,
+        "ORCHESTRATOR_KEY_PREFIX": settings.key_prefix,
+        "COLUMNS": "200",
+    }
+
+
+async def _story_workflow(rt: Runtime, probe: Probe) -> UUID:
+    """planner: fails once after its model call, recall and tool call, then replays the
+    tool; approver: parks on the signal 'approval', woken by it; writer: a model call."""
+    probe.failures_left = 1
+    client, worker = Client(rt), Worker(rt, reconcile=False)
+    wid = await client.submit("story", {"topic": "refund"}, tenant="acme")
+    await worker.run_until_idle(timeout=60)  # the approver is parked now
+    assert await client.signal(wid, "approval", {"by": "dana"})
+    await worker.run_until_idle(timeout=60)
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+    return wid
+
+
+async def test_workflow_ids_by_unique_prefix(rt: Runtime) -> None:
+    client = Client(rt)
+    # 17 ids: by pigeonhole, two share a first hex digit; some two-digit start is nobody's.
+    ids = [await client.submit("free", {"n": i}) for i in range(17)]
+    texts = [str(w) for w in ids]
+    mine = ids[0]
+    unique = next(
+        texts[0][:n] for n in range(1, 37) if sum(t.startswith(texts[0][:n]) for t in texts) == 1
+    )
+    assert await client.resolve(unique) == mine
+    assert await client.resolve(unique.upper()) == mine
+    assert await client.resolve(texts[0][:13]) == mine  # with its dash
+    assert await client.resolve(texts[0].replace("-", "")) == mine
+    assert await client.resolve(texts[0]) == mine
+
+    shared = Counter(t[0] for t in texts).most_common(1)[0][0]
+    with pytest.raises(InvalidInput, match=f"prefix '{shared}' is ambiguous: .* give more"):
+        await client.resolve(shared)
+    nobody = next(
+        f"{i:02x}" for i in range(256) if not any(t.startswith(f"{i:02x}") for t in texts)
+    )
+    with pytest.raises(InvalidInput, match=f"no workflow {nobody} \\(no id starts with it\\)"):
+        await client.resolve(nobody)
+    with pytest.raises(InvalidInput, match=r"no workflow 00000000-0000-0000-0000-000000000000$"):
+        await client.resolve("00000000-0000-0000-0000-000000000000")
+    for bad in ["", "zz", "abc-d", texts[0] + "0", "12345678--"]:
+        with pytest.raises(InvalidInput, match="not a workflow id"):
+            await client.resolve(bad)
+
+
+async def test_a_failure_out_of_attempts_is_dead_lettered_in_the_story(
+    rt: Runtime, probe: Probe
+) -> None:
+    probe.failures_left = 3  # as many as the attempts allowed
+    client = Client(rt)
+    wid = await client.submit("plan_write", {"topic": "refund"})
+    await Worker(rt, reconcile=False).run_until_idle(timeout=60)
+    story = await client.story(wid)
+    assert story.workflow.status == "failed"
+    assert story.workflow.error == "planner: RuntimeError: planner hiccup"
+    [planner] = story.steps
+    assert [(a.outcome, a.decision) for a in planner.attempts] == [
+        ("failed", "retried"),
+        ("failed", "retried"),
+        ("failed", "dead-lettered"),
+    ]
+    assert [[t.how for t in a.tool_calls] for a in planner.attempts] == [
+        ["executed"],
+        ["replayed"],
+        ["replayed"],
+    ]
+    assert story.output is None and story.workflow.model.calls == 3
+
+
+async def test_the_story_survives_erasure_and_pruning(rt: Runtime, probe: Probe) -> None:
+    probe.failures_left = 1
+    client = Client(rt)
+    wid = await client.submit("plan_write", {"topic": "refund"}, tenant="acme", customer="cus_9")
+    await Worker(rt, reconcile=False).run_until_idle(timeout=60)
+    other = await client.submit("plan_write", {"topic": "late"}, tenant="acme", customer="cus_8")
+    await Worker(rt, reconcile=False).run_until_idle(timeout=60)
+
+    await forget_customer(rt, "acme", "cus_9")  # event data blanked, tool runs deleted
+    erased = await client.story(wid)
+    assert [s.agent for s in erased.steps] == ["planner", "writer"]
+    assert [len(s.attempts) for s in erased.steps] == [2, 1]
+    assert erased.workflow.model.cost_usd == 0.024  # counts and costs stay
+
+    report = await rt.store.prune(older_than_seconds=0)  # the other one
+    assert report.workflows == 1
+    pruned = await client.story(other)
+    assert pruned.workflow.pruned and pruned.events == ()
+    assert [s.attempts for s in pruned.steps] == [(), ()]
+    assert pruned.workflow.model.cost_usd == 0.018  # the workflow's own column stays

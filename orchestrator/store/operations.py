@@ -18,11 +18,13 @@ from uuid import UUID
 
 from orchestrator.errors import Parked
 from orchestrator.schemas import TaskEnvelope, WorkflowRecord, WorkflowStatus
+from orchestrator.schemas.story import Story
 from orchestrator.store import (
     Conn,
     costs,
     dead_letters,
     erasure,
+    history,
     prune,
     recovery,
     schedules,
@@ -75,6 +77,17 @@ class Store:
         """A workflow with its steps; WorkflowNotFound if unknown."""
         async with self._connect() as conn:
             return await workflows.get(conn, workflow_id)
+
+    async def resolve_workflow_prefix(self, prefix: str) -> UUID:
+        """The whole id of the one workflow whose id starts with ``prefix``; InvalidInput
+        when none does, or several do."""
+        async with self._connect() as conn:
+            return await history.resolve_workflow_prefix(conn, prefix)
+
+    async def story(self, workflow_id: UUID) -> Story:
+        """The whole story of a workflow (``orchestrator show``); WorkflowNotFound."""
+        async with self._connect() as conn:
+            return await history.story(conn, workflow_id)
 
     async def workflow_status(self, workflow_id: UUID) -> WorkflowStatus:
         """A workflow's status; WorkflowNotFound if unknown."""
