@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from uuid import UUID
@@ -17,6 +18,7 @@ from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
 from tests.conftest import fetch
 from tests.cost_app import Probe, build_cost_app, priced_runtime, scripted_model
+from tests.test_cli import assert_one_line_error, run_cli
 
 pytestmark = pytest.mark.anyio
 
@@ -76,6 +78,77 @@ async def _story_workflow(rt: Runtime, probe: Probe) -> UUID:
     return wid
 
 
+async def test_show_tells_the_whole_story(rt: Runtime, probe: Probe) -> None:
+    wid = await _story_workflow(rt, probe)
+    env = _env(rt.settings)
+
+    shown = run_cli("show", str(wid)[:8], env=env)
+    assert shown.returncode == 0, shown.stderr
+    text = shown.stdout
+    for expected in [
+        f"workflow {wid} · completed · pipeline story · tenant acme",
+        "model scripted-model: 3 call(s), 4,000 prompt + 2,000 completion tokens · $0.024",
+        "step 0 planner · completed · from submit · attempt 2",
+        "step 1 approver · completed · from planner · attempt 2",
+        "step 2 writer · completed · from approver · attempt 1",
+        "attempt 1 · failed · worker ",
+        "error: RuntimeError: planner hiccup → retried after",
+        f"tool lookup executed · key {wid}:0:0 · succeeded",
+        f"tool lookup replayed · key {wid}:0:0 · succeeded (recorded by attempt 1)",
+        "model scripted-model: 1 call(s), 1,000 prompt + 500 completion tokens · $0.006",
+        "model scripted-model: 1 call(s), 2,000 prompt + 1,000 completion tokens · $0.012",
+        "memory recalled 'refund policy' (",
+        "parked ",
+        "waiting for signal 'approval'",
+        "by signal approval",
+        'approval {"by": "dana"} · sent ',
+        "taken by step 1",
+        "Dear customer, it is refunded.",
+    ]:
+        assert expected in text, f"{expected!r} not in:\n{text}"
+    assert "attempt 1 · waiting" in text  # the approver's first run parked
+
+    as_json = run_cli("show", "--json", str(wid), env=env)
+    assert as_json.returncode == 0, as_json.stderr
+    story = json.loads(as_json.stdout)
+    assert story["schema_version"] == 1
+    assert set(story) == {
+        "schema_version",
+        "workflow",
+        "steps",
+        "signals",
+        "output",
+        "state",
+        "events",
+    }
+    assert story["workflow"]["id"] == str(wid) and story["workflow"]["status"] == "completed"
+    assert story["workflow"]["model"] == {
+        "model": "scripted-model",
+        "calls": 3,
+        "prompt_tokens": 4000,
+        "completion_tokens": 2000,
+        "cost_usd": 0.024,
+    }
+    planner, approver, writer = story["steps"]
+    assert [a["outcome"] for a in planner["attempts"]] == ["failed", "completed"]
+    first, second = planner["attempts"]
+    assert first["decision"] == "retried" and first["retry_after_seconds"] > 0
+    assert first["error"] == "RuntimeError: planner hiccup"
+    assert [(t["how"], t["key"]) for t in first["tool_calls"]] == [("executed", f"{wid}:0:0")]
+    assert [(t["how"], t["recorded_attempt"]) for t in second["tool_calls"]] == [("replayed", 1)]
+    assert second["model"]["cost_usd"] == 0.006 and planner["cost_usd"] == 0.012
+    assert [r["query"] for r in planner["recalls"]] == ["refund policy"]
+    assert [a["outcome"] for a in approver["attempts"]] == ["waiting", "completed"]
+    assert [(w["kind"], w["signal"] or w["by"]) for w in approver["waits"]] == [
+        ("parked", "approval"),
+        ("woken", "signal approval"),
+    ]
+    assert story["signals"][0]["name"] == "approval" and story["signals"][0]["taken_by_seq"] == 1
+    assert writer["attempts"][0]["model"]["calls"] == 1
+    assert story["output"] == {"text": "Dear customer, it is refunded."}
+    assert story["events"][0]["type"] == "workflow.submitted"
+
+
 async def test_workflow_ids_by_unique_prefix(rt: Runtime) -> None:
     client = Client(rt)
     # 17 ids: by pigeonhole, two share a first hex digit; some two-digit start is nobody's.
@@ -104,6 +177,12 @@ async def test_workflow_ids_by_unique_prefix(rt: Runtime) -> None:
     for bad in ["", "zz", "abc-d", texts[0] + "0", "12345678--"]:
         with pytest.raises(InvalidInput, match="not a workflow id"):
             await client.resolve(bad)
+
+    env = _env(rt.settings)
+    assert_one_line_error(run_cli("show", shared, env=env), "is ambiguous")
+    assert_one_line_error(run_cli("show", nobody, env=env), f"no workflow {nobody}")
+    assert_one_line_error(run_cli("show", "not-an-id", env=env), "not a workflow id")
+    assert run_cli("show", unique, env=env).returncode == 0
 
 
 async def test_a_failure_out_of_attempts_is_dead_lettered_in_the_story(

@@ -30,6 +30,7 @@ from orchestrator.cli.render import (
     usd,
     workflow_panel,
 )
+from orchestrator.cli.show import show
 from orchestrator.cli.support import Options, err, guard, out, run_body, workflow_id_arg
 from orchestrator.client import Client
 from orchestrator.connections import redis_errors
@@ -563,6 +564,7 @@ def parse_duration(value: str) -> int:
 
 cli.add_typer(dlq, name="dlq")
 cli.add_typer(budget, name="budget")
+cli.command()(show)
 
 
 def main() -> None:
