@@ -19,6 +19,7 @@ from orchestrator.coordination.locks import owner_of
 from orchestrator.errors import InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import Signal, StepStatus, WorkflowRecord, WorkflowStatus
+from orchestrator.schemas.story import Story
 from orchestrator.step.context import INPUT_SIGNAL
 from orchestrator.store import workflows
 from orchestrator.store.dead_letters import DeadLetter
@@ -153,11 +154,16 @@ class Client:
         return workflow_id
 
     async def runs(
-        self, *, status: WorkflowStatus | None = None, tenant: str | None = None, limit: int = 20
+        self,
+        *,
+        status: WorkflowStatus | None = None,
+        tenant: str | None = None,
+        limit: int = 20,
+        order: workflows.RunOrder = workflows.RunOrder.CREATED,
     ) -> list[dict[str, Any]]:
-        """The most recent workflows, newest first."""
+        """Workflows, newest first (or costliest first: ``order=RunOrder.COST``)."""
         return await self.rt.store.recent(
-            status=status.value if status else None, tenant=tenant, limit=limit
+            status=status.value if status else None, tenant=tenant, limit=limit, order=order
         )
 
     async def watch(self) -> AsyncIterator[Signal]:
@@ -203,6 +209,18 @@ class Client:
                     f"its worker {owner} is gone: another takes it over within ~{seconds}s"
                 )
         return found
+
+    async def resolve(self, prefix: str) -> UUID:
+        """The whole id of the one workflow whose id starts with ``prefix`` (any case,
+        with or without dashes); InvalidInput when none does, several do, or it cannot
+        start an id."""
+        return await self.rt.store.resolve_workflow(prefix)
+
+    async def story(self, workflow_id: UUID) -> Story:
+        """The whole story of a workflow: steps, attempts, tool calls (executed or
+        replayed), model use and cost, recalls, waits, signals, errors and their retry
+        decisions, output (``orchestrator.schemas.story``); WorkflowNotFound if unknown."""
+        return await self.rt.store.story(workflow_id)
 
     async def get(self, workflow_id: UUID) -> WorkflowRecord:
         """A workflow with its steps, as Postgres has it; WorkflowNotFound if unknown."""

@@ -13,6 +13,8 @@ OrchestratorError
     ├── WaitTimedOut        ctx.wait_for() timed out: catch it to carry on without the signal
     ├── ToolError           a tool failed (``non_retryable`` says whether to retry)
     │   └── ToolNotApplied  raised by a non-idempotent tool: the remote certainly did nothing
+    ├── BudgetExceeded      the tenant's model budget is spent: no more model calls (never
+    │                       retried; carries ``tenant_id``, ``budget_usd``, ``spent_usd``)
     └── AgentError          raise from an agent; ``non_retryable`` skips retries
 
 Control flow, not errors (BaseException, so an agent's ``except Exception`` cannot
@@ -24,6 +26,7 @@ Parked                      ctx.ask(), ctx.wait_for(), ctx.sleep(): the step sto
 
 from __future__ import annotations
 
+from decimal import Decimal
 from uuid import UUID
 
 
@@ -158,6 +161,23 @@ class ToolError(StepError):
     ) -> None:
         super().__init__(message, non_retryable=non_retryable, retry_after=retry_after)
         self.tool = tool
+
+
+class BudgetExceeded(StepError):
+    """The tenant's model budget (``orchestrator budget set``) is spent: the step may make
+    no more model calls. Never retried: the workflow fails with this reason."""
+
+    non_retryable = True
+
+    def __init__(self, tenant_id: str, *, budget_usd: Decimal, spent_usd: Decimal) -> None:
+        super().__init__(
+            f"tenant {tenant_id!r} has spent its model budget "
+            f"(${spent_usd:.4f} of ${budget_usd:.2f}); raise it with "
+            f"`orchestrator budget set --tenant {tenant_id} --usd N`"
+        )
+        self.tenant_id = tenant_id
+        self.budget_usd = budget_usd
+        self.spent_usd = spent_usd
 
 
 class AgentError(StepError):

@@ -30,6 +30,7 @@ from orchestrator.faults import CrashPoints
 from orchestrator.metrics import Metrics
 from orchestrator.models.embeddings import Embedder, LexicalEmbedder, OpenAIEmbedder
 from orchestrator.models.llm import LanguageModel, OfflineModel, OpenAIModel
+from orchestrator.models.pricing import Pricing
 from orchestrator.settings import Settings
 from orchestrator.store import Conn, memory
 from orchestrator.store.migrations import (
@@ -61,6 +62,8 @@ class Runtime:
     model_limiter: RateLimiter | None = None
     tracer: Tracer = field(default_factory=tracing.tracer)
     metrics: Metrics = field(default_factory=Metrics)  # no-op unless given a meter
+    # What model calls cost (the model_prices setting over the defaults).
+    pricing: Pricing = field(default_factory=Pricing)
 
     def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         """A pooled connection, bounded in time; infrastructure failures raise
@@ -181,6 +184,7 @@ async def open_runtime(
                 _limiter(settings, redis, keys),
                 tracing.tracer(tracer_provider),
                 Metrics(meter_provider.get_meter("orchestrator") if meter_provider else None),
+                Pricing(settings.model_prices),
             )
             if apply_migrations:
                 for hook in app.setup_hooks:

@@ -1,15 +1,26 @@
 """Settings from the environment (``REDIS_URL``, ``DATABASE_URL``, ``ORCHESTRATOR_*``)."""
 
+from decimal import Decimal
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 def _default_home() -> Path:
     return Path(platformdirs.user_data_dir("orchestrator", appauthor=False))
+
+
+class ModelPrice(BaseModel):
+    """A model's price in USD per million tokens: ``input`` (prompt) and ``output``
+    (completion)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    input: Decimal = Field(ge=0)
+    output: Decimal = Field(ge=0)
 
 
 class Settings(BaseSettings):
@@ -86,6 +97,10 @@ class Settings(BaseSettings):
     model_rate_per_second: float | None = Field(default=None, gt=0)
     model_burst: float = Field(default=10.0, ge=1)
     model_rate_max_wait_seconds: float = Field(default=10.0, ge=0)
+    # Model prices in USD per million tokens, as JSON: {"gpt-4o-mini": {"input": 0.15,
+    # "output": 0.60}}. Merged over the defaults (orchestrator.models.pricing); a model
+    # in neither costs 0 (logged once).
+    model_prices: dict[str, ModelPrice] = Field(default_factory=dict)
     # Memory. Embeddings: the offline lexical embedder unless embedding_model is set
     # (any OpenAI-compatible /embeddings endpoint, at OPENAI_BASE_URL); the memories
     # table follows embedding_dimensions.

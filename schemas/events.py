@@ -34,6 +34,7 @@ class EventType(StrEnum):
     MEMORY_HYDRATED = "memory.hydrated"  # working memory rebuilt from Postgres
     MEMORY_RECALLED = "memory.recalled"  # what a recall returned, with scores
     MEMORY_GOAL = "memory.goal"  # the session's goal, as the step set it
+    TOOL_REPLAYED = "tool.replayed"  # a recorded tool result returned, the tool not called
 
 
 class Event(Wire):

@@ -15,9 +15,11 @@ from typing import Annotated
 import typer
 
 from orchestrator.cli.agents import agents
+from orchestrator.cli.budget import budget
 from orchestrator.cli.demo import demo
 from orchestrator.cli.dlq import dlq
 from orchestrator.cli.maintenance import forget, migrate, prune
+from orchestrator.cli.show import show
 from orchestrator.cli.submit import submit
 from orchestrator.cli.support import ExitCode, Options, err, guard
 from orchestrator.cli.worker import worker
@@ -80,8 +82,10 @@ cli.command("input")(input_)
 cli.command("signal")(signal_)
 cli.command()(prune)
 cli.command()(forget)
+cli.command()(show)
 cli.command()(agents)
 cli.add_typer(dlq, name="dlq")
+cli.add_typer(budget, name="budget")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
@@ -150,7 +151,7 @@ def steps_table(record: WorkflowRecord, leases: Mapping[UUID, str] | None = None
 
 def runs_table(rows: Sequence[Mapping[str, Any]]) -> Table:
     """Workflows as ``runs`` lists them; ids in full (never cut: they are what you type)."""
-    table = Table("workflow", "tenant", "pipeline", "status", "created (UTC)", "error")
+    table = Table("workflow", "tenant", "pipeline", "status", "created (UTC)", "cost", "error")
     for column, width in ((0, 36), (3, 9), (4, 14)):
         table.columns[column].no_wrap = True
         table.columns[column].min_width = width
@@ -161,6 +162,7 @@ def runs_table(rows: Sequence[Mapping[str, Any]]) -> Table:
             r["pipeline"],
             r["status"],
             r["created_at"].strftime("%m-%d %H:%M:%S"),
+            usd(r["cost_usd"]),
             _one_line(r["error"] or "", 60),
         )
     return table
@@ -249,3 +251,15 @@ def recognition_line(record: WorkflowRecord) -> str:
         return f"{who}: not recognised (nothing remembered)"
     kinds = ", ".join(f"{m['kind']} memory:{m['id']}" for m in remembered)
     return f"{who}: recognised, recalled {len(remembered)} memories ({kinds})"
+
+
+def usd(amount: Decimal | float | None) -> str:
+    """An amount in USD for a table: ``$12.34`` from a dollar up, else up to six decimals
+    (``$0.000185``); ``$0`` for nothing, ``<$0.000001`` for less."""
+    value = Decimal(str(amount or 0))
+    if value == 0:
+        return "$0"
+    if abs(value) >= 1:
+        return f"${value:,.2f}"
+    digits = f"{value:.6f}".rstrip("0").rstrip(".")
+    return "<$0.000001" if digits in ("0", "-0") else f"${digits}"

@@ -10,6 +10,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import datetime
+from decimal import Decimal
 from enum import IntEnum, StrEnum
 from typing import Any, TypeVar
 from uuid import UUID
@@ -32,7 +33,7 @@ from orchestrator.app import App, load_app
 from orchestrator.errors import ConfigurationError, InvalidInput, OrchestratorError
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.settings import Settings
-from orchestrator.store.workflows import prefix_digits
+from orchestrator.store.history import prefix_digits
 from orchestrator.telemetry import Telemetry, open_telemetry
 
 T = TypeVar("T")
@@ -128,7 +129,11 @@ def print_rows(
 
 
 def _jsonable(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):  # money: a JSON number
+        return float(value)
+    return str(value)
 
 
 class Shown:

@@ -42,6 +42,7 @@ from orchestrator.connections import REDIS_DOWN
 from orchestrator.errors import ConfigurationError, InvalidInput
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
+from orchestrator.store.workflows import RunOrder
 
 WorkflowArg = Annotated[
     str, typer.Argument(help="workflow id, or a unique prefix of one", callback=workflow_arg)
@@ -100,15 +101,19 @@ def runs(
     status: Annotated[WorkflowStatus | None, typer.Option(help="only this status")] = None,
     tenant: Annotated[str | None, typer.Option(help="only this tenant")] = None,
     limit: Annotated[int, typer.Option(min=1, max=1000)] = 20,
+    sort: Annotated[
+        RunOrder, typer.Option(help="created: newest first; cost: costliest first")
+    ] = RunOrder.CREATED,
     output: Annotated[Output, typer.Option("--output", "-o", help="table, json or jsonl")] = (
         Output.TABLE
     ),
     as_json: JsonFlag = False,
 ) -> None:
-    """List recent workflows, newest first (ids in full: any unique prefix works too)."""
+    """List recent workflows, newest first (or costliest first: --sort cost); ids in
+    full (any unique prefix works too)."""
 
     async def body(runtime: Runtime) -> None:
-        rows = await Client(runtime).runs(status=status, tenant=tenant, limit=limit)
+        rows = await Client(runtime).runs(status=status, tenant=tenant, limit=limit, order=sort)
         print_rows(rows, Output.JSON if as_json else output, runs_table)
 
     run_body(ctx.obj, body, migrate=False, needs_redis=False)

@@ -46,7 +46,8 @@ from orchestrator.errors import (
 )
 from orchestrator.metrics import StepOutcome
 from orchestrator.runtime import Runtime
-from orchestrator.schemas import Signal, TaskEnvelope, WorkflowStatus
+from orchestrator.schemas import EventType, Signal, TaskEnvelope, WorkflowStatus
+from orchestrator.step.budget import StepBudget
 from orchestrator.step.context import INPUT_SIGNAL, StepContext
 from orchestrator.step.info import StepInfo
 from orchestrator.step.run import run_agent
@@ -276,7 +277,14 @@ class StepRunner:
             opened.customer_id,
         )
         ctx = StepContext(
-            rt, info, envelope.payload, opened.recorded, cls.tools, opened.waits, opened.signals
+            rt,
+            info,
+            envelope.payload,
+            opened.recorded,
+            cls.tools,
+            opened.waits,
+            opened.signals,
+            _budget(rt, opened),
         )
         key = (envelope.step_id, envelope.attempt)
         running = _Running(envelope, entry, lock, anyio.current_time(), ctx)
@@ -352,7 +360,7 @@ class StepRunner:
             started_at=started,
             usage=_usage(self.rt, ctx),
             traceparent=tracing.traceparent_of(trace.get_current_span()),
-            events=tuple(ctx.memory.record()),
+            events=(*ctx.memory.record(), *_replay_events(ctx)),
         )
 
     def _route(
@@ -467,6 +475,7 @@ class StepRunner:
                 started_at=started,
                 usage=_usage(rt, ctx),
                 optional_join=rt.app.optional_join(envelope.pipeline),
+                events=_replay_events(ctx),
             )
         if failure.retry is not None:
             rt.metrics.retries.add(1, {"agent": envelope.agent})
@@ -565,8 +574,43 @@ def _span_attributes(envelope: TaskEnvelope, worker: str) -> dict[str, Any]:
 
 
 def _usage(runtime: Runtime, ctx: StepContext) -> steps.ModelUse:
+    name = runtime.model.name
     return steps.ModelUse(
-        runtime.model.name, ctx.model_calls, ctx.usage.prompt_tokens, ctx.usage.completion_tokens
+        name,
+        ctx.model_calls,
+        ctx.usage.prompt_tokens,
+        ctx.usage.completion_tokens,
+        runtime.pricing.cost(name, ctx.usage),
+    )
+
+
+def _budget(runtime: Runtime, opened: steps.OpenStep) -> StepBudget | None:
+    """The tenant's budget as the open read found it (None: the tenant has none)."""
+    if opened.budget_usd is None:
+        return None
+    return StepBudget(
+        opened.tenant_id,
+        opened.budget_usd,
+        opened.budget_spent_usd,
+        partial(runtime.pricing.cost, runtime.model.name),
+    )
+
+
+def _replay_events(ctx: StepContext) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """One ``tool.replayed`` event per recorded result this execution returned (committed
+    with its outcome, so ``orchestrator show`` can tell a replay from a call)."""
+    return tuple(
+        (
+            EventType.TOOL_REPLAYED,
+            {
+                "key": run.key,
+                "tool": run.tool,
+                "ordinal": run.ordinal,
+                "attempt": ctx.info.attempt,
+                "recorded_attempt": run.attempt,
+            },
+        )
+        for run in ctx.tool_replays
     )
 
 

@@ -21,6 +21,7 @@ from orchestrator.errors import (
 )
 from orchestrator.models.llm import ModelRequest, T, ToolDef, ToolRunner, Usage
 from orchestrator.schemas import WorkflowStatus
+from orchestrator.step.budget import StepBudget
 from orchestrator.step.info import StepInfo
 from orchestrator.step.ledger import ToolLedger
 from orchestrator.step.memory import SessionMemory
@@ -44,6 +45,7 @@ class StepContext:
         allowed_tools: tuple[str, ...],
         waits: Sequence[float | None] = (),
         signals: Mapping[int, tuple[str, Any]] | None = None,
+        budget: StepBudget | None = None,
     ) -> None:
         self.info = info
         self.state = state
@@ -57,6 +59,7 @@ class StepContext:
         self.usage = Usage()  # tokens of this step's model calls, recorded with its attempt
         self.model_calls = 0
         self.superseded = False  # set when the fence moved on (this run's writes are refused)
+        self.budget = budget  # the tenant's model budget, if it has one
         self._memory: SessionMemory | None = None
 
     @property
@@ -185,6 +188,11 @@ class StepContext:
         """Finished idempotent calls of this execution, committed with the step."""
         return self._ledger.buffered
 
+    @property
+    def tool_replays(self) -> list[ToolRun]:
+        """Recorded successes this execution returned instead of calling the tool again."""
+        return self._ledger.replayed
+
 
 class StepModel:
     """``ctx.model``: the runtime's model behind the tenant's rate limit, with the step's
@@ -225,6 +233,8 @@ class StepModel:
         max_turns: int = 6,
     ) -> T:
         runtime, ctx = self._ctx._services, self._ctx
+        if ctx.budget is not None:
+            ctx.budget.check(ctx.usage)  # before the rate limit: a spent budget never waits
         if runtime.model_limiter is not None:
             await runtime.model_limiter.take(ctx.info.tenant_id)
         # A span per call (the tool calls the model makes are its children).

@@ -50,6 +50,8 @@ class ToolLedger:
         self._recorded = recorded
         self._ordinal = 0
         self.buffered: list[ToolRun] = []  # finished idempotent calls, committed with the step
+        # Recorded successes returned instead of calling (a re-run): the step's record says so.
+        self.replayed: list[ToolRun] = []
 
     def next_run(self, name: str, args: dict[str, Any]) -> ToolRun:
         """The next call of this step, under its idempotency key."""
@@ -83,6 +85,7 @@ class ToolLedger:
                 )
             if recorded.status == "succeeded":
                 self._services.metrics.tool_call(name, replayed=True)
+                self.replayed.append(recorded)
                 return recorded.result
         if spec.idempotent:
             return await self._call_buffered(spec, run)
@@ -115,8 +118,9 @@ class ToolLedger:
             seen = await self._services.store.tool_run(run.key)
             if seen is None:
                 raise self._fenced_out(f"tool call {run.key}")
-            if seen.status == "succeeded":
+            if seen.status == "succeeded":  # another execution of the step finished it
                 self._services.metrics.tool_call(spec.name, replayed=True)
+                self.replayed.append(seen)
                 return seen.result
             if seen.status == "started" and not seen.lapsed:
                 await anyio.sleep(IN_DOUBT_POLL_SECONDS)  # its owner may still record it

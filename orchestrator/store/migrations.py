@@ -367,6 +367,30 @@ V10_TRACE_CONTEXT = """
 ALTER TABLE steps ADD COLUMN traceparent text;
 """
 
+V11_COST = """
+-- What model calls cost (USD, exact): per step attempt, summed per workflow by the
+-- attempt's own transaction (completion, failure or parking). No index on the workflow's
+-- cost: a completion adding to it stays a HOT update; `runs --sort cost` sorts a scan.
+ALTER TABLE step_attempts ADD COLUMN cost_usd numeric NOT NULL DEFAULT 0;
+ALTER TABLE workflows ADD COLUMN cost_usd numeric NOT NULL DEFAULT 0;
+
+-- Optional per-tenant model budgets. spent_usd is the tenant's running spend, kept by the
+-- same statements that add a cost to a workflow (only while the tenant has a budget: no
+-- row, no write); set when the budget is first set to what the tenant had spent so far.
+CREATE TABLE tenant_budgets (
+    tenant_id  text PRIMARY KEY,
+    usd        numeric NOT NULL CHECK (usd >= 0),
+    spent_usd  numeric NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE tenant_budgets ENABLE ROW LEVEL SECURITY;
+ALTER TABLE tenant_budgets FORCE ROW LEVEL SECURITY;
+CREATE POLICY tenant_rows ON tenant_budgets
+    USING (tenant_id = current_setting('orchestrator.tenant', true));
+CREATE POLICY engine_rows ON tenant_budgets
+    USING (current_setting('orchestrator.engine', true) = 'on');
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -378,6 +402,7 @@ MIGRATIONS: tuple[str, ...] = (
     V8_MEMORY,
     V9_ERASURE,
     V10_TRACE_CONTEXT,
+    V11_COST,
 )
 
 CREATE_VERSION_TABLE = """

@@ -11,18 +11,21 @@ connection. ``tests/test_store.py`` is its own suite, against real Postgres.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 from orchestrator.errors import Parked
 from orchestrator.schemas import Event, TaskEnvelope, WorkflowRecord, WorkflowStatus
+from orchestrator.schemas.story import Story
 from orchestrator.store import (
     Conn,
+    costs,
     dead_letters,
     erasure,
     events,
+    history,
     prune,
     recovery,
     schedules,
@@ -56,6 +59,11 @@ class Store:
         return transcripts.TranscriptStore(self._connect)
 
     @property
+    def costs(self) -> costs.CostStore:
+        """Tenants' model costs and budgets (``orchestrator budget``)."""
+        return costs.CostStore(self._connect)
+
+    @property
     def erasure(self) -> erasure.ErasureStore:
         """Erasing one customer of one tenant (``orchestrator forget``)."""
         return erasure.ErasureStore(self._connect)
@@ -79,10 +87,15 @@ class Store:
             return await events.after(conn, workflow_id, after_id, limit)
 
     async def resolve_workflow(self, prefix: str) -> UUID:
-        """The workflow whose id starts with ``prefix``; WorkflowNotFound when none does,
-        InvalidInput when it is ambiguous."""
+        """The one workflow whose id starts with ``prefix`` (any case, dashes as in the
+        id or none); InvalidInput when none does, several do, or it cannot start an id."""
         async with self._connect() as conn:
-            return await workflows.resolve_prefix(conn, prefix)
+            return await history.resolve_workflow_prefix(conn, prefix)
+
+    async def story(self, workflow_id: UUID) -> Story:
+        """The whole story of a workflow (``orchestrator show``); WorkflowNotFound."""
+        async with self._connect() as conn:
+            return await history.story(conn, workflow_id)
 
     async def workflow_status(self, workflow_id: UUID) -> WorkflowStatus:
         """A workflow's status; WorkflowNotFound if unknown."""
@@ -98,11 +111,18 @@ class Store:
             return await workflows.terminal_statuses(conn, workflow_ids, statuses)
 
     async def recent(
-        self, *, status: str | None, tenant: str | None, limit: int
+        self,
+        *,
+        status: str | None,
+        tenant: str | None,
+        limit: int,
+        order: workflows.RunOrder = workflows.RunOrder.CREATED,
     ) -> list[dict[str, Any]]:
-        """The most recent workflows, newest first, optionally by status and tenant."""
+        """Workflows newest (or costliest) first, optionally by status and tenant."""
         async with self._connect() as conn:
-            return await workflows.recent(conn, status=status, tenant=tenant, limit=limit)
+            return await workflows.recent(
+                conn, status=status, tenant=tenant, limit=limit, order=order
+            )
 
     async def cancel(self, workflow_id: UUID) -> list[TaskEnvelope] | None:
         """Cancel an unfinished workflow (None if finished); returns what starts next."""
@@ -158,8 +178,10 @@ class Store:
         started_at: datetime,
         usage: steps.ModelUse,
         optional_join: str | None,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
     ) -> steps.Failure:
-        """Record a failed attempt: retry later, end a tolerated branch, or dead-letter."""
+        """Record a failed attempt: retry later, end a tolerated branch, or dead-letter;
+        ``events`` (what the run did) are recorded with it."""
         async with self._connect() as conn:
             return await steps.fail(
                 conn,
@@ -171,6 +193,7 @@ class Store:
                 started_at=started_at,
                 usage=usage,
                 optional_join=optional_join,
+                events=events,
             )
 
     async def park(

@@ -9,8 +9,10 @@ worker started with. The first fenced completion wins; any other is rejected.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 from uuid import uuid4
 
@@ -30,8 +32,10 @@ SELECT s.status, s.attempt, s.failures, s.waits, w.status AS workflow_status,
        coalesce((SELECT jsonb_agg(jsonb_build_array(t.idempotency_key, t.ordinal, t.tool,
                                                     t.status, t.args, t.result, t.error,
                                                     t.attempt))
-                 FROM tool_runs t WHERE t.step_id = s.id), '[]'::jsonb) AS runs
+                 FROM tool_runs t WHERE t.step_id = s.id), '[]'::jsonb) AS runs,
+       b.usd AS budget_usd, b.spent_usd AS budget_spent_usd
 FROM steps s JOIN workflows w ON w.id = s.workflow_id
+     LEFT JOIN tenant_budgets b ON b.tenant_id = w.tenant_id
 WHERE s.id = $1
 """
 # Taking over a step whose last execution died or stalled: a new fence (attempt), so
@@ -75,8 +79,8 @@ WITH closed AS (
     RETURNING id, workflow_id
 ), attempt_row AS (
     INSERT INTO step_attempts (step_id, attempt, worker, outcome, started_at, model,
-                               model_calls, prompt_tokens, completion_tokens)
-    SELECT id, $2, $4, 'completed', $5, $23, $24, $25, $26 FROM closed
+                               model_calls, prompt_tokens, completion_tokens, cost_usd)
+    SELECT id, $2, $4, 'completed', $5, $23, $24, $25, $26, $27 FROM closed
 ), run_rows AS (
     INSERT INTO tool_runs (idempotency_key, workflow_id, step_id, ordinal, tool, attempt,
                            status, args, result, error, finished_at)
@@ -93,8 +97,8 @@ WITH closed AS (
     SELECT workflow_id, $13, $14, $15 FROM closed
 ), next_steps AS (
     INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input, traceparent)
-    SELECT i, c.workflow_id, q, a, $14, 'queued', $15, $29
-    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running' AND $28,
+    SELECT i, c.workflow_id, q, a, $14, 'queued', $15, $30
+    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running' AND $29,
          unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
     RETURNING id
 ), transcript AS (
@@ -102,14 +106,26 @@ WITH closed AS (
     SELECT w.session_id, w.tenant_id, w.id, 'agent', $14, m
     FROM closed c JOIN workflows w ON w.id = c.workflow_id, unnest($19::text[]) AS m
 ), workflow_row AS (
-    -- Only for a step alone in its workflow ($28); branches settle under the row lock
+    -- Only for a step alone in its workflow ($29); branches settle under the row lock
     -- in the same transaction (store.branches).
     UPDATE workflows
-    SET state = $15, status = $20::text, updated_at = now(), next_seq = $27,
+    SET state = $15, status = $20::text, updated_at = now(), next_seq = $28,
         open_steps = cardinality($16::uuid[]),
-        completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END
-    WHERE id = (SELECT workflow_id FROM closed) AND status = 'running' AND $28::bool
+        completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END,
+        cost_usd = cost_usd + $27
+    WHERE id = (SELECT workflow_id FROM closed) AND status = 'running' AND $29::bool
     RETURNING session_id, status
+), workflow_cost AS (
+    -- The cost, when workflow_row leaves the row alone (a branch, a cancelled workflow):
+    -- the conditions exclude each other, so the row is updated once by this statement.
+    UPDATE workflows SET cost_usd = cost_usd + $27
+    WHERE id = (SELECT workflow_id FROM closed) AND $27 > 0
+      AND NOT (status = 'running' AND $29::bool)
+), budget_row AS (
+    -- Only a tenant with a budget keeps a running spend (no row, no write).
+    UPDATE tenant_budgets b SET spent_usd = b.spent_usd + $27, updated_at = now()
+    FROM closed c JOIN workflows w ON w.id = c.workflow_id
+    WHERE b.tenant_id = w.tenant_id AND $27 > 0
 ), event_rows AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT c.workflow_id, c.id, t, d::jsonb
@@ -123,10 +139,19 @@ SELECT (SELECT count(*) FROM closed) AS closed, (SELECT count(*) FROM next_steps
                       WHERE q.session_id = wr.session_id AND q.status = 'queued'))
            AS session_with_queue
 """
+# A failed or parked attempt, and its cost added to the workflow (and to the tenant's
+# spend, when it has a budget): one statement of the failure's or parking's transaction.
 INSERT_ATTEMPT = """
-INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
-                           model_calls, prompt_tokens, completion_tokens)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+WITH attempt_row AS (
+    INSERT INTO step_attempts (step_id, attempt, worker, outcome, error, started_at, model,
+                               model_calls, prompt_tokens, completion_tokens, cost_usd)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+), workflow_cost AS (
+    UPDATE workflows SET cost_usd = cost_usd + $11 WHERE id = $12 AND $11 > 0
+    RETURNING tenant_id
+)
+UPDATE tenant_budgets b SET spent_usd = b.spent_usd + $11, updated_at = now()
+FROM workflow_cost c WHERE b.tenant_id = c.tenant_id
 """
 UPDATE_WORKFLOW = """
 UPDATE workflows
@@ -159,6 +184,9 @@ class OpenStep:
     tenant_id: str = ""
     session_id: str = ""
     customer_id: str = ""
+    # The tenant's model budget (USD) and its spend when the step opened; None: no budget.
+    budget_usd: Decimal | None = None
+    budget_spent_usd: Decimal = Decimal(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,15 +197,17 @@ class ModelUse:
     calls: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cost_usd: Decimal = Decimal(0)
 
-    def row(self) -> tuple[str | None, int, int, int]:
+    def row(self) -> tuple[str | None, int, int, int, Decimal]:
         """The attempt row's values: model (None when no call was made), calls, prompt
-        and completion tokens."""
+        and completion tokens, cost in USD."""
         return (
             self.model if self.calls else None,
             self.calls,
             self.prompt_tokens,
             self.completion_tokens,
+            self.cost_usd,
         )
 
 
@@ -194,7 +224,8 @@ class Outcome:
     started_at: datetime
     usage: ModelUse = ModelUse()
     traceparent: str | None = None  # the step's span, parent of the next steps' spans
-    # More events committed with the step (type, data): what it did with memory.
+    # More events committed with the step (type, data): what it did with memory, the
+    # recorded tool results it replayed.
     events: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
@@ -235,6 +266,8 @@ async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
         tenant_id=row["tenant_id"],
         session_id=row["session_id"],
         customer_id=row["customer_id"] or "",
+        budget_usd=row["budget_usd"],
+        budget_spent_usd=row["budget_spent_usd"] or Decimal(0),
     )
 
 
@@ -376,6 +409,7 @@ async def fail(
     started_at: datetime,
     usage: ModelUse | None = None,
     optional_join: str | None = None,
+    events: Sequence[tuple[str, dict[str, Any]]] = (),
 ) -> Failure:
     """Record a failed attempt (keeping its tool results) in one transaction.
 
@@ -405,14 +439,17 @@ async def fail(
             raise _rejected("failure", envelope)
         await _record_attempt(conn, envelope, "failed", error, worker, started_at, usage, recorded)
         data = {"agent": envelope.agent, "attempt": envelope.attempt, "error": error}
+        done = [(EventType(t), d) for t, d in events]  # what the run did (tools replayed)
         if retry_after is not None:
             await _events(
-                conn, envelope, [(EventType.STEP_RETRIED, {**data, "retry_after": retry_after})]
+                conn,
+                envelope,
+                [*done, (EventType.STEP_RETRIED, {**data, "retry_after": retry_after})],
             )
             return Failure(envelope.model_copy(update={"attempt": new_attempt}), retry_after)
         ended = await branches.fail_branch(conn, envelope, error=error, join=optional_join)
         if ended is not None:  # one branch of several: the others (and the join) go on
-            await _events(conn, envelope, [(EventType.BRANCH_FAILED, data)])
+            await _events(conn, envelope, [*done, (EventType.BRANCH_FAILED, data)])
             return Failure(None, 0.0, ended.next, workflow_failed=False, status=ended.status)
         await conn.execute(
             UPDATE_WORKFLOW,
@@ -433,6 +470,7 @@ async def fail(
             conn,
             envelope,
             [
+                *done,
                 (EventType.STEP_FAILED, data),
                 (EventType.STEP_DEAD_LETTERED, {"id": letter}),
                 (EventType.WORKFLOW_FAILED, {"error": error}),
@@ -501,6 +539,7 @@ async def _record_attempt(
         error,
         started_at,
         *usage.row(),
+        envelope.workflow_id,
     )
     await tool_runs.insert_finished(
         conn, envelope.workflow_id, envelope.step_id, envelope.attempt, recorded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -67,15 +68,27 @@ FROM steps WHERE workflow_id = $1 ORDER BY seq
 SELECT_TERMINAL = """
 SELECT id, status FROM workflows WHERE id = ANY($1::uuid[]) AND status = ANY($2::text[])
 """
-# Ids in [$1, $2]: a prefix padded with 0s and with fs (the primary key's index).
-SELECT_ID_RANGE = """
-SELECT id FROM workflows WHERE id BETWEEN $1::uuid AND $2::uuid ORDER BY id LIMIT 2
-"""
 LIST_RECENT = """
-SELECT id, tenant_id, pipeline, status, error, created_at, completed_at FROM workflows
+SELECT id, tenant_id, pipeline, status, error, created_at, completed_at, cost_usd FROM workflows
 WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR tenant_id = $2)
 ORDER BY created_at DESC LIMIT $3
 """
+# Costliest first (newest first among equals). No index on cost (see migration V10).
+LIST_COSTLIEST = """
+SELECT id, tenant_id, pipeline, status, error, created_at, completed_at, cost_usd FROM workflows
+WHERE ($1::text IS NULL OR status = $1) AND ($2::text IS NULL OR tenant_id = $2)
+ORDER BY cost_usd DESC, created_at DESC LIMIT $3
+"""
+
+
+class RunOrder(StrEnum):
+    """How ``runs`` orders workflows: newest first, or costliest first."""
+
+    CREATED = "created"
+    COST = "cost"
+
+
+_LISTS = {RunOrder.CREATED: LIST_RECENT, RunOrder.COST: LIST_COSTLIEST}
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,33 +205,14 @@ async def terminal_statuses(
     return {r["id"]: WorkflowStatus(r["status"]) for r in rows}
 
 
-def prefix_digits(prefix: str) -> str:
-    """The hex digits of a workflow id prefix; InvalidInput when it cannot be one."""
-    digits = prefix.strip().replace("-", "").lower()
-    if not digits or len(digits) > 32 or any(c not in "0123456789abcdef" for c in digits):
-        raise InvalidInput(f"not a workflow id or id prefix: {prefix[:80]!r}")
-    return digits
-
-
-async def resolve_prefix(conn: Conn, prefix: str) -> UUID:
-    """The one workflow whose id starts with ``prefix`` (hex digits, dashes ignored);
-    WorkflowNotFound when none does, InvalidInput when several do."""
-    digits = prefix_digits(prefix)
-    low, high = UUID(digits.ljust(32, "0")), UUID(digits.ljust(32, "f"))
-    rows = await conn.fetch(SELECT_ID_RANGE, low, high)
-    if not rows:
-        raise WorkflowNotFound(prefix)
-    if len(rows) > 1:
-        raise InvalidInput(
-            f"workflow id prefix {prefix!r} is ambiguous ({rows[0]['id']}, {rows[1]['id']}, "
-            "...): give more of it"
-        )
-    found: UUID = rows[0]["id"]
-    return found
-
-
 async def recent(
-    conn: Conn, *, status: str | None, tenant: str | None, limit: int
+    conn: Conn,
+    *,
+    status: str | None,
+    tenant: str | None,
+    limit: int,
+    order: RunOrder = RunOrder.CREATED,
 ) -> list[dict[str, Any]]:
-    """The newest ``limit`` workflows, filtered by ``status`` and ``tenant`` when given."""
-    return [dict(r) for r in await conn.fetch(LIST_RECENT, status, tenant, limit)]
+    """The first ``limit`` workflows in ``order`` (newest or costliest first), filtered by
+    ``status`` and ``tenant`` when given."""
+    return [dict(r) for r in await conn.fetch(_LISTS[order], status, tenant, limit)]
