@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import redis.asyncio as aioredis
-from openai import AsyncOpenAI
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import Tracer, TracerProvider
 
@@ -95,6 +94,8 @@ class Runtime:
 def build_model(settings: Settings, app: App) -> LanguageModel:
     """The OpenAI model when an API key is set, else the offline model on the app's rules."""
     if settings.openai_api_key:
+        from openai import AsyncOpenAI  # half a second to import: only when it is used
+
         client = AsyncOpenAI(
             api_key=settings.openai_api_key,
             base_url=settings.openai_base_url or None,
@@ -115,6 +116,8 @@ def build_embedder(settings: Settings) -> Embedder:
     else the offline lexical one; either makes ``embedding_dimensions`` floats."""
     if not settings.embedding_model:
         return LexicalEmbedder(settings.embedding_dimensions)
+    from openai import AsyncOpenAI
+
     client = AsyncOpenAI(
         api_key=settings.openai_api_key or _LOCAL_API_KEY,
         base_url=settings.openai_base_url or None,

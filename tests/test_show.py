@@ -9,7 +9,7 @@ from uuid import UUID
 
 import pytest
 
-from orchestrator.cli.main import forget_customer
+from orchestrator.cli.maintenance import forget_customer
 from orchestrator.client import Client
 from orchestrator.engine.worker import Worker
 from orchestrator.errors import InvalidInput

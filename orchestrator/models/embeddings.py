@@ -18,13 +18,14 @@ import itertools
 import math
 import re
 from collections.abc import Sequence
-from typing import Protocol
-
-import openai
-from openai import AsyncOpenAI
-from openai.types import CreateEmbeddingResponse
+from typing import TYPE_CHECKING, Protocol
 
 from orchestrator.errors import AgentError, ConfigurationError
+
+if TYPE_CHECKING:  # openai takes half a second to import: only when it is used
+    import openai
+    from openai import AsyncOpenAI
+    from openai.types import CreateEmbeddingResponse
 
 DIMENSIONS = 256  # the default of ORCHESTRATOR_EMBEDDING_DIMENSIONS
 # Inputs per request: well under OpenAI's 2,048, and small enough for local servers.
@@ -117,6 +118,8 @@ class OpenAIEmbedder:
         return vectors
 
     async def _batch(self, texts: list[str]) -> list[list[float]]:
+        import openai  # loaded already: a client of it exists
+
         try:
             response = await self._create(texts, self._send_dimensions)
         except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:
@@ -145,6 +148,8 @@ class OpenAIEmbedder:
         return vectors
 
     async def _create(self, texts: list[str], send_dimensions: bool) -> CreateEmbeddingResponse:
+        import openai  # loaded already: a client of it exists
+
         try:
             return await self._client.embeddings.create(
                 model=self._model,

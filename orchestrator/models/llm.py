@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-import openai
-from openai import AsyncOpenAI
 from pydantic import BaseModel, ValidationError
 
 from orchestrator.errors import AgentError, ConfigurationError
+
+if TYPE_CHECKING:  # openai takes half a second to import: only when it is used
+    from openai import AsyncOpenAI
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -186,6 +187,8 @@ class OpenAIModel:
     async def _turn(
         self, messages: list[Any], output: type[T], tools: Sequence[ToolDef]
     ) -> tuple[Any, Usage]:
+        import openai  # loaded already: a client of it exists
+
         extra: dict[str, Any] = {}
         if tools:
             extra["tools"] = [
