@@ -83,6 +83,7 @@ from orchestrator.models.llm import (
     ToolRunner,
     Usage,
 )
+from orchestrator.models.pricing import Pricing
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.schemas import memory as wm
 from orchestrator.schemas.memory import Line, Recalled, WorkingMemory
@@ -449,6 +450,7 @@ class _Services:
     embedder: Embedder
     tracer: Tracer = field(default_factory=NoOpTracer)
     metrics: Metrics = field(default_factory=Metrics)
+    pricing: Pricing = field(default_factory=Pricing)
     crash: CrashPoints = field(default_factory=lambda: CrashPoints(None, 1))
     model_limiter: Limiter | None = None
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,10 @@ from orchestrator.models.llm import (
     ToolRunner,
     Usage,
 )
+from orchestrator.models.pricing import Pricing
 from orchestrator.runtime import Runtime, open_runtime
 from orchestrator.schemas import WorkflowStatus
-from orchestrator.settings import Settings
+from orchestrator.settings import ModelPrice, Settings
 from orchestrator.telemetry import open_telemetry
 from tests.apps import TICKET, Probe, build_app
 from tests.conftest import drop_test_data, fetch
@@ -109,7 +111,9 @@ async def test_support_run_reports_steps_tools_and_model_use(settings: Settings)
 
     tickets = sample_tickets()[:4]
     async with metered(settings, app) as (runtime, reader):
-        runtime = dataclasses.replace(runtime, model=MeteredModel(runtime.model))
+        # $1 per million prompt tokens, $2 per million completion tokens
+        pricing = Pricing({"metered-offline": ModelPrice(input=Decimal(1), output=Decimal(2))})
+        runtime = dataclasses.replace(runtime, model=MeteredModel(runtime.model), pricing=pricing)
         report = await run_local(runtime, tickets, timeout=60)
         assert report.completed == len(tickets)
         ran = await fetch(runtime, "SELECT agent, count(*) AS n FROM steps GROUP BY agent")
@@ -134,6 +138,9 @@ async def test_support_run_reports_steps_tools_and_model_use(settings: Settings)
     for (tenant, _), n in model_calls.items():
         assert tokens[(tenant, "prompt")] == 100 * n
         assert tokens[(tenant, "completion")] == 20 * n
+    cost = by(reader, "orchestrator.model.cost", "tenant")
+    for (tenant, _), n in model_calls.items():
+        assert cost[(tenant,)] == pytest.approx(n * (100 * 1 + 20 * 2) / 1e6)
     # The worker measured its groups' backlog, and the consolidator its lag.
     assert {a["group"] for a, _ in points(reader, "orchestrator.stream.pending")} == set(app.agents)
     assert points(reader, "orchestrator.consolidation.stream_lag")

@@ -249,7 +249,11 @@ class StepModel:
         ctx.usage = ctx.usage + completion.usage
         ctx.model_calls += 1
         runtime.metrics.record_model_call(
-            ctx.info.tenant_id, self.name, used.prompt_tokens, used.completion_tokens, 0.0
+            ctx.info.tenant_id,
+            self.name,
+            used.prompt_tokens,
+            used.completion_tokens,
+            float(runtime.pricing.cost(self.name, used)),
         )
         return completion.value
 

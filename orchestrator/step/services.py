@@ -18,6 +18,7 @@ from orchestrator.faults import CrashPoints
 from orchestrator.metrics import Metrics
 from orchestrator.models.embeddings import Embedder
 from orchestrator.models.llm import LanguageModel
+from orchestrator.models.pricing import Pricing
 from orchestrator.schemas.memory import Patch, WorkingMemory
 from orchestrator.settings import Settings
 from orchestrator.step.tools import ToolSpec
@@ -123,6 +124,11 @@ class StepServices(Protocol):
     @property
     def metrics(self) -> Metrics:
         """The runtime's metric instruments (tool calls, model usage)."""
+        ...
+
+    @property
+    def pricing(self) -> Pricing:
+        """What model calls cost (the metrics' cost per tenant)."""
         ...
 
     @property
