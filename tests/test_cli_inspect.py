@@ -196,3 +196,23 @@ def test_prune_and_forget_say_how_they_get_on(env: dict[str, str], tmp_path: Pat
     )
     assert forgot.returncode == 0, forgot.stderr
     assert "forgetting: " in forgot.stderr and "erasure " in forgot.stdout
+
+
+def test_app_module_from_the_current_directory(env: dict[str, str], tmp_path: Path) -> None:
+    # The console script (not `python -m`, which puts the directory on the path itself).
+    script = Path(sys.executable).parent / "orchestrator"
+    package = tmp_path / "mypkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "flaky.py").write_text("from tests.cli_app import app\n")
+    result = subprocess.run(
+        [str(script), "--app", "mypkg.flaky:app", "runs", "--json"],
+        cwd=tmp_path,
+        env={**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == []
