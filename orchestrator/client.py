@@ -191,7 +191,10 @@ class Client:
             return {}
         rt = self.rt
         try:
-            held = [await rt.redis.get(rt.keys.step_lock(record.id, s.seq)) for s in open_steps]
+            pipe = rt.redis.pipeline(transaction=False)  # one round trip for every open step
+            for step in open_steps:
+                pipe.get(rt.keys.step_lock(record.id, step.seq))
+            held: list[Any] = await pipe.execute()
             owners = [owner_of(h) if h is not None else "" for h in held]
             named = [o for o in owners if o]
             alive = dict(zip(named, await live.alive(rt.redis, rt.keys, named), strict=True))
