@@ -7,7 +7,7 @@ and this one (each with its own code: cwd and PYTHONPATH set to the checkout),
 p50/p99 latency and Postgres transactions per workflow.
 
     git worktree add /tmp/before fa8db1a
-    PYTHONPATH=. python benchmarks/compare.py --before /tmp/before --runs 2 \\
+    PYTHONPATH=. python benchmarks/versions.py --before /tmp/before --runs 2 \\
         -- --tickets 1000 --concurrency 32 --app noop
     git worktree remove --force /tmp/before
 """

@@ -63,6 +63,10 @@ class Runtime:
     metrics: Metrics = field(default_factory=Metrics)  # no-op unless given a meter
     # What model calls cost (the model_prices setting over the defaults).
     pricing: Pricing = field(default_factory=Pricing)
+    _store: Store = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_store", Store(self.db))  # frozen: set once, here
 
     def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         """A pooled connection, bounded in time; infrastructure failures raise
@@ -71,8 +75,9 @@ class Runtime:
 
     @property
     def store(self) -> Store:
-        """Postgres behind named operations: what the engine and the client call."""
-        return Store(self.db)
+        """Postgres behind named operations: what the engine and the client call (one per
+        runtime: it batches concurrent calls)."""
+        return self._store
 
     @property
     def working_memory(self) -> WorkingMemoryCache:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 
 import anyio
@@ -178,7 +179,7 @@ async def test_changed_code_on_resume_fails_loudly(settings: Settings) -> None:
             return Done(value="never")
 
         flaky.run = reordered  # type: ignore[method-assign]
-        changed = Runtime(**{**{f: getattr(rt, f) for f in rt.__dataclass_fields__}, "app": new})
+        changed = dataclasses.replace(rt, app=new)
         new_worker = Worker(changed, concurrency=1)
         await new_worker.process("flaky", await _next_entry(rt, new_worker, "flaky"))
         record = await client.get(wid)

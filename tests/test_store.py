@@ -8,6 +8,7 @@ run as concurrent tasks on separate pooled connections.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import anyio
+import asyncpg
 import pytest
 
 from orchestrator.errors import FenceRejected, InvalidInput, Parked, WorkflowNotFound
@@ -295,6 +297,47 @@ async def test_concurrent_completions_of_one_step_exactly_one_wins(
         n = await counts(rt, env.workflow_id)
         assert (n["checkpoints"], n["step_attempts"]) == (1, 1)
         assert (await event_types(rt, env.workflow_id)).count("step.completed") == 1
+
+
+async def test_concurrent_completions_share_one_commit_and_a_bad_one_fails_alone(
+    rt: Runtime, store: Store
+) -> None:
+    started = [await start(store) for _ in range(6)]
+    opened = [await store.open(env) for env in started]
+    results: dict[int, str] = {}
+
+    async def complete(i: int, env: TaskEnvelope, open_: steps.OpenStep) -> None:
+        done = outcome(env, ["b"])
+        if i == 3:  # Postgres refuses a NUL in jsonb: this completion's own error
+            done = dataclasses.replace(done, output={"text": "\x00"})
+        try:
+            await store.complete(env, done, open_, frozenset())
+            results[i] = "completed"
+        except asyncpg.PostgresError as exc:
+            results[i] = type(exc).__name__
+
+    for batch in (range(3), range(3, 6)):  # all good, then one bad among good ones
+        async with anyio.create_task_group() as tg:
+            for i in batch:
+                tg.start_soon(complete, i, started[i], opened[i])
+    assert results.pop(3) == "UntranslatableCharacterError"
+    assert set(results.values()) == {"completed"}
+    ids = [env.workflow_id for env in started]
+    rows = await fetch(
+        rt,
+        "SELECT workflow_id, status, xmin::text AS tx FROM steps WHERE workflow_id = ANY($1)"
+        " AND seq = 0",
+        ids,
+    )
+    status = {r["workflow_id"]: r["status"] for r in rows}
+    assert status.pop(ids[3]) == "queued"  # nothing of the bad one was written
+    assert set(status.values()) == {"completed"}
+    # Made together, the three good ones committed in one transaction.
+    assert len({r["tx"] for r in rows if r["workflow_id"] in ids[:3]}) == 1
+    handed = await fetch(
+        rt, "SELECT count(*) AS n FROM steps WHERE workflow_id = ANY($1) AND seq = 1", ids
+    )
+    assert handed[0]["n"] == 5
 
 
 async def test_complete_alone_hands_off_to_the_next_step_with_the_next_seq(

@@ -16,6 +16,10 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
+import asyncpg
+
+from orchestrator.batching import Combiner
+from orchestrator.connections import PG_DOWN
 from orchestrator.errors import Parked
 from orchestrator.schemas import Event, TaskEnvelope, WorkflowRecord, WorkflowStatus
 from orchestrator.schemas.story import Story
@@ -40,6 +44,8 @@ from orchestrator.store.dead_letters import DeadLetter
 from orchestrator.store.tool_runs import ToolRun
 
 Connect = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
+OPEN_BATCH = 64  # open reads pipelined in one round trip
+COMPLETE_BATCH = 64  # completions pipelined in one round trip and one transaction
 
 
 class Store:
@@ -47,6 +53,10 @@ class Store:
 
     def __init__(self, connect: Connect) -> None:
         self._connect = connect
+        # Group commit: concurrent steps' open reads and completions share round trips
+        # (and completions one commit); one step alone is sent at once.
+        self._opens = Combiner(self._open_many, max_batch=OPEN_BATCH)
+        self._completions = Combiner(self._complete_many, max_batch=COMPLETE_BATCH)
 
     @property
     def memory(self) -> memory_store.MemoryStore:
@@ -147,9 +157,13 @@ class Store:
 
     # Steps: the step protocol
     async def open(self, envelope: TaskEnvelope) -> steps.OpenStep:
-        """Whether the step may run under this envelope's fence, and what it recorded."""
+        """Whether the step may run under this envelope's fence, and what it recorded
+        (read with the concurrent steps' reads, in one round trip)."""
+        return await self._opens(envelope)
+
+    async def _open_many(self, envelopes: Sequence[TaskEnvelope]) -> list[steps.OpenStep]:
         async with self._connect() as conn:
-            return await steps.open_step(conn, envelope)
+            return await steps.open_steps(conn, envelopes)
 
     async def take_over(self, envelope: TaskEnvelope, by: str) -> TaskEnvelope | None:
         """A new fence for a redelivered step; None when closed or not due."""
@@ -163,9 +177,46 @@ class Store:
         opened: steps.OpenStep,
         joins: frozenset[str],
     ) -> steps.Completed:
-        """Close the step fenced on its attempt and hand off; FenceRejected if it lost."""
+        """Close the step fenced on its attempt and hand off; FenceRejected if it lost.
+        A linear completion shares its round trip and commit with the concurrent ones."""
+        one = steps.linear(envelope, outcome, opened, joins)
+        if one is None:
+            async with self._connect() as conn:
+                return await steps.complete(conn, envelope, outcome, opened, joins)
+        row = await self._completions(one)
+        if isinstance(row, Exception):
+            raise row
+        completed, session = steps.linear_result(one, row)
+        if session is None:
+            return completed
         async with self._connect() as conn:
-            return await steps.complete(conn, envelope, outcome, opened, joins)
+            return await steps.promote_after(conn, completed, session)
+
+    async def _complete_many(self, items: Sequence[steps.Linear]) -> list[Any]:
+        """One transaction for the batch, in step id order (two batches lock rows in the
+        same order: no deadlock between them). A statement's error aborts the whole
+        transaction: then each is sent alone, so one bad completion fails by itself."""
+        order = sorted(range(len(items)), key=lambda i: items[i].envelope.step_id)
+        rows: list[Any] = [None] * len(items)
+        async with self._connect() as conn:
+            try:
+                sent = await steps.complete_linear(conn, [items[i] for i in order])
+            except asyncpg.PostgresError as exc:
+                if len(items) == 1 or isinstance(exc, PG_DOWN):
+                    raise  # an outage, or one completion's own error: as if sent alone
+                sent = [await self._complete_alone(conn, items[i]) for i in order]
+        for i, row in zip(order, sent, strict=True):
+            rows[i] = row
+        return rows
+
+    @staticmethod
+    async def _complete_alone(conn: Conn, item: steps.Linear) -> Any:
+        try:
+            return (await steps.complete_linear(conn, [item]))[0]
+        except asyncpg.PostgresError as exc:
+            if isinstance(exc, PG_DOWN):
+                raise
+            return exc  # this completion's own error, raised to its caller only
 
     async def fail(
         self,

@@ -23,7 +23,7 @@ from orchestrator.store import events as audit
 from orchestrator.store.tool_runs import ToolRun
 
 SELECT_OPEN = """
-SELECT s.status, s.attempt, s.failures, s.waits, w.status AS workflow_status,
+SELECT s.id, s.status, s.attempt, s.failures, s.waits, w.status AS workflow_status,
        w.tenant_id, w.session_id,
        (SELECT e.customer_id FROM sessions e WHERE e.id = w.session_id) AS customer_id,
        coalesce((SELECT jsonb_agg(jsonb_build_array(g.ordinal, g.name, g.payload))
@@ -229,10 +229,16 @@ class Outcome:
     events: tuple[tuple[str, dict[str, Any]], ...] = ()
 
 
-async def open_step(conn: Conn, envelope: TaskEnvelope) -> OpenStep:
-    """What the worker needs to run the step; not ``runnable`` (with the reason) when the
-    step is unknown or closed, its workflow is not running, or the attempt is stale."""
-    row = await conn.fetchrow(SELECT_OPEN, envelope.step_id)
+async def open_steps(conn: Conn, envelopes: Sequence[TaskEnvelope]) -> list[OpenStep]:
+    """What the worker needs to run each step, read in one pipelined round trip; not
+    ``runnable`` (with the reason) when the step is unknown or closed, its workflow is not
+    running, or the attempt is stale."""
+    rows = await conn.fetchmany(SELECT_OPEN, [(e.step_id,) for e in envelopes])
+    found = {row["id"]: row for row in rows}
+    return [_opened(found.get(e.step_id), e) for e in envelopes]
+
+
+def _opened(row: Any, envelope: TaskEnvelope) -> OpenStep:
     if row is None:
         return OpenStep(False, "unknown step")
     if row["workflow_status"] != WorkflowStatus.RUNNING:
@@ -292,6 +298,53 @@ def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome, next_seq: int) -> 
     ]
 
 
+@dataclass(frozen=True, slots=True)
+class Linear:
+    """A completion that is ONE statement (``COMPLETE_STEP``): its arguments, ready to be
+    sent alone or pipelined with others (``complete_linear``), and the next steps."""
+
+    envelope: TaskEnvelope
+    next: list[TaskEnvelope]
+    args: tuple[Any, ...]
+
+
+def linear(
+    envelope: TaskEnvelope,
+    outcome: Outcome,
+    opened: OpenStep,
+    joins: frozenset[str] = frozenset(),
+) -> Linear | None:
+    """The one-statement completion of a step alone in its workflow handing to at most
+    one non-join agent (the common case); None for forks, branches and joins."""
+    if not (
+        opened.alone
+        and len(outcome.next_agents) <= 1
+        and not any(a in joins for a in outcome.next_agents)
+    ):
+        return None
+    nxt = _next_envelopes(envelope, outcome, opened.next_seq)
+    args = _close_args(envelope, outcome, opened, nxt, done=not nxt, linear=True)
+    return Linear(envelope, nxt, args)
+
+
+async def complete_linear(conn: Conn, items: Sequence[Linear]) -> list[Any]:
+    """Send the completions in one pipelined round trip, as ONE transaction (one commit):
+    a row per item, in order. Each is fenced on its own; a rejected one writes nothing."""
+    return list(await conn.fetchmany(COMPLETE_STEP, [i.args for i in items]))
+
+
+def linear_result(item: Linear, row: Any) -> tuple[Completed, str | None]:
+    """What a linear completion committed, and the session whose next ticket may start
+    (None, mostly); raise FenceRejected if it lost."""
+    if row is None or not row["closed"]:
+        raise _rejected("completion", item.envelope)
+    # Next steps are only created while the workflow runs (not after a cancel meanwhile,
+    # which left the workflow row untouched).
+    status = WorkflowStatus(row["workflow_status"] or WorkflowStatus.CANCELLED)
+    handed = item.next if row["handed"] == len(item.next) else []
+    return Completed(handed, status), row["session_with_queue"]
+
+
 async def complete(
     conn: Conn,
     envelope: TaskEnvelope,
@@ -302,17 +355,16 @@ async def complete(
     """Close the step and hand off; raise FenceRejected if it lost.
 
     A step alone in its workflow handing to at most one non-join agent (the common
-    case) completes in ONE statement. Forks, branches and joins settle in the same
-    transaction under the workflow row's lock (``store.branches``).
+    case) completes in ONE statement (``linear``). Forks, branches and joins settle in
+    the same transaction under the workflow row's lock (``store.branches``).
     """
-    linear = (
-        opened.alone
-        and len(outcome.next_agents) <= 1
-        and not any(a in joins for a in outcome.next_agents)
-    )
-    if not linear:
+    one = linear(envelope, outcome, opened, joins)
+    if one is None:
         async with conn.transaction():
-            await _close(conn, envelope, outcome, opened, [], done=False, linear=False)
+            args = _close_args(envelope, outcome, opened, [], done=False, linear=False)
+            row = await conn.fetchrow(COMPLETE_STEP, *args)
+            if row is None or not row["closed"]:
+                raise _rejected("completion", envelope)
             settled = await branches.settle(
                 conn,
                 envelope,
@@ -322,20 +374,18 @@ async def complete(
                 traceparent=outcome.traceparent,
             )
             return Completed(settled.next, settled.status)
-    nxt = _next_envelopes(envelope, outcome, opened.next_seq)
-    row = await _close(conn, envelope, outcome, opened, nxt, done=not nxt, linear=True)
-    # Next steps are only created while the workflow runs (not after a cancel meanwhile,
-    # which left the workflow row untouched).
-    status = WorkflowStatus(row["workflow_status"] or WorkflowStatus.CANCELLED)
-    handed = nxt if row["handed"] == len(nxt) else []
-    if row["session_with_queue"] is not None:
-        # The workflow finished and tickets wait behind it in its session: start the next.
-        handed = handed + await recovery.promote_next(conn, row["session_with_queue"])
-    return Completed(handed, status)
+    completed, session = linear_result(one, (await complete_linear(conn, [one]))[0])
+    return await promote_after(conn, completed, session)
 
 
-async def _close(
-    conn: Conn,
+async def promote_after(conn: Conn, completed: Completed, session: str | None) -> Completed:
+    """The workflow finished and tickets wait behind it in ``session``: start the next."""
+    if session is None:
+        return completed
+    return Completed(completed.next + await recovery.promote_next(conn, session), completed.status)
+
+
+def _close_args(
     envelope: TaskEnvelope,
     outcome: Outcome,
     opened: OpenStep,
@@ -343,15 +393,14 @@ async def _close(
     *,
     done: bool,
     linear: bool,
-) -> Any:
+) -> tuple[Any, ...]:
     events: list[tuple[str, dict[str, Any]]] = [
         (EventType.STEP_COMPLETED, {"agent": envelope.agent, "attempt": envelope.attempt}),
         *outcome.events,
     ]
     if done:
         events.append((EventType.WORKFLOW_COMPLETED, {}))
-    row = await conn.fetchrow(
-        COMPLETE_STEP,
+    return (
         envelope.step_id,
         envelope.attempt,
         outcome.output,
@@ -373,9 +422,6 @@ async def _close(
         linear,
         outcome.traceparent or envelope.traceparent,  # what the next steps' spans start under
     )
-    if row is None or not row["closed"]:
-        raise _rejected("completion", envelope)
-    return row
 
 
 @dataclass(frozen=True, slots=True)
