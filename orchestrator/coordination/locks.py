@@ -66,8 +66,17 @@ class Lock:
     """A lock on the key ``name`` that expires after ``ttl_ms`` unless extended; its token
     names ``owner``, so others can tell whether its holder is dead."""
 
-    def __init__(self, client: aioredis.Redis, name: str, ttl_ms: int, owner: str = "") -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        name: str,
+        ttl_ms: int,
+        owner: str = "",
+        via: Callable[[Callable[[Any], None]], Awaitable[list[Any]]] | None = None,
+    ) -> None:
         self.client = client
+        # Where the first SET NX goes: a shared pipeline (coordination.pipelining), or alone.
+        self.via = via
         self.name = name
         self.ttl_ms = ttl_ms
         self.token = f"{owner}|{secrets.token_hex(12)}"
@@ -75,7 +84,14 @@ class Lock:
 
     async def acquire(self) -> bool:
         """Take the lock if nobody holds it (SET NX PX); False if someone does."""
+        if self.via is not None:
+            [taken] = await self.via(self.acquire_in)
+            return bool(taken)
         return bool(await self.client.set(self.name, self.token, nx=True, px=self.ttl_ms))
+
+    def acquire_in(self, pipe: Any) -> None:
+        """Queue the SET NX PX that takes the lock on a pipeline."""
+        pipe.set(self.name, self.token, nx=True, px=self.ttl_ms)
 
     async def take_over(self, is_dead: Callable[[str], Awaitable[bool]]) -> bool:
         """Acquire, or take the lock from a holder whose owner ``is_dead``."""

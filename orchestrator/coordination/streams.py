@@ -287,10 +287,15 @@ class Handoff:
 
 
 async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
-    """Send ``h`` in one pipelined round trip: next envelopes, the delayed retry, the dead
-    letter, the ack, the signal, the lock release. Not a transaction: Postgres holds the
-    truth."""
+    """Send ``h`` in one pipelined round trip (see ``hand_off_in``)."""
     pipe = client.pipeline(transaction=False)
+    hand_off_in(pipe, keys, h)
+    await pipe.execute()
+
+
+def hand_off_in(pipe: Any, keys: Keys, h: Handoff) -> None:
+    """Queue ``h`` on ``pipe``: next envelopes, the delayed retry, the dead letter, the
+    ack, the signal, the lock release. Not a transaction: Postgres holds the truth."""
     for envelope in h.next:
         _add(pipe, keys, envelope)
     if h.retry is not None:
@@ -312,7 +317,6 @@ async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
         extra(pipe)
     if h.lock is not None:
         h.lock.release_in(pipe)
-    await pipe.execute()
 
 
 async def dead_letter(
