@@ -48,20 +48,23 @@ class Combiner(Generic[Item, Result]):
         self._handle = handle
         self._max_batch = max_batch
         self._in_flight = in_flight
-        self._turns: anyio.Semaphore | None = None  # made in the event loop, on first use
+        self._sending = 0  # batches in flight
         self._queue: list[_Slot[Item, Result]] = []
+        # Set (and replaced) whenever a batch ends: every waiter wakes in the same pass,
+        # finds its result or takes the next turn. Made in the event loop, on first use.
+        self._ended: anyio.Event | None = None
 
     async def __call__(self, item: Item) -> Result:
         slot: _Slot[Item, Result] = _Slot(item)
         self._queue.append(slot)
-        if self._turns is None:
-            self._turns = anyio.Semaphore(self._in_flight)
         try:
-            async with self._turns:
-                while not slot.done:  # not taken by the batches before: send the next
-                    batch = self._queue[: self._max_batch]
-                    del self._queue[: self._max_batch]
-                    await self._send(batch)
+            while not slot.done:  # not taken by the batches before: send the next, or wait
+                if self._sending < self._in_flight:
+                    await self._send_next()
+                else:
+                    if self._ended is None:
+                        self._ended = anyio.Event()
+                    await self._ended.wait()
         except BaseException:
             if slot in self._queue:  # cancelled before anyone sent it: it never runs
                 self._queue.remove(slot)
@@ -69,6 +72,18 @@ class Combiner(Generic[Item, Result]):
         if slot.error is not None:
             raise slot.error
         return slot.result  # type: ignore[return-value]  # set with done, from handle
+
+    async def _send_next(self) -> None:
+        batch = self._queue[: self._max_batch]
+        del self._queue[: self._max_batch]
+        self._sending += 1
+        try:
+            await self._send(batch)
+        finally:
+            self._sending -= 1
+            ended, self._ended = self._ended, None
+            if ended is not None:
+                ended.set()
 
     async def _send(self, batch: list[_Slot[Item, Result]]) -> None:
         # Shielded: the members wait for this batch; a timeout inside ``handle`` bounds it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Collection, Iterable, Mapping
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -75,7 +76,9 @@ class Client:
             created = await self.rt.store.submit(submission)
             submit_span.set_attribute("workflow.id", str(created.envelope.workflow_id))
         if not created.queued:  # a queued one is enqueued when its session frees up
-            await streams.enqueue(self.rt.redis, self.rt.keys, created.envelope)
+            await self.rt.pipelined(
+                partial(streams.enqueue_in, keys=self.rt.keys, envelope=created.envelope)
+            )
         return created.envelope.workflow_id
 
     async def cancel(self, workflow_id: UUID) -> bool:

@@ -20,6 +20,7 @@ from orchestrator import tracing
 from orchestrator.app import App
 from orchestrator.connections import connect_redis, create_pool, pg, redact
 from orchestrator.coordination.keys import Keys
+from orchestrator.coordination.pipelining import Pipelined
 from orchestrator.coordination.ratelimit import RateLimiter
 from orchestrator.coordination.recall_cache import RecallCache
 from orchestrator.coordination.working_memory import WorkingMemoryCache
@@ -64,9 +65,13 @@ class Runtime:
     # What model calls cost (the model_prices setting over the defaults).
     pricing: Pricing = field(default_factory=Pricing)
     _store: Store = field(init=False, repr=False, compare=False)
+    # Concurrent callers' Redis commands share pipelines (handoffs, lease takes, submits).
+    pipelined: Pipelined = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "_store", Store(self.db))  # frozen: set once, here
+        # Frozen: set once, here; both batch concurrent calls, so one per runtime.
+        object.__setattr__(self, "_store", Store(self.db))
+        object.__setattr__(self, "pipelined", Pipelined(self.redis))
 
     def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         """A pooled connection, bounded in time; infrastructure failures raise

@@ -302,13 +302,13 @@ async def test_concurrent_completions_of_one_step_exactly_one_wins(
 async def test_concurrent_completions_share_one_commit_and_a_bad_one_fails_alone(
     rt: Runtime, store: Store
 ) -> None:
-    started = [await start(store) for _ in range(6)]
+    started = [await start(store) for _ in range(7)]
     opened = [await store.open(env) for env in started]
     results: dict[int, str] = {}
 
     async def complete(i: int, env: TaskEnvelope, open_: steps.OpenStep) -> None:
         done = outcome(env, ["b"])
-        if i == 3:  # Postgres refuses a NUL in jsonb: this completion's own error
+        if i == 5:  # Postgres refuses a NUL in jsonb: this completion's own error
             done = dataclasses.replace(done, output={"text": "\x00"})
         try:
             await store.complete(env, done, open_, frozenset())
@@ -316,11 +316,11 @@ async def test_concurrent_completions_share_one_commit_and_a_bad_one_fails_alone
         except asyncpg.PostgresError as exc:
             results[i] = type(exc).__name__
 
-    for batch in (range(3), range(3, 6)):  # all good, then one bad among good ones
+    for batch in (range(4), range(4, 7)):  # all good, then one bad among good ones
         async with anyio.create_task_group() as tg:
             for i in batch:
                 tg.start_soon(complete, i, started[i], opened[i])
-    assert results.pop(3) == "UntranslatableCharacterError"
+    assert results.pop(5) == "UntranslatableCharacterError"
     assert set(results.values()) == {"completed"}
     ids = [env.workflow_id for env in started]
     rows = await fetch(
@@ -330,14 +330,15 @@ async def test_concurrent_completions_share_one_commit_and_a_bad_one_fails_alone
         ids,
     )
     status = {r["workflow_id"]: r["status"] for r in rows}
-    assert status.pop(ids[3]) == "queued"  # nothing of the bad one was written
+    assert status.pop(ids[5]) == "queued"  # nothing of the bad one was written
     assert set(status.values()) == {"completed"}
-    # Made together, the three good ones committed in one transaction.
-    assert len({r["tx"] for r in rows if r["workflow_id"] in ids[:3]}) == 1
+    # Made together, four completions committed in two transactions: the first alone,
+    # the three that came while it was in flight together.
+    assert len({r["tx"] for r in rows if r["workflow_id"] in ids[:4]}) == 2
     handed = await fetch(
         rt, "SELECT count(*) AS n FROM steps WHERE workflow_id = ANY($1) AND seq = 1", ids
     )
-    assert handed[0]["n"] == 5
+    assert handed[0]["n"] == 6
 
 
 async def test_complete_alone_hands_off_to_the_next_step_with_the_next_seq(

@@ -262,6 +262,11 @@ async def enqueue(client: aioredis.Redis, keys: Keys, envelope: TaskEnvelope) ->
     await _add(client, keys, envelope)
 
 
+def enqueue_in(pipe: Any, keys: Keys, envelope: TaskEnvelope) -> None:
+    """Queue the XADD of an envelope to its agent's stream on a pipeline."""
+    _add(pipe, keys, envelope)
+
+
 def _add(target: Any, keys: Keys, envelope: TaskEnvelope) -> Any:
     """XADD an envelope to its agent's stream (on a client, or queued on a pipeline)."""
     return target.xadd(

@@ -34,7 +34,6 @@ from orchestrator import logs, tracing
 from orchestrator.connections import redis_errors
 from orchestrator.coordination import consolidation, status, streams
 from orchestrator.coordination.locks import Lock
-from orchestrator.coordination.pipelining import Pipelined
 from orchestrator.engine.retry import backoff
 from orchestrator.errors import (
     AgentError,
@@ -92,8 +91,6 @@ class StepRunner:
         self.held: dict[str, Lock] = {}  # leases of steps waiting out an outage
         self.stopping = anyio.Event()
         self.refresh_liveness: Callable[[], Awaitable[None]] = _nothing
-        # Concurrent steps' lease takes and handoffs share Redis round trips.
-        self.pipelined = Pipelined(runtime.redis)
 
     async def process(self, agent: str, entry: streams.Entry, *, takeover: bool = False) -> None:
         """Run one stream entry through the step protocol; wait out infrastructure outages.
@@ -114,7 +111,7 @@ class StepRunner:
             rt.keys.step_lock(envelope.workflow_id, envelope.seq),
             int(rt.settings.lease_seconds * 1000),
             owner=self.consumer,
-            via=self.pipelined,
+            via=rt.pipelined,
         )
         attempt = _Attempt(envelope, takeover)
         bound = logs.bind_step(envelope)  # every line logged from here names the step
@@ -539,7 +536,7 @@ class StepRunner:
                     await streams.enqueue(rt.redis, rt.keys, envelope_next)
                 rt.crash.reached("after_xadd")
                 ending = replace(ending, next=())
-            await self.pipelined(partial(streams.hand_off_in, keys=rt.keys, h=ending))
+            await rt.pipelined(partial(streams.hand_off_in, keys=rt.keys, h=ending))
 
     def supersede(self, running: _Running) -> None:
         """Another execution owns the step now: stop this run (its writes would be refused)."""
