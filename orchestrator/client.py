@@ -250,12 +250,10 @@ class Client:
         """
         pending = set(workflow_ids)
         result: dict[UUID, WorkflowStatus] = {}
-        pubsub = self.rt.redis.pubsub(ignore_subscribe_messages=True)
         channels = [self.rt.keys.signal_channel()]  # terminal signals
         if any(not s.terminal for s in until):
             channels.append(self.rt.keys.progress_channel())
-        await pubsub.subscribe(*channels)
-        try:
+        async with self.rt.subscriptions.subscribed(channels) as pubsub:
             with anyio.fail_after(timeout if timeout is not None else math.inf):
                 to_check, next_full = set(pending), 0.0
                 while pending:
@@ -268,8 +266,6 @@ class Client:
                     if not pending:
                         break  # all there: no reason to wait for the next poll
                     to_check = await _signals(pubsub, pending, until, next_full)
-        finally:
-            await pubsub.aclose()  # type: ignore[no-untyped-call]
         return result
 
 

@@ -23,6 +23,7 @@ from orchestrator.coordination.keys import Keys
 from orchestrator.coordination.pipelining import Pipelined
 from orchestrator.coordination.ratelimit import RateLimiter
 from orchestrator.coordination.recall_cache import RecallCache
+from orchestrator.coordination.subscriptions import Subscriptions
 from orchestrator.coordination.working_memory import WorkingMemoryCache
 from orchestrator.embedded import embedded_postgres, embedded_redis
 from orchestrator.errors import ConfigurationError, ServiceUnavailable
@@ -67,11 +68,14 @@ class Runtime:
     _store: Store = field(init=False, repr=False, compare=False)
     # Concurrent callers' Redis commands share pipelines (handoffs, lease takes, submits).
     pipelined: Pipelined = field(init=False, repr=False, compare=False)
+    # Pub/Sub connections kept subscribed between Client.wait calls.
+    subscriptions: Subscriptions = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Frozen: set once, here; both batch concurrent calls, so one per runtime.
         object.__setattr__(self, "_store", Store(self.db))
         object.__setattr__(self, "pipelined", Pipelined(self.redis))
+        object.__setattr__(self, "subscriptions", Subscriptions(self.redis))
 
     def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         """A pooled connection, bounded in time; infrastructure failures raise
@@ -184,6 +188,7 @@ async def open_runtime(
         model = build_model(settings, app)
         embedder = build_embedder(settings)
         keys = Keys(settings.key_prefix)
+        runtime: Runtime | None = None
         try:
             runtime = Runtime(
                 settings,
@@ -204,6 +209,8 @@ async def open_runtime(
                     await hook(runtime)
             yield runtime
         finally:
+            if runtime is not None:
+                await runtime.subscriptions.aclose()
             if isinstance(model, OpenAIModel):
                 await model.aclose()
             if isinstance(embedder, OpenAIEmbedder):

@@ -1,0 +1,67 @@
+"""Pub/Sub connections kept subscribed between waits.
+
+``Client.wait`` listens for workflow signals. Opening a Pub/Sub connection per
+call cost a TCP connect, HELLO, two CLIENT SETINFO and a SUBSCRIBE before the
+first wait could start. A connection given back stays subscribed and is taken by
+the next wait on the same channels within ``IDLE_SECONDS``; what it buffered
+meanwhile is a nudge only (the waiter checks Postgres), and one idle longer is
+closed rather than drained (a busy deployment keeps publishing to it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import redis.asyncio as aioredis
+
+IDLE_SECONDS = 5.0  # how long a given-back subscription is kept for the next wait
+
+
+class Subscriptions:
+    """Subscribed Pub/Sub connections of one runtime, reused by successive waits."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._idle: dict[tuple[str, ...], list[tuple[Any, float]]] = {}
+
+    @contextlib.asynccontextmanager
+    async def subscribed(self, channels: Sequence[str]) -> AsyncIterator[Any]:
+        """A Pub/Sub subscribed to ``channels`` (taken back if the block ends cleanly)."""
+        key = tuple(channels)
+        pubsub = await self._take(key)
+        try:
+            yield pubsub
+        except BaseException:
+            await self._close(pubsub)
+            raise
+        self._idle.setdefault(key, []).append((pubsub, time.monotonic()))
+
+    async def _take(self, key: tuple[str, ...]) -> Any:
+        idle = self._idle.get(key, [])
+        while idle:
+            pubsub, since = idle.pop()
+            if time.monotonic() - since < IDLE_SECONDS:
+                return pubsub
+            await self._close(pubsub)
+        pubsub = self.client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(*key)
+        except BaseException:
+            await self._close(pubsub)
+            raise
+        return pubsub
+
+    async def aclose(self) -> None:
+        """Close every kept subscription (the runtime is closing)."""
+        idle, self._idle = self._idle, {}
+        for kept in idle.values():
+            for pubsub, _ in kept:
+                await self._close(pubsub)
+
+    @staticmethod
+    async def _close(pubsub: Any) -> None:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()
