@@ -18,17 +18,22 @@ after five runs) and shows its indexes when they differ.
 Passes (each prints the plans and a table; then one table compares them):
 
 1. ``small``: a ``--small`` history (default 100,000), to see what grows with it;
-2. ``1M``: the ``--workflows`` history;
+2. ``1,000,000``: the ``--workflows`` history;
 3. ``running, stale``: ``--running`` (2,000) more workflows submitted at once (the
-   store's submit), statistics left from before they existed;
-4. the drain under those stale statistics: every step of the submitted workflows
-   opened and completed through the store (triage, research, response), with the
-   index and table counters of the drain (pg_stat_user_indexes: index entries read);
-5. ``running, fresh`` and its drain: the same after ANALYZE.
+   store's submit), statistics left from before they existed; then the drain: every
+   step of them opened and completed through the store (triage, research, response),
+   one at a time, with the drain's index and table counters (pg_stat_user_indexes:
+   index entries read, the figure that showed a plan growing with the table);
+4. ``running, fresh``: the same after ANALYZE, and its drain;
+5. ``queued, stale``: ``--running`` more over one session per 10 (returning customers:
+   9 of 10 queue behind their session's first), and its drain (each finished workflow
+   starts the next of its session).
 
-A statement is flagged when its buffers grow with the history (small -> 1M, at least
-double and 20 more) or with the running workflows (1M -> running), or when it scans
-a big table sequentially.
+A statement is flagged when its buffers grow with the history (small -> 1M: at least
+double and 20 more) or with the live work (1M -> a later pass), when it scans a big
+table sequentially, or when its generic plan (what a prepared statement may switch to)
+uses other indexes. Proposed rewrites (``proposals()``: same parameters) are explained
+next to the statement they would replace, as "(proposed)".
 
     PYTHONPATH=. python benchmarks/explain.py --workflows 1000000
 """
@@ -139,6 +144,50 @@ UNION ALL
 SELECT 'table ' || relname, seq_scan, 0, seq_tup_read
 FROM pg_stat_user_tables WHERE schemaname = current_schema()
 """
+# Proposed rewrites (same parameters), explained next to the statement they replace. Built
+# from today's statement text: when it no longer holds the fragment, there is no proposal.
+SESSION_WITH_QUEUE = """
+       (SELECT wr.session_id FROM workflow_row wr
+        WHERE wr.status <> 'running'
+          AND EXISTS (SELECT 1 FROM workflows q
+                      WHERE q.session_id = wr.session_id AND q.status = 'queued'))
+           AS session_with_queue
+"""
+# The session as a parameter (an InitPlan), so the queued workflows are looked up by it:
+# the semi-join could read every queued workflow's index entry and filter on the session.
+SESSION_WITH_QUEUE_PROPOSED = """
+       (SELECT q.session_id FROM workflows q
+        WHERE q.session_id = (SELECT wr.session_id FROM workflow_row wr
+                              WHERE wr.status <> 'running')
+          AND q.status = 'queued'
+        LIMIT 1) AS session_with_queue
+"""
+# Driven by the stalled steps (steps_stalled, oldest first, LIMIT), each one's workflow by
+# its primary key: the join let the planner start from every running workflow instead.
+SELECT_STALLED_PROPOSED = """
+SELECT s.id, s.agent, s.attempt, s.workflow_id, s.seq,
+       (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms,
+       extract(epoch FROM now() - s.updated_at)::float8 AS idle_seconds
+FROM steps s
+WHERE s.status = 'queued'
+  AND s.updated_at < now() - make_interval(secs => $1)
+  AND (s.not_before IS NULL OR s.not_before <= now())
+  AND (SELECT w.status FROM workflows w WHERE w.id = s.workflow_id) = 'running'
+ORDER BY s.updated_at
+LIMIT $2
+"""
+
+
+def proposals() -> dict[str, str]:
+    """Statement text -> its proposed rewrite (same parameters)."""
+    found = {recovery.SELECT_STALLED: SELECT_STALLED_PROPOSED}
+    if SESSION_WITH_QUEUE.strip() in steps.COMPLETE_STEP:
+        found[steps.COMPLETE_STEP] = steps.COMPLETE_STEP.replace(
+            SESSION_WITH_QUEUE.strip(), SESSION_WITH_QUEUE_PROPOSED.strip()
+        )
+    return found
+
+
 BUFFERS_IO = """
 SELECT coalesce(sum(heap_blks_hit + heap_blks_read + coalesce(idx_blks_hit, 0)
                     + coalesce(idx_blks_read, 0)), 0)::bigint
@@ -229,9 +278,9 @@ async def record(conn: Conn, op: Op) -> list[Call]:
     return recorder.calls
 
 
-async def explain(conn: Conn, calls: list[Call], i: int) -> list[str]:
-    """EXPLAIN (ANALYZE, BUFFERS) of ``calls[i]`` after ``calls[:i]`` (same transaction),
-    after one warm-up; everything rolled back."""
+async def explain(conn: Conn, calls: list[Call], i: int, sql: str | None = None) -> list[str]:
+    """EXPLAIN (ANALYZE, BUFFERS) of ``calls[i]`` (or of ``sql`` with its parameters) after
+    ``calls[:i]`` (same transaction), after one warm-up; everything rolled back."""
     lines: list[str] = []
     for warm in (True, False):
         tx = conn.transaction()
@@ -240,10 +289,11 @@ async def explain(conn: Conn, calls: list[Call], i: int) -> list[str]:
             for call in calls[:i]:
                 await conn.execute(call.sql, *call.args)
             call = calls[i]
+            text = sql or call.sql
             if warm:
-                await conn.fetch(call.sql, *call.args)
+                await conn.fetch(text, *call.args)
             else:
-                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + call.sql, *call.args)
+                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + text, *call.args)
                 lines = [r[0] for r in rows]
         finally:
             await tx.rollback()
@@ -340,7 +390,7 @@ def summarize(lines: list[str], big: set[str]) -> dict[str, Any]:
 
 @dataclass
 class Result:
-    key: tuple[str, int]  # (operation, position of the statement in it)
+    key: tuple[str, int, str]  # (operation, position of the statement in it, variant)
     statement: str
     summary: dict[str, Any]
     generic: str  # the generic plan's indexes
@@ -574,6 +624,7 @@ async def run_pass(
 ) -> Pass:
     """Record every case, EXPLAIN every statement it sent; print plans and a table."""
     names = statement_names()
+    rewrites = proposals()
     result = Pass(label)
     async with pool.acquire() as conn:
         for case in await cases(conn):
@@ -582,14 +633,19 @@ async def run_pass(
                 name = names.get(call.sql, call.sql.split()[0])
                 if name == "tenancy.SET_TENANT":
                     continue
-                lines = await explain(conn, calls, i)
-                shown = [ln if len(ln) <= WIDTH else ln[:WIDTH] + " ..." for ln in lines]
-                print(f"\n=== [{label}] {case.name}: {name}\n" + "\n".join(shown))
-                generic = indexes_of(nodes(generic_plan(server, schema, call.sql)))
-                summary = summarize(lines, big)
-                if generic != summary["indexes"]:
-                    print(f"generic plan indexes: {generic}")
-                result.results.append(Result((case.name, i), name, summary, generic))
+                variants = [("", name, call.sql)]
+                if call.sql in rewrites:
+                    variants.append(("proposed", f"{name} (proposed)", rewrites[call.sql]))
+                for variant, shown_name, sql in variants:
+                    lines = await explain(conn, calls, i, sql)
+                    shown = [ln if len(ln) <= WIDTH else ln[:WIDTH] + " ..." for ln in lines]
+                    print(f"\n=== [{label}] {case.name}: {shown_name}\n" + "\n".join(shown))
+                    generic = indexes_of(nodes(generic_plan(server, schema, sql)))
+                    summary = summarize(lines, big)
+                    if generic != summary["indexes"]:
+                        print(f"generic plan indexes: {generic}")
+                    key = (case.name, i, variant)
+                    result.results.append(Result(key, shown_name, summary, generic))
     print(
         f"\n[{label}]\n| operation | statement | top node | indexes (custom) | indexes (generic)"
         " | seq scans | rows | exec ms | trigger ms | buffers hit/read/dirtied |\n"
@@ -611,13 +667,21 @@ async def counters(conn: Conn) -> dict[str, tuple[int, int, int]]:
     }
 
 
-async def submit_running(pool: asyncpg.Pool, n: int, tag: str) -> list[TaskEnvelope]:
-    """``n`` workflows submitted at once (the store's submit), each in its own session."""
+async def submit_running(
+    pool: asyncpg.Pool, n: int, tag: str, sessions: int | None = None
+) -> list[TaskEnvelope]:
+    """``n`` workflows submitted at once (the store's submit), each in its own session or
+    over ``sessions`` sessions (the rest queue behind the first of each); the first steps
+    of those that run."""
     firsts: list[TaskEnvelope] = []
     async with pool.acquire() as conn:
         for i in range(n):
-            sub = submission(f"tenant-{i % 20}", None, f"cus-{tag}-{i}", f"{tag}-{i}")
-            firsts.append((await workflows.create(conn, sub)).envelope)
+            k = i if sessions is None else i % sessions
+            session = None if sessions is None else f"{tag}-session-{k}"
+            sub = submission(f"tenant-{k % 20}", session, f"cus-{tag}-{k}", f"{tag}-{i}")
+            created = await workflows.create(conn, sub)
+            if not created.queued:
+                firsts.append(created.envelope)
     return firsts
 
 
@@ -663,7 +727,7 @@ async def drain(
     p = statistics.quantiles(took, n=100)
     q = statistics.quantiles(opens, n=100)
     out = [
-        f"[{label}] drain: {len(firsts)} workflows, {n} completions in {wall:.1f}s; "
+        f"[{label}] drain: {n // 3} workflows, {n} completions in {wall:.1f}s; "
         f"complete p50 {p[49] * 1000:.2f} ms p99 {p[98] * 1000:.2f} ms; "
         f"open p50 {q[49] * 1000:.2f} ms p99 {q[98] * 1000:.2f} ms; "
         f"buffers (all tables) {buffers:,} = {buffers / max(n, 1):.0f}/completion",
@@ -685,7 +749,7 @@ async def drain(
 
 def compare(passes: list[Pass]) -> None:
     """Buffers of each statement across the passes, and the flags."""
-    by: list[dict[tuple[str, int], Result]] = [{r.key: r for r in p.results} for p in passes]
+    by: list[dict[tuple[str, int, str], Result]] = [{r.key: r for r in p.results} for p in passes]
     labels = [p.label for p in passes]
     print(
         "\n| operation | statement | "
@@ -705,7 +769,7 @@ def compare(passes: list[Pass]) -> None:
         if len(bufs) > 1 and grows(bufs[0], bufs[1]):
             flags.append("grows with history")
         if any(grows(bufs[1] if len(bufs) > 1 else None, b) for b in bufs[2:]):
-            flags.append("grows with running")
+            flags.append("grows with live work")
         if any("(BIG)" in b[key].summary["seq"] for b in by if key in b):
             flags.append("seq scan on a big table")
         if any(b[key].generic != b[key].summary["indexes"] for b in by if key in b):
@@ -745,10 +809,12 @@ async def explain_pass(label: str, server: PostgresServer, schema: str, big: set
         await pool.close()
 
 
-async def submit(server: PostgresServer, schema: str, n: int, tag: str) -> list[TaskEnvelope]:
+async def submit(
+    server: PostgresServer, schema: str, n: int, tag: str, sessions: int | None = None
+) -> list[TaskEnvelope]:
     pool = await create_pool(server.url, schema=schema, size=1, timeout=600)
     try:
-        return await submit_running(pool, n, tag)
+        return await submit_running(pool, n, tag, sessions)
     finally:
         await pool.close()
 
@@ -779,6 +845,12 @@ async def main(args: argparse.Namespace) -> None:
                 await owner.execute("ANALYZE")
                 passes.append(await explain_pass("running, fresh", server, schema, big))
                 drains.append(await drain("fresh stats", server.url, schema, owner, firsts))
+                # Returning customers: 10 tickets per session, 9 of them queued behind the
+                # first; statistics from before they existed.
+                sessions = max(1, args.running // 10)
+                firsts = await submit(server, schema, args.running, "queued", sessions)
+                passes.append(await explain_pass("queued, stale", server, schema, big))
+                drains.append(await drain("sessions, stale", server.url, schema, owner, firsts))
         finally:
             await owner.close()
     compare(passes)
