@@ -84,7 +84,8 @@ TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 STALL_AFTER = 60.0  # Settings().stall_after: twice the 30 s lease
 # Live work: $1 running workflows (every 10th waiting: on a due timer or on a signal
 # with a question; every 7th stalled 5 min; every 13th a retry scheduled in 30 s),
-# each at step 1 or 2, plus 20 workflows queued behind them in their sessions.
+# each at step 1 or 2, plus 20 workflows queued behind them in their sessions, and 5
+# queued in sessions whose workflows all finished (a lost promotion: stalled sessions).
 LIVE = [
     """INSERT INTO sessions (id, tenant_id, customer_id)
     SELECT 'live-' || r, 'tenant-' || r % 20, 'live-' || r FROM generate_series(1, $1::int) r""",
@@ -98,7 +99,11 @@ LIVE = [
     UNION ALL
     SELECT md5('q' || r)::uuid, 'tenant-' || r % 20, 'live-' || r, 'support', 'queued',
         '{}'::jsonb, '{"ticket": {}}'::jsonb, '0.1.0', now(), now(), 1, 1, true, 0
-    FROM generate_series(1, 20) r""",
+    FROM generate_series(1, 20) r
+    UNION ALL
+    SELECT md5('z' || r)::uuid, 'tenant-' || (r + 1) % 20, 'session-' || r + 1, 'support',
+        'queued', '{}'::jsonb, '{"ticket": {}}'::jsonb, '0.1.0', now(), now(), 1, 1, true, 0
+    FROM generate_series(1, 5) r""",
     """INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, attempt, failures,
         input, updated_at, completed_at, not_before, waiting_for, question, traceparent)
     SELECT md5('rs' || r || ':' || k)::uuid, md5('r' || r)::uuid, k,
@@ -121,7 +126,11 @@ LIVE = [
     UNION ALL
     SELECT md5('qs' || r)::uuid, md5('q' || r)::uuid, 0, 'triage', 'submit', 'queued', 1, 0,
         '{"ticket": {}}'::jsonb, now(), NULL, NULL, NULL, NULL, $2::text
-    FROM generate_series(1, 20) r""",
+    FROM generate_series(1, 20) r
+    UNION ALL
+    SELECT md5('zs' || r)::uuid, md5('z' || r)::uuid, 0, 'triage', 'submit', 'queued', 1, 0,
+        '{"ticket": {}}'::jsonb, now(), NULL, NULL, NULL, NULL, $2::text
+    FROM generate_series(1, 5) r""",
 ]
 SIZES = """
 SELECT c.relname, c.reltuples::bigint AS rows, pg_total_relation_size(c.oid) AS bytes
@@ -174,6 +183,26 @@ WHERE s.status = 'queued'
   AND (s.not_before IS NULL OR s.not_before <= now())
   AND (SELECT w.status FROM workflows w WHERE w.id = s.workflow_id) = 'running'
 ORDER BY s.updated_at
+LIMIT $2
+"""
+
+
+# Given-up consolidations (MAX_FAILURES open dead letters) stay in workflows_unconsolidated
+# for good, and UNCONSOLIDATED reads them (and counts their dead letters) on every pass:
+# proposed, the consolidator marks one given up (consolidate = false) with its last dead
+# letter, and the scan needs no dead-letter count. MARK_GIVEN_UP is that mark for every
+# existing one (what a migration would run once).
+MARK_GIVEN_UP = """
+UPDATE workflows w SET consolidate = false
+WHERE w.consolidate AND w.status = 'completed' AND w.consolidated_at IS NULL
+  AND (SELECT count(*) FROM dead_letters d
+       WHERE d.workflow_id = w.id AND d.agent = $1 AND d.retried_at IS NULL) >= $2
+"""
+UNCONSOLIDATED_PROPOSED = """
+SELECT w.id FROM workflows w
+WHERE w.consolidate AND w.status = 'completed' AND w.consolidated_at IS NULL
+  AND w.completed_at < now() - make_interval(secs => $1)
+ORDER BY w.completed_at
 LIMIT $2
 """
 
@@ -278,10 +307,14 @@ async def record(conn: Conn, op: Op) -> list[Call]:
     return recorder.calls
 
 
-async def explain(conn: Conn, calls: list[Call], i: int, sql: str | None = None) -> list[str]:
+async def explain(
+    conn: Conn, calls: list[Call], i: int, sql: str | None = None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
     """EXPLAIN (ANALYZE, BUFFERS) of ``calls[i]`` (or of ``sql`` with its parameters) after
-    ``calls[:i]`` (same transaction), after one warm-up; everything rolled back."""
+    ``calls[:i]`` (same transaction), after one warm-up; everything rolled back. Also the
+    warm-up's result rows, without float columns (times since now() vary run to run)."""
     lines: list[str] = []
+    result: list[tuple[Any, ...]] = []
     for warm in (True, False):
         tx = conn.transaction()
         await tx.start()
@@ -291,13 +324,14 @@ async def explain(conn: Conn, calls: list[Call], i: int, sql: str | None = None)
             call = calls[i]
             text = sql or call.sql
             if warm:
-                await conn.fetch(text, *call.args)
+                rows = await conn.fetch(text, *call.args)
+                result = [tuple(v for v in r.values() if not isinstance(v, float)) for r in rows]
             else:
                 rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + text, *call.args)
                 lines = [r[0] for r in rows]
         finally:
             await tx.rollback()
-    return lines
+    return lines, result
 
 
 def generic_plan(server: PostgresServer, schema: str, sql: str) -> list[str]:
@@ -636,10 +670,18 @@ async def run_pass(
                 variants = [("", name, call.sql)]
                 if call.sql in rewrites:
                     variants.append(("proposed", f"{name} (proposed)", rewrites[call.sql]))
+                answers = []
                 for variant, shown_name, sql in variants:
-                    lines = await explain(conn, calls, i, sql)
+                    lines, answer = await explain(conn, calls, i, sql)
+                    answers.append(answer)
                     shown = [ln if len(ln) <= WIDTH else ln[:WIDTH] + " ..." for ln in lines]
                     print(f"\n=== [{label}] {case.name}: {shown_name}\n" + "\n".join(shown))
+                    if variant:  # ties of an ORDER BY may come in any order: sorted
+                        same = sorted(map(repr, answer)) == sorted(map(repr, answers[0]))
+                        print(
+                            f"result rows: {'the same' if same else 'DIFFERENT'} as the "
+                            f"current statement's ({len(answer)})"
+                        )
                     generic = indexes_of(nodes(generic_plan(server, schema, sql)))
                     summary = summarize(lines, big)
                     if generic != summary["indexes"]:
@@ -781,6 +823,36 @@ def compare(passes: list[Pass]) -> None:
     print("\nFlagged:\n" + ("\n".join(f"- {f}" for f in flagged) or "none"))
 
 
+async def given_up(server: PostgresServer, schema: str, owner: asyncpg.Connection) -> None:
+    """The consolidation scans before and after given-up workflows are marked (committed:
+    an index entry of a row updated in the same transaction would still be read)."""
+    pool = await create_pool(server.url, schema=schema, size=1, timeout=600)
+    try:
+        async with pool.acquire() as conn:
+            scans = [
+                ("UNCONSOLIDATED", consolidation.UNCONSOLIDATED, [5.0, 1000, "consolidation", 3]),
+                ("OLDEST_UNCONSOLIDATED", consolidation.OLDEST_UNCONSOLIDATED, []),
+            ]
+            for when in ("before", "after"):
+                if when == "after":
+                    marked = await owner.execute(MARK_GIVEN_UP, "consolidation", 3)
+                    await owner.execute("VACUUM workflows")
+                    print(f"\ngiven-up consolidations marked: {marked}")
+                    scans.append(
+                        ("UNCONSOLIDATED (proposed)", UNCONSOLIDATED_PROPOSED, [5.0, 1000])
+                    )
+                for name, sql, args in scans:
+                    lines, _ = await explain(conn, [Call(sql, tuple(args))], 0)
+                    s = summarize(lines, set())
+                    print(
+                        f"\n=== [given up, {when}] {name}: {s['top']}, {s['indexes']}, "
+                        f"rows {s['rows']}, {s['ms']:.3f} ms, buffers {s['detail']}\n"
+                        + "\n".join(ln[:WIDTH] for ln in lines)
+                    )
+    finally:
+        await pool.close()
+
+
 async def fill_schema(
     server: PostgresServer, schema: str, workflows_n: int, live: int
 ) -> asyncpg.Connection:
@@ -851,6 +923,18 @@ async def main(args: argparse.Namespace) -> None:
                 firsts = await submit(server, schema, args.running, "queued", sessions)
                 passes.append(await explain_pass("queued, stale", server, schema, big))
                 drains.append(await drain("sessions, stale", server.url, schema, owner, firsts))
+                rewrite = proposals().get(steps.COMPLETE_STEP)
+                if rewrite is not None:
+                    # The same again with the proposed completion statement (patched in for
+                    # this drain only: _close reads the module's constant when it runs).
+                    firsts = await submit(server, schema, args.running, "queued2", sessions)
+                    current, steps.COMPLETE_STEP = steps.COMPLETE_STEP, rewrite
+                    try:
+                        label = "sessions, stale, proposed COMPLETE_STEP"
+                        drains.append(await drain(label, server.url, schema, owner, firsts))
+                    finally:
+                        steps.COMPLETE_STEP = current
+            await given_up(server, schema, owner)
         finally:
             await owner.close()
     compare(passes)
