@@ -27,7 +27,10 @@ Passes (each prints the plans and a table; then one table compares them):
 4. ``running, fresh``: the same after ANALYZE, and its drain;
 5. ``queued, stale``: ``--running`` more over one session per 10 (returning customers:
    9 of 10 queue behind their session's first), and its drain (each finished workflow
-   starts the next of its session).
+   starts the next of its session); then the same drain once more with the proposed
+   completion statement patched in;
+6. the consolidation scans before and after the given-up consolidations are marked
+   (committed), and the proposed scan without the dead-letter count.
 
 A statement is flagged when its buffers grow with the history (small -> 1M: at least
 double and 20 more) or with the live work (1M -> a later pass), when it scans a big
