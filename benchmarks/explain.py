@@ -1,14 +1,42 @@
 """Benchmark: query plans of the hot-path SQL on a large history (1,000,000 finished workflows).
 
 Starts a private PostgreSQL 16 + pgvector (tests/fault/servers.py), migrates a
-schema, fills it with INSERT ... SELECT generate_series (per finished workflow: a
-session shared with ~1.5 others, 3 steps and their attempts and checkpoints, 2
-tool runs, 5 events, 2 messages; plus a few hundred running, waiting, stalled and
-session-queued workflows), runs ANALYZE, then prints EXPLAIN (ANALYZE, BUFFERS) of
-every hot-path statement with realistic parameters, imported from the store
-modules (writes inside a rolled-back transaction, after one rolled-back warm-up
-run), and a summary table: top node, indexes used, Seq Scans on big tables
-(flagged), rows, execution and trigger ms, buffers (each node's own, summed).
+schema, fills it with ``benchmarks/history.py`` (finished workflows) plus a few
+hundred live ones (running, waiting on a signal or a due timer, stalled, retry
+scheduled, queued behind a session), runs VACUUM ANALYZE, then runs each hot-path
+*operation* through the store's own functions (submit, open, complete, take over,
+fail, park, signal, heartbeat, the reconciler's scans, timers, the tool ledger,
+Client.wait's read, consolidation, pruning) on a connection that records every
+statement they send, and prints EXPLAIN (ANALYZE, BUFFERS) of each recorded
+statement (after one warm-up; every statement the operation sent before it
+replayed first in the same transaction; all rolled back), as the application role
+with row-level security on, like the runtime. The statement list is therefore
+whatever the store sends today. For each statement it also asks for the generic
+plan (EXPLAIN (GENERIC_PLAN), what asyncpg's cached prepared statement may switch to
+after five runs) and shows its indexes when they differ.
+
+Passes (each prints the plans and a table; then one table compares them):
+
+1. ``small``: a ``--small`` history (default 100,000), to see what grows with it;
+2. ``1,000,000``: the ``--workflows`` history;
+3. ``running, stale``: ``--running`` (2,000) more workflows submitted at once (the
+   store's submit), statistics left from before they existed; then the drain: every
+   step of them opened and completed through the store (triage, research, response),
+   one at a time, with the drain's index and table counters (pg_stat_user_indexes:
+   index entries read, the figure that showed a plan growing with the table);
+4. ``running, fresh``: the same after ANALYZE, and its drain;
+5. ``queued, stale``: ``--running`` more over one session per 10 (returning customers:
+   9 of 10 queue behind their session's first), and its drain (each finished workflow
+   starts the next of its session); then the same drain once more with the proposed
+   completion statement patched in;
+6. the consolidation scans before and after the given-up consolidations are marked
+   (committed), and the proposed scan without the dead-letter count.
+
+A statement is flagged when its buffers grow with the history (small -> 1M: at least
+double and 20 more) or with the live work (1M -> a later pass), when it scans a big
+table sequentially, or when its generic plan (what a prepared statement may switch to)
+uses other indexes. Proposed rewrites (``proposals()``: same parameters) are explained
+next to the statement they would replace, as "(proposed)".
 
     PYTHONPATH=. python benchmarks/explain.py --workflows 1000000
 """
@@ -16,295 +44,310 @@ run), and a summary table: top node, indexes used, Seq Scans on big tables
 from __future__ import annotations
 
 import argparse
-import json
 import re
+import statistics
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from decimal import Decimal
+from typing import Any, cast
 from uuid import UUID, uuid4
 
 import anyio
+import asyncpg
 
+from benchmarks import history
 from orchestrator.connections import create_pool
-from orchestrator.store import Conn, prune, recovery, steps, tool_runs, workflows
+from orchestrator.errors import Parked
+from orchestrator.schemas import TaskEnvelope
+from orchestrator.store import (
+    Conn,
+    branches,
+    consolidation,
+    dead_letters,
+    envelopes,
+    events,
+    prune,
+    recovery,
+    steps,
+    tenancy,
+    tool_runs,
+    waits,
+    workflows,
+)
 from orchestrator.store.migrations import migrate
 from orchestrator.store.tool_runs import ToolRun
 from tests.fault.servers import PostgresServer
 
-SCHEMA = "explain_bench"
 SERVER = {"shared_buffers": "512MB", "max_wal_size": "8GB", "maintenance_work_mem": "256MB"}
-# $1 finished workflows, $2 sessions, $3 running workflows. Oldest first, over 90 days.
-FILL = [
-    """INSERT INTO sessions (id, tenant_id, customer_id, created_at)
-    SELECT 'session-' || s, 'tenant-' || s % 20, 'cus-' || s, now() - interval '91 days'
-    FROM generate_series(1, $2::int) s""",
-    """INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, error,
-        app_version, created_at, updated_at, completed_at, submit_key)
-    SELECT md5('w' || g)::uuid, 'tenant-' || (g % $2 + 1) % 20, 'session-' || (g % $2 + 1),
-        'support', st, jsonb_build_object('ticket', t), jsonb_build_object('ticket', t,
-            'triage', jsonb_build_object('category', 'billing', 'priority', 'normal',
-                'summary', 'Customer reports a duplicate charge on an order'),
-            'research', jsonb_build_object('orders', jsonb_build_array('ORD-' || g),
-                'articles', jsonb_build_array('kb-refunds', 'kb-billing')),
-            'response', jsonb_build_object('reply', repeat('We are sorry. ', 8))),
-        CASE WHEN st = 'failed' THEN 'response: RuntimeError: boom' END, '0.1.0', c, c + d, c + d,
-        CASE WHEN g % 3 = 0 THEN 'key-' || g END
-    FROM generate_series(1, $1::int) g,
-        LATERAL (SELECT now() - interval '90 days' + g * (interval '89 days' / $1::int) AS c,
-                        interval '4 seconds' AS d,
-                        CASE g % 100 WHEN 0 THEN 'failed' WHEN 1 THEN 'cancelled'
-                             ELSE 'completed' END AS st,
-                        jsonb_build_object('customer_id', 'cus-' || g,
-                            'subject', 'Order ORD-' || g || ' was charged twice',
-                            'body', repeat('I was charged twice for my order. ', 3)) AS t) x""",
-    """INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, attempt, input,
-        output, error, created_at, updated_at, completed_at)
-    SELECT md5('s' || g || ':' || k)::uuid, md5('w' || g)::uuid, k,
-        (ARRAY['triage', 'research', 'response'])[k + 1],
-        (ARRAY['submit', 'triage', 'research'])[k + 1],
-        CASE WHEN k < 2 OR g % 100 > 1 THEN 'completed' WHEN g % 100 = 0 THEN 'failed'
-             ELSE 'cancelled' END, 1,
-        jsonb_build_object('ticket', jsonb_build_object('customer_id', 'cus-' || g,
-            'subject', 'Order ORD-' || g, 'body', repeat('charged twice ', 4))),
-        jsonb_build_object('ok', true, 'seq', k), NULL, c, c + k * i, c + k * i
-    FROM generate_series(1, $1::int) g, generate_series(0, 2) k,
-        LATERAL (SELECT now() - interval '90 days' + g * (interval '89 days' / $1::int) AS c,
-                        interval '1 second' AS i) x""",
-    """INSERT INTO step_attempts (step_id, attempt, worker, outcome, started_at, finished_at,
-        model, model_calls, prompt_tokens, completion_tokens)
-    SELECT id, 1, 'worker-1', CASE WHEN status = 'failed' THEN 'failed' ELSE 'completed' END,
-        created_at, completed_at, 'offline-rules-v1', 1, 300, 120
-    FROM steps WHERE status IN ('completed', 'failed')""",
-    """INSERT INTO checkpoints (workflow_id, seq, agent, state, created_at)
-    SELECT workflow_id, seq, agent, output, completed_at FROM steps WHERE status = 'completed'""",
-    """INSERT INTO tool_runs (idempotency_key, workflow_id, step_id, ordinal, tool, attempt,
-        status, args, result, started_at, finished_at)
-    SELECT s.workflow_id || ':1:' || o, s.workflow_id, s.id, o,
-        (ARRAY['lookup_order', 'search_help_center'])[o + 1], 1, 'succeeded',
-        jsonb_build_object('order_id', 'ORD-1'), jsonb_build_object('status', 'shipped'),
-        s.created_at, s.completed_at
-    FROM steps s, generate_series(0, 1) o WHERE s.seq = 1""",
-    """INSERT INTO events (workflow_id, step_id, type, data, created_at)
-    SELECT w.id, CASE WHEN e BETWEEN 1 AND 3 THEN md5('s' || g || ':' || e - 1)::uuid END,
-        (ARRAY['workflow.submitted', 'step.completed', 'step.completed', 'step.completed',
-               'workflow.completed'])[e + 1], jsonb_build_object('attempt', 1),
-        w.created_at + e * interval '1 second'
-    FROM generate_series(1, $1::int) g, generate_series(0, 4) e,
-        LATERAL (SELECT md5('w' || g)::uuid AS id,
-                 now() - interval '90 days' + g * (interval '89 days' / $1::int) AS created_at) w
-    ORDER BY g, e""",
-    """INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content,
-        created_at)
-    SELECT session_id, tenant_id, id, r, CASE WHEN r = 'customer' THEN 'cus' ELSE 'response' END,
-        'Order was charged twice; we refunded the duplicate.', created_at
-    FROM workflows, unnest(ARRAY['customer', 'agent']) r ORDER BY created_at""",
-    # Live work: $3 running (every 10th waiting for input, every 7th stalled 5 min),
-    # each at step 1 or 2, plus 20 workflows queued behind them in their sessions.
+WIDTH = 160  # printed plan lines are cut here (long literal arrays)
+BIG = 10_000  # rows: a Seq Scan on a table larger than this is flagged
+TP = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+STALL_AFTER = 60.0  # Settings().stall_after: twice the 30 s lease
+# Live work: $1 running workflows (every 10th waiting: on a due timer or on a signal
+# with a question; every 7th stalled 5 min; every 13th a retry scheduled in 30 s),
+# each at step 1 or 2, plus 20 workflows queued behind them in their sessions, and 5
+# queued in sessions whose workflows all finished (a lost promotion: stalled sessions).
+LIVE = [
     """INSERT INTO sessions (id, tenant_id, customer_id)
-    SELECT 'live-' || r, 'tenant-' || r % 20, 'live-' || r FROM generate_series(1, $3::int) r""",
+    SELECT 'live-' || r, 'tenant-' || r % 20, 'live-' || r FROM generate_series(1, $1::int) r""",
     """INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state,
-        app_version, created_at, updated_at)
+        app_version, created_at, updated_at, next_seq, open_steps, consolidate, cost_usd)
     SELECT md5('r' || r)::uuid, 'tenant-' || r % 20, 'live-' || r, 'support',
         CASE WHEN r % 10 = 0 THEN 'waiting' ELSE 'running' END, '{}'::jsonb,
-        '{"ticket": {}}'::jsonb, '0.1.0',
-        now() - interval '1 minute', now()
-    FROM generate_series(1, $3::int) r
+        '{"ticket": {}}'::jsonb, '0.1.0', now() - interval '1 minute', now(), 2 + r % 2, 1,
+        true, 0.0042
+    FROM generate_series(1, $1::int) r
     UNION ALL
-    SELECT md5('q' || r)::uuid, 'tenant-' || r % 20, 'live-' || r, 'support', 'queued', '{}'::jsonb,
-        '{"ticket": {}}'::jsonb, '0.1.0', now(), now()
-    FROM generate_series(1, 20) r""",
-    """INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input, updated_at,
-        completed_at)
+    SELECT md5('q' || r)::uuid, 'tenant-' || r % 20, 'live-' || r, 'support', 'queued',
+        '{}'::jsonb, '{"ticket": {}}'::jsonb, '0.1.0', now(), now(), 1, 1, true, 0
+    FROM generate_series(1, 20) r
+    UNION ALL
+    SELECT md5('z' || r)::uuid, 'tenant-' || (r + 1) % 20, 'session-' || r + 1, 'support',
+        'queued', '{}'::jsonb, '{"ticket": {}}'::jsonb, '0.1.0', now(), now(), 1, 1, true, 0
+    FROM generate_series(1, 5) r""",
+    """INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, attempt, failures,
+        input, updated_at, completed_at, not_before, waiting_for, question, traceparent)
     SELECT md5('rs' || r || ':' || k)::uuid, md5('r' || r)::uuid, k,
         (ARRAY['triage', 'research', 'response'])[k + 1], 'submit',
         CASE WHEN k < 1 + r % 2 THEN 'completed' WHEN r % 10 = 0 THEN 'waiting'
-             ELSE 'queued' END, '{"ticket": {}}'::jsonb,
+             ELSE 'queued' END,
+        CASE WHEN open AND r % 13 = 0 THEN 2 ELSE 1 END,
+        CASE WHEN open AND r % 13 = 0 THEN 1 ELSE 0 END,
+        '{"ticket": {}}'::jsonb,
         CASE WHEN r % 7 = 0 THEN now() - interval '5 minutes'
              ELSE now() - (r % 40) * interval '1 second' END,
-        CASE WHEN k < 1 + r % 2 THEN now() - interval '30 seconds' END
-    FROM generate_series(1, $3::int) r, generate_series(0, 2) k WHERE k <= 1 + r % 2
+        CASE WHEN NOT open THEN now() - interval '30 seconds' END,
+        CASE WHEN open AND r % 20 = 0 THEN now() - interval '10 seconds'
+             WHEN open AND r % 13 = 0 THEN now() + interval '30 seconds' END,
+        CASE WHEN open AND r % 20 = 10 THEN 'input' END,
+        CASE WHEN open AND r % 20 = 10 THEN 'Refund 40 EUR?' END, $2::text
+    FROM generate_series(1, $1::int) r, generate_series(0, 2) k,
+        LATERAL (SELECT k = 1 + r % 2 AS open) o
+    WHERE k <= 1 + r % 2
     UNION ALL
-    SELECT md5('qs' || r)::uuid, md5('q' || r)::uuid, 0, 'triage', 'submit', 'queued',
-        '{"ticket": {}}'::jsonb, now(), NULL
-    FROM generate_series(1, 20) r""",
+    SELECT md5('qs' || r)::uuid, md5('q' || r)::uuid, 0, 'triage', 'submit', 'queued', 1, 0,
+        '{"ticket": {}}'::jsonb, now(), NULL, NULL, NULL, NULL, $2::text
+    FROM generate_series(1, 20) r
+    UNION ALL
+    SELECT md5('zs' || r)::uuid, md5('z' || r)::uuid, 0, 'triage', 'submit', 'queued', 1, 0,
+        '{"ticket": {}}'::jsonb, now(), NULL, NULL, NULL, NULL, $2::text
+    FROM generate_series(1, 5) r""",
 ]
-WIDTH = 160  # printed plan lines are cut here (long literal arrays)
-BIG = 10_000  # rows: a Seq Scan on a table larger than this is flagged
 SIZES = """
 SELECT c.relname, c.reltuples::bigint AS rows, pg_total_relation_size(c.oid) AS bytes
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE n.nspname = $1 AND c.relkind = 'r' ORDER BY bytes DESC
+WHERE n.nspname = current_schema() AND c.relkind = 'r' ORDER BY bytes DESC
 """
-OPEN_STEPS = """
-SELECT s.id, s.workflow_id, s.seq, s.agent, s.attempt FROM steps s
-JOIN workflows w ON w.id = s.workflow_id
-WHERE s.status = 'queued' AND w.status = 'running' ORDER BY s.seq, s.id
+# Open steps of live workflows, as envelopes (what a worker holds).
+LIVE_STEPS = """
+SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input, s.traceparent,
+       s.status, s.updated_at < now() - interval '1 minute' AS stalled, s.not_before,
+       s.waiting_for, w.tenant_id, w.pipeline, w.session_id, w.status AS workflow_status
+FROM steps s JOIN workflows w ON w.id = s.workflow_id
+WHERE s.status IN ('queued', 'waiting') ORDER BY w.created_at, s.seq, s.id
+"""
+COUNTERS = """
+SELECT 'index ' || relname || '.' || indexrelname AS name, idx_scan AS scans,
+       idx_tup_read AS entries, 0::bigint AS seq_rows
+FROM pg_stat_user_indexes WHERE schemaname = current_schema()
+UNION ALL
+SELECT 'table ' || relname, seq_scan, 0, seq_tup_read
+FROM pg_stat_user_tables WHERE schemaname = current_schema()
+"""
+# Proposed rewrites (same parameters), explained next to the statement they replace. Built
+# from today's statement text: when it no longer holds the fragment, there is no proposal.
+SESSION_WITH_QUEUE = """
+       (SELECT wr.session_id FROM workflow_row wr
+        WHERE wr.status <> 'running'
+          AND EXISTS (SELECT 1 FROM workflows q
+                      WHERE q.session_id = wr.session_id AND q.status = 'queued'))
+           AS session_with_queue
+"""
+# The session as a parameter (an InitPlan), so the queued workflows are looked up by it:
+# the semi-join could read every queued workflow's index entry and filter on the session.
+SESSION_WITH_QUEUE_PROPOSED = """
+       (SELECT q.session_id FROM workflows q
+        WHERE q.session_id = (SELECT wr.session_id FROM workflow_row wr
+                              WHERE wr.status <> 'running')
+          AND q.status = 'queued'
+        LIMIT 1) AS session_with_queue
+"""
+# Driven by the stalled steps (steps_stalled, oldest first, LIMIT), each one's workflow by
+# its primary key: the join let the planner start from every running workflow instead.
+SELECT_STALLED_PROPOSED = """
+SELECT s.id, s.agent, s.attempt, s.workflow_id, s.seq,
+       (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms,
+       extract(epoch FROM now() - s.updated_at)::float8 AS idle_seconds
+FROM steps s
+WHERE s.status = 'queued'
+  AND s.updated_at < now() - make_interval(secs => $1)
+  AND (s.not_before IS NULL OR s.not_before <= now())
+  AND (SELECT w.status FROM workflows w WHERE w.id = s.workflow_id) = 'running'
+ORDER BY s.updated_at
+LIMIT $2
 """
 
-Setup = Callable[[Conn], Awaitable[None]]
+
+# Given-up consolidations (MAX_FAILURES open dead letters) stay in workflows_unconsolidated
+# for good, and UNCONSOLIDATED reads them (and counts their dead letters) on every pass:
+# proposed, the consolidator marks one given up (consolidate = false) with its last dead
+# letter, and the scan needs no dead-letter count. MARK_GIVEN_UP is that mark for every
+# existing one (what a migration would run once).
+MARK_GIVEN_UP = """
+UPDATE workflows w SET consolidate = false
+WHERE w.consolidate AND w.status = 'completed' AND w.consolidated_at IS NULL
+  AND (SELECT count(*) FROM dead_letters d
+       WHERE d.workflow_id = w.id AND d.agent = $1 AND d.retried_at IS NULL) >= $2
+"""
+UNCONSOLIDATED_PROPOSED = """
+SELECT w.id FROM workflows w
+WHERE w.consolidate AND w.status = 'completed' AND w.consolidated_at IS NULL
+  AND w.completed_at < now() - make_interval(secs => $1)
+ORDER BY w.completed_at
+LIMIT $2
+"""
+
+
+def proposals() -> dict[str, str]:
+    """Statement text -> its proposed rewrite (same parameters)."""
+    found = {recovery.SELECT_STALLED: SELECT_STALLED_PROPOSED}
+    if SESSION_WITH_QUEUE.strip() in steps.COMPLETE_STEP:
+        found[steps.COMPLETE_STEP] = steps.COMPLETE_STEP.replace(
+            SESSION_WITH_QUEUE.strip(), SESSION_WITH_QUEUE_PROPOSED.strip()
+        )
+    return found
+
+
+BUFFERS_IO = """
+SELECT coalesce(sum(heap_blks_hit + heap_blks_read + coalesce(idx_blks_hit, 0)
+                    + coalesce(idx_blks_read, 0)), 0)::bigint
+FROM pg_statio_user_tables WHERE schemaname = current_schema()
+"""
+
+
+# --------------------------------------------------------------------------- recording
+
+
+@dataclass
+class Call:
+    sql: str
+    args: tuple[Any, ...]
+
+
+class Recorder:
+    """A connection that records the statements a store function sends (and sends them)."""
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.calls: list[Call] = []
+
+    async def _run(self, method: str, sql: str, *args: Any, **kw: Any) -> Any:
+        self.calls.append(Call(sql, args))
+        return await getattr(self.conn, method)(sql, *args, **kw)
+
+    async def fetch(self, sql: str, *args: Any, **kw: Any) -> Any:
+        return await self._run("fetch", sql, *args, **kw)
+
+    async def fetchrow(self, sql: str, *args: Any, **kw: Any) -> Any:
+        return await self._run("fetchrow", sql, *args, **kw)
+
+    async def fetchval(self, sql: str, *args: Any, **kw: Any) -> Any:
+        return await self._run("fetchval", sql, *args, **kw)
+
+    async def execute(self, sql: str, *args: Any, **kw: Any) -> Any:
+        return await self._run("execute", sql, *args, **kw)
+
+    def transaction(self) -> Any:
+        return self.conn.transaction()  # nested in the recording's: a savepoint
+
+
+Op = Callable[[Conn], Awaitable[Any]]
 
 
 @dataclass(frozen=True)
 class Case:
-    """One statement to explain, its parameters, and what must run before it (same tx)."""
+    """A hot-path operation: a store function call on a recording connection."""
 
     name: str
-    sql: str
-    args: list[Any]
-    setup: Setup | None = None
+    op: Op
 
 
-async def fill(conn: Conn, n: int, running: int) -> None:
-    await conn.execute("SET session_replication_role = replica")  # bulk load: no FK triggers
-    counts = {"$1": n, "$2": max(1, n * 2 // 3), "$3": running}
-    for sql in FILL:
-        for name, value in counts.items():
-            sql = sql.replace(name, str(value))
-        start = time.perf_counter()
-        status = await conn.execute(sql)
-        table = re.search(r"INTO (\w+)", sql)
-        print(
-            f"  {table.group(1) if table else '?'}: {status} in {time.perf_counter() - start:.1f}s"
-        )
-    await conn.execute("RESET session_replication_role")
-    start = time.perf_counter()
-    await conn.execute("VACUUM ANALYZE")
-    print(f"  VACUUM ANALYZE in {time.perf_counter() - start:.1f}s")
+def statement_names() -> dict[str, str]:
+    """SQL text -> "module.NAME", for every SQL constant of the store modules."""
+    names: dict[str, str] = {}
+    for module in (
+        branches,
+        consolidation,
+        dead_letters,
+        events,
+        prune,
+        recovery,
+        steps,
+        tenancy,
+        tool_runs,
+        waits,
+        workflows,
+    ):
+        for name, value in vars(module).items():
+            if name.isupper() and isinstance(value, str):
+                names.setdefault(value, f"{module.__name__.rsplit('.', 1)[1]}.{name}")
+    return names
 
 
-def completion_args(step: Any, final: bool) -> list[Any]:
-    """The parameters steps.complete() passes for this step (two idempotent tool results)."""
-    runs = [
-        ToolRun(f"{step['workflow_id']}:{step['seq']}:{o}", o, "lookup_order", "succeeded", {})
-        for o in range(2)
-    ]
-    nxt = [] if final else [uuid4()]
-    events = [("step.completed", {"agent": step["agent"], "attempt": 1})]
-    events += [("workflow.completed", {})] if final else []
-    state = {"ticket": {"subject": "Order ORD-1 charged twice"}, "triage": {"ok": True}}
-    return [
-        step["id"],
-        step["attempt"],
-        {"ok": True},
-        "worker-bench",
-        datetime.now(UTC),
-        *tool_runs.columns(runs),
-        step["seq"],
-        step["agent"],
-        state,
-        nxt,
-        [step["seq"] + 1] * len(nxt),
-        ["response"] * len(nxt),
-        ["Here is what we found."],
-        "completed" if final else "running",
-        [t for t, _ in events],
-        [json.dumps(d) for _, d in events],
-        "offline-rules-v1",
-        1,
-        300,
-        120,
-        step["seq"] + 1 + len(nxt),  # the workflow's next step number
-        True,  # alone in its workflow: the one-statement path
-        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",  # the next steps' parent
-    ]
+async def record(conn: Conn, op: Op) -> list[Call]:
+    """The statements ``op`` sends, run in a transaction that is rolled back."""
+    recorder = Recorder(conn)
+    tx = conn.transaction()
+    await tx.start()
+    try:
+        await op(cast(Conn, recorder))
+    except Exception as exc:  # what it sent until then is still worth explaining
+        print(f"(the operation raised {type(exc).__name__}: {exc})")
+    finally:
+        await tx.rollback()
+    return recorder.calls
 
 
-async def cases(conn: Conn, n: int) -> list[Case]:
-    live = await conn.fetch(OPEN_STEPS)
-    mid = next(s for s in live if s["seq"] == 1)
-    last = next(s for s in live if s["seq"] == 2)
-    finished = await conn.fetch(
-        "SELECT id FROM workflows TABLESAMPLE SYSTEM (1) WHERE status = 'completed' LIMIT 480"
-    )
-    sample = [r["id"] for r in finished] + [s["workflow_id"] for s in live[:20]]
-    # A returning customer: the session exists, its earlier workflows are finished.
-    session, tenant = await conn.fetchrow(
-        "SELECT id, tenant_id FROM sessions WHERE id = 'session-1'"
-    )
-    key = f"{mid['workflow_id']}:{mid['seq']}:9"
-    ticket = {"ticket": {"customer_id": "cus-1", "subject": "Where is ORD-1?", "body": "Late."}}
-    submit = [uuid4(), uuid4(), session, tenant, "cus-1", "support", ticket, "0.1.0"]
-    submit += ["Where is ORD-1?\n\nLate.", "triage", {"pipeline": "support"}, f"key-{n + 1}"]
-    submit += [True, "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"]  # consolidate
-    prune_ids: list[UUID] = []  # filled by the claim before each delete
-
-    async def start_call(c: Conn) -> None:
-        await c.execute(tool_runs.INSERT_STARTED, key, mid["id"], 9, "refund", 1, {}, 30.0)
-
-    async def claim(c: Conn) -> None:
-        prune_ids[:] = [r["id"] for r in await c.fetch(prune.CLAIM_BATCH, 30 * 86400.0, 500)]
-
-    beat = [s for s in live if s["seq"] >= 1][:16]
-    return [
-        Case("workflows.CREATE_WORKFLOW (submit)", workflows.CREATE_WORKFLOW, submit),
-        Case("steps.SELECT_OPEN", steps.SELECT_OPEN, [mid["id"]]),
-        Case(
-            "steps.COMPLETE_STEP (handoff)",
-            steps.COMPLETE_STEP,
-            completion_args(mid, final=False),
-        ),
-        Case(
-            "steps.COMPLETE_STEP (final)",
-            steps.COMPLETE_STEP,
-            completion_args(last, final=True),
-        ),
-        Case("steps.TAKE_OVER", steps.TAKE_OVER, [mid["id"], "worker-bench"]),
-        Case(
-            "tool_runs.INSERT_STARTED",
-            tool_runs.INSERT_STARTED,
-            [key, mid["id"], 9, "refund", 1, {"order_id": "ORD-1"}, 30.0],
-        ),
-        Case(
-            "tool_runs.FINISH",
-            tool_runs.FINISH,
-            [key, 1, "succeeded", {"refund": "RF-1"}, None],
-            setup=start_call,
-        ),
-        Case("recovery.SELECT_STALLED", recovery.SELECT_STALLED, [120.0, 500]),
-        Case(
-            "recovery.HEARTBEAT (16 steps)",
-            recovery.HEARTBEAT,
-            [[s["id"] for s in beat], [s["attempt"] for s in beat]],
-        ),
-        Case("recovery.STALLED_SESSIONS", recovery.STALLED_SESSIONS, [100]),
-        Case(
-            "workflows.SELECT_TERMINAL (500 ids)",
-            workflows.SELECT_TERMINAL,
-            [sample, ["completed", "failed", "cancelled"]],
-        ),
-        Case("prune.CLAIM_BATCH (500, 30 d)", prune.CLAIM_BATCH, [30 * 86400.0, 500]),
-        *[
-            Case(f"prune.{name}", getattr(prune, name), [prune_ids], setup=claim)
-            for name in (
-                "DELETE_CHECKPOINTS",
-                "DELETE_EVENTS",
-                "DELETE_ATTEMPTS",
-                "DELETE_TOOL_RUNS",
-            )
-        ],
-    ]
-
-
-async def explain(conn: Conn, case: Case) -> list[str]:
-    """EXPLAIN (ANALYZE, BUFFERS) after one warm-up run; writes are rolled back."""
+async def explain(
+    conn: Conn, calls: list[Call], i: int, sql: str | None = None
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """EXPLAIN (ANALYZE, BUFFERS) of ``calls[i]`` (or of ``sql`` with its parameters) after
+    ``calls[:i]`` (same transaction), after one warm-up; everything rolled back. Also the
+    warm-up's result rows, without float columns (times since now() vary run to run)."""
     lines: list[str] = []
+    result: list[tuple[Any, ...]] = []
     for warm in (True, False):
         tx = conn.transaction()
         await tx.start()
         try:
-            if case.setup is not None:
-                await case.setup(conn)
+            for call in calls[:i]:
+                await conn.execute(call.sql, *call.args)
+            call = calls[i]
+            text = sql or call.sql
             if warm:
-                await conn.fetch(case.sql, *case.args)
+                rows = await conn.fetch(text, *call.args)
+                result = [tuple(v for v in r.values() if not isinstance(v, float)) for r in rows]
             else:
-                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + case.sql, *case.args)
+                rows = await conn.fetch("EXPLAIN (ANALYZE, BUFFERS) " + text, *call.args)
                 lines = [r[0] for r in rows]
         finally:
             await tx.rollback()
-    return lines
+    return lines, result
 
+
+def generic_plan(server: PostgresServer, schema: str, sql: str) -> list[str]:
+    """EXPLAIN (GENERIC_PLAN) as the application role: the plan a prepared statement may
+    cache after five runs (psql: a bound parameter would make it a custom plan)."""
+    out = server.psql(
+        f"SET search_path TO {schema}, public; SET ROLE orchestrator_app; "
+        f"SET orchestrator.engine = 'on'; EXPLAIN (GENERIC_PLAN) {sql}"
+    )
+    return out.splitlines()
+
+
+# --------------------------------------------------------------------------- summaries
 
 NODE = re.compile(
     r"^(\s*)(?:->\s+)?([A-Z][A-Za-z ]*?)(?: using (\S+))?(?: on (\S+)(?: \S+)?)?\s+\(cost="
@@ -343,6 +386,11 @@ def nodes(lines: list[str]) -> list[dict[str, Any]]:
     return found
 
 
+def indexes_of(plan: list[dict[str, Any]]) -> str:
+    found = [n["index"] or n["table"] for n in plan if "Index" in n["kind"]]
+    return ", ".join(dict.fromkeys(found)) or "-"
+
+
 def summarize(lines: list[str], big: set[str]) -> dict[str, Any]:
     """Top node, indexes, Seq Scans (big tables flagged), rows, ms, and buffers."""
     plan = nodes(lines)
@@ -354,67 +402,553 @@ def summarize(lines: list[str], big: set[str]) -> dict[str, Any]:
         )
         for k in KINDS
     }
-    indexes = [n["index"] or n["table"] for n in plan if "Index" in n["kind"]]
     seq = [
         n["table"] + (" (BIG)" if n["table"] in big else "")
         for n in plan
         if n["kind"] == "Seq Scan"
     ]
     text = "\n".join(lines)
-    top = ACTUAL.search(lines[0])
+    top = ACTUAL.search(lines[0]) if lines else None
 
     def ms(label: str) -> float:
         return sum(float(t) for t in re.findall(label + r"[^\n]*?(?:time=|: )([\d.]+)", text))
 
     return {
-        "top": plan[0]["kind"] if plan else lines[0][:30],
-        "indexes": ", ".join(dict.fromkeys(indexes)) or "-",
+        "top": plan[0]["kind"] if plan else (lines[0][:30] if lines else "?"),
+        "indexes": indexes_of(plan),
         "seq": ", ".join(dict.fromkeys(seq)) or "-",
         "rows": top.group(2) if top else "?",
         "ms": ms("Execution Time"),
-        "plan_ms": ms("Planning Time"),
         "triggers": ms("Trigger"),
-        "buffers": "/".join(str(own[k]) for k in KINDS),
+        "buffers": own["hit"] + own["read"],
+        "detail": "/".join(str(own[k]) for k in KINDS),
     }
 
 
-async def main(args: argparse.Namespace) -> None:
-    with PostgresServer(settings=SERVER) as server:
-        pool = await create_pool(server.url, schema=SCHEMA, size=2, timeout=600)
-        async with pool.acquire() as conn:
-            await conn.execute(f"CREATE SCHEMA {SCHEMA}")
-            await migrate(conn)
-            print(f"filling {args.workflows} finished + {args.running} live workflows")
-            start = time.perf_counter()
-            await fill(conn, args.workflows, args.running)
-            print(f"fill: {time.perf_counter() - start:.0f}s\n")
-            sizes = await conn.fetch(SIZES, SCHEMA)
-            print("| table | rows | total size |\n|---|---|---|")
-            for r in sizes:
-                print(f"| {r['relname']} | {r['rows']:,} | {r['bytes'] / 2**20:,.0f} MB |")
-            big = {r["relname"] for r in sizes if r["rows"] > BIG}
-            results = []
-            for case in await cases(conn, args.workflows):
-                lines = await explain(conn, case)
-                shown = [ln if len(ln) <= WIDTH else ln[:WIDTH] + " ..." for ln in lines]
-                print(f"\n=== {case.name}\n" + "\n".join(shown))
-                results.append((case.name, summarize(lines, big)))
-        await pool.close()
-    print(
-        "\n| query | top node | indexes | seq scans | rows | exec ms | plan ms | trigger ms "
-        "| buffers hit/read/dirtied |\n|---|---|---|---|---|---|---|---|---|"
+@dataclass
+class Result:
+    key: tuple[str, int, str]  # (operation, position of the statement in it, variant)
+    statement: str
+    summary: dict[str, Any]
+    generic: str  # the generic plan's indexes
+
+
+@dataclass
+class Pass:
+    label: str
+    results: list[Result] = field(default_factory=list)
+    drain: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- the cases
+
+
+def ticket(customer: str) -> dict[str, Any]:
+    return {"ticket": {"customer_id": customer, "subject": "Where is ORD-1?", "body": "Late."}}
+
+
+def envelope_of(row: Any) -> TaskEnvelope:
+    return envelopes.of_row(row)
+
+
+def outcome(
+    *, next_agents: tuple[str, ...], tools: int = 0, message: bool = False
+) -> steps.Outcome:
+    runs = [
+        ToolRun(f"{uuid4()}:1:{o}", o, "lookup_order", "succeeded", {"order_id": "ORD-1"})
+        for o in range(tools)
+    ]
+    return steps.Outcome(
+        output={"ok": True},
+        state={"ticket": {"subject": "Order ORD-1 charged twice"}, "triage": {"ok": True}},
+        next_agents=next_agents,
+        tool_runs=runs,
+        messages=["Here is what we found."] if message else [],
+        worker="worker-bench",
+        started_at=datetime.now(UTC),
+        usage=steps.ModelUse("offline-rules-v1", 1, 300, 120, Decimal("0.0021")),
+        traceparent=TP,
     )
-    for name, s in results:
-        print(
-            f"| {name} | {s['top']} | {s['indexes']} | {s['seq']} | {s['rows']} | {s['ms']:.3f} "
-            f"| {s['plan_ms']:.3f} | {s['triggers']:.3f} | {s['buffers']} |"
+
+
+def submission(tenant: str, session: str | None, customer: str, key: str) -> workflows.Submission:
+    return workflows.Submission(
+        pipeline="support",
+        first_agent="triage",
+        state=ticket(customer),
+        message="Where is ORD-1?\n\nLate.",
+        tenant=tenant,
+        session=session,
+        customer=customer,
+        app_version="0.1.0",
+        key=key,
+        traceparent=TP,
+        consolidate=True,
+    )
+
+
+async def cases(conn: Conn) -> list[Case]:
+    """The hot-path operations, on live rows picked from the filled tables."""
+    live = await conn.fetch(LIVE_STEPS)
+    runnable = [
+        s
+        for s in live
+        if s["status"] == "queued"
+        and s["workflow_status"] == "running"
+        and not s["stalled"]
+        and s["not_before"] is None
+    ]
+    mid = next(s for s in runnable if s["seq"] == 1)
+    last = next(s for s in runnable if s["seq"] == 2)
+    # A final step of a workflow that has another queued behind it in its session.
+    queued_sessions = {s["session_id"] for s in live if s["workflow_status"] == "queued"}
+    behind = next(s for s in runnable if s["session_id"] in queued_sessions)
+    stalled = next(s for s in live if s["status"] == "queued" and s["stalled"])
+    signal_wait = next(s for s in live if s["waiting_for"] == "input")
+    env_mid, env_last, env_behind = envelope_of(mid), envelope_of(last), envelope_of(behind)
+    opened_mid = await steps.open_step(conn, env_mid)
+    opened_last = await steps.open_step(conn, env_last)
+    beat = [(s["id"], s["attempt"]) for s in runnable[:16]]
+    finished = await conn.fetch(
+        "SELECT id FROM workflows TABLESAMPLE SYSTEM (1) WHERE status = 'completed' LIMIT 480"
+    )
+    sample = [r["id"] for r in finished] + [s["workflow_id"] for s in live[:20]]
+    done_id: UUID = sample[0]
+    given_up = await conn.fetchval(
+        "SELECT id FROM workflows WHERE consolidate AND status = 'completed' "
+        "AND consolidated_at IS NULL ORDER BY completed_at LIMIT 1"
+    )
+    session, tenant = await conn.fetchrow(
+        "SELECT id, tenant_id FROM sessions WHERE id = 'session-1'"
+    )
+    started = datetime.now(UTC)
+    use = steps.ModelUse("offline-rules-v1", 1, 300, 120, Decimal("0.0021"))
+    call = ToolRun(f"{env_mid.workflow_id}:{env_mid.seq}:9", 9, "refund", "started", {"o": 1})
+    existing_key = await conn.fetchval("SELECT idempotency_key FROM tool_runs LIMIT 1")
+
+    async def start_and_finish(c: Conn) -> None:
+        await tool_runs.start(c, env_mid.workflow_id, env_mid.step_id, env_mid.attempt, call, 30)
+        done = ToolRun(call.key, 9, "refund", "succeeded", {"o": 1}, {"refund": "RF-1"})
+        await tool_runs.finish(c, done, env_mid.attempt)
+
+    async def consolidate_one(c: Conn) -> None:
+        owner = await consolidation.tenant_of(c, given_up)
+        assert owner is not None
+        async with tenancy.scoped(c, owner):
+            await consolidation.lock(c, given_up)
+            await consolidation.mark(c, given_up)
+
+    async def fail_retry(c: Conn) -> None:
+        await steps.fail(
+            c,
+            env_mid,
+            error="TimeoutError: model",
+            retry_after=2.0,
+            recorded=outcome(next_agents=(), tools=1).tool_runs,
+            worker="worker-bench",
+            started_at=started,
+            usage=use,
         )
-    flagged = [name for name, s in results if "(BIG)" in s["seq"]]
-    print(f"\nSeq Scan on a big table (> {BIG:,} rows): {', '.join(flagged) or 'none'}")
+
+    async def fail_final(c: Conn) -> None:
+        await steps.fail(
+            c,
+            env_behind,
+            error="RuntimeError: boom",
+            retry_after=None,
+            recorded=[],
+            worker="worker-bench",
+            started_at=started,
+            usage=use,
+        )
+
+    async def park(c: Conn, parked: Parked) -> None:
+        await steps.park(
+            c,
+            env_mid,
+            parked,
+            ordinal=0,
+            recorded=[],
+            worker="worker-bench",
+            started_at=started,
+            usage=use,
+        )
+
+    return [
+        Case(
+            "submit (new customer)",
+            lambda c: workflows.create(c, submission("tenant-7", None, "cus-new", "key-new")),
+        ),
+        Case(
+            "submit (returning customer)",
+            lambda c: workflows.create(c, submission(tenant, session, "cus-1", "key-again")),
+        ),
+        Case("open (SELECT_OPEN)", lambda c: steps.open_step(c, env_mid)),
+        Case(
+            "complete (handoff)",
+            lambda c: steps.complete(
+                c, env_mid, outcome(next_agents=("response",), tools=2), opened_mid
+            ),
+        ),
+        Case(
+            "complete (final)",
+            lambda c: steps.complete(
+                c, env_last, outcome(next_agents=(), message=True), opened_last
+            ),
+        ),
+        Case("take over", lambda c: steps.take_over(c, envelope_of(stalled), "worker-bench")),
+        Case("fail (retry later)", fail_retry),
+        Case("fail (dead letter, next in session)", fail_final),
+        Case(
+            "park (ask: signal + question)",
+            lambda c: park(c, Parked(name="input", delay=None, question="Refund 40 EUR?")),
+        ),
+        Case("park (sleep 60 s)", lambda c: park(c, Parked(name=None, delay=60.0))),
+        Case(
+            "signal (answer a question)",
+            lambda c: waits.send_signal(
+                c,
+                signal_wait["workflow_id"],
+                "input",
+                {"text": "yes"},
+                transcript=("customer", "cus", "yes"),
+            ),
+        ),
+        Case("heartbeat (16 steps)", lambda c: recovery.heartbeat(c, beat)),
+        Case("reconciler: stalled", lambda c: recovery.stalled(c, older_than=STALL_AFTER)),
+        Case(
+            "reconciler: requeue",
+            lambda c: recovery.requeue(
+                c, stalled["id"], reason="stalled", seen_attempt=stalled["attempt"]
+            ),
+        ),
+        Case("reconciler: stalled sessions", lambda c: recovery.stalled_sessions(c)),
+        Case(
+            "reconciler: unconsolidated",
+            lambda c: consolidation.unconsolidated(
+                c, older_than=5.0, limit=1000, source="consolidation", max_failures=3
+            ),
+        ),
+        Case("consolidator: lag", lambda c: consolidation.oldest_age(c)),
+        Case("consolidate one workflow", consolidate_one),
+        Case("timers due", lambda c: waits.wake_due(c, limit=100)),
+        Case("run_until_idle: busy", lambda c: recovery.busy(c, within=0.0)),
+        Case("tool call: start + finish", start_and_finish),
+        Case("tool call: fetch", lambda c: tool_runs.fetch(c, existing_key)),
+        Case(
+            "Client.wait (500 ids)",
+            lambda c: workflows.terminal_statuses(c, sample),
+        ),
+        Case("Client.get (finished)", lambda c: workflows.get(c, done_id)),
+        Case("watch: events after", lambda c: events.after(c, done_id, 0, 500)),
+        Case("prune: one batch (500, 30 d)", lambda c: prune._prune_batch(c, 30 * 86400.0, 500)),
+    ]
+
+
+# --------------------------------------------------------------------------- passes
+
+
+async def sizes(conn: Conn) -> set[str]:
+    rows = await conn.fetch(SIZES)
+    print("| table | rows | total size |\n|---|---|---|")
+    for r in rows:
+        print(f"| {r['relname']} | {r['rows']:,} | {r['bytes'] / 2**20:,.0f} MB |")
+    return {r["relname"] for r in rows if r["rows"] > BIG}
+
+
+async def run_pass(
+    label: str, pool: asyncpg.Pool, server: PostgresServer, schema: str, big: set[str]
+) -> Pass:
+    """Record every case, EXPLAIN every statement it sent; print plans and a table."""
+    names = statement_names()
+    rewrites = proposals()
+    result = Pass(label)
+    async with pool.acquire() as conn:
+        for case in await cases(conn):
+            calls = await record(conn, case.op)
+            for i, call in enumerate(calls):
+                name = names.get(call.sql, call.sql.split()[0])
+                if name == "tenancy.SET_TENANT":
+                    continue
+                variants = [("", name, call.sql)]
+                if call.sql in rewrites:
+                    variants.append(("proposed", f"{name} (proposed)", rewrites[call.sql]))
+                answers = []
+                for variant, shown_name, sql in variants:
+                    lines, answer = await explain(conn, calls, i, sql)
+                    answers.append(answer)
+                    shown = [ln if len(ln) <= WIDTH else ln[:WIDTH] + " ..." for ln in lines]
+                    print(f"\n=== [{label}] {case.name}: {shown_name}\n" + "\n".join(shown))
+                    if variant:  # ties of an ORDER BY may come in any order: sorted
+                        same = sorted(map(repr, answer)) == sorted(map(repr, answers[0]))
+                        print(
+                            f"result rows: {'the same' if same else 'DIFFERENT'} as the "
+                            f"current statement's ({len(answer)})"
+                        )
+                    generic = indexes_of(nodes(generic_plan(server, schema, sql)))
+                    summary = summarize(lines, big)
+                    if generic != summary["indexes"]:
+                        print(f"generic plan indexes: {generic}")
+                    key = (case.name, i, variant)
+                    result.results.append(Result(key, shown_name, summary, generic))
+    print(
+        f"\n[{label}]\n| operation | statement | top node | indexes (custom) | indexes (generic)"
+        " | seq scans | rows | exec ms | trigger ms | buffers hit/read/dirtied |\n"
+        "|---|---|---|---|---|---|---|---|---|---|"
+    )
+    for r in result.results:
+        s = r.summary
+        generic = "same" if r.generic == s["indexes"] else r.generic
+        print(
+            f"| {r.key[0]} | {r.statement} | {s['top']} | {s['indexes']} | {generic} "
+            f"| {s['seq']} | {s['rows']} | {s['ms']:.3f} | {s['triggers']:.3f} | {s['detail']} |"
+        )
+    return result
+
+
+async def counters(conn: Conn) -> dict[str, tuple[int, int, int]]:
+    return {
+        r["name"]: (r["scans"], r["entries"], r["seq_rows"]) for r in await conn.fetch(COUNTERS)
+    }
+
+
+async def submit_running(
+    pool: asyncpg.Pool, n: int, tag: str, sessions: int | None = None
+) -> list[TaskEnvelope]:
+    """``n`` workflows submitted at once (the store's submit), each in its own session or
+    over ``sessions`` sessions (the rest queue behind the first of each); the first steps
+    of those that run."""
+    firsts: list[TaskEnvelope] = []
+    async with pool.acquire() as conn:
+        for i in range(n):
+            k = i if sessions is None else i % sessions
+            session = None if sessions is None else f"{tag}-session-{k}"
+            sub = submission(f"tenant-{k % 20}", session, f"cus-{tag}-{k}", f"{tag}-{i}")
+            created = await workflows.create(conn, sub)
+            if not created.queued:
+                firsts.append(created.envelope)
+    return firsts
+
+
+async def drain(
+    label: str, url: str, schema: str, owner: asyncpg.Connection, firsts: list[TaskEnvelope]
+) -> list[str]:
+    """Open and complete every step of the submitted workflows (triage -> research ->
+    response), as a worker would, one at a time; the counters of the drain.
+
+    Its own pool: a backend flushes its statistics when it exits, so closing the pool
+    after the drain (and every earlier one before it) keeps the counters to the drain.
+    """
+    await anyio.sleep(1.5)  # earlier backends' statistics are flushed by now
+    before = await counters(owner)
+    buffers_before = await owner.fetchval(BUFFERS_IO)
+    pipeline = {"triage": ("research", 0, False), "research": ("response", 2, False)}
+    pipeline |= {"response": ("", 0, True)}
+    took: list[float] = []
+    opens: list[float] = []
+    start = time.perf_counter()
+    pool = await create_pool(url, schema=schema, size=1, timeout=600)
+    async with pool.acquire() as conn:
+        queue = list(firsts)
+        while queue:
+            handed: list[TaskEnvelope] = []
+            for env in queue:
+                began = time.perf_counter()
+                opened = await steps.open_step(conn, env)
+                opens.append(time.perf_counter() - began)
+                nxt, tools, final = pipeline[env.agent]
+                out = outcome(next_agents=() if final else (nxt,), tools=tools, message=final)
+                began = time.perf_counter()
+                done = await steps.complete(conn, env, out, opened)
+                took.append(time.perf_counter() - began)
+                handed += done.next
+            queue = handed
+    wall = time.perf_counter() - start
+    await pool.close()
+    await anyio.sleep(1.5)
+    after = await counters(owner)
+    buffers = await owner.fetchval(BUFFERS_IO) - buffers_before
+    n = len(took)
+    p = statistics.quantiles(took, n=100)
+    q = statistics.quantiles(opens, n=100)
+    out = [
+        f"[{label}] drain: {n // 3} workflows, {n} completions in {wall:.1f}s; "
+        f"complete p50 {p[49] * 1000:.2f} ms p99 {p[98] * 1000:.2f} ms; "
+        f"open p50 {q[49] * 1000:.2f} ms p99 {q[98] * 1000:.2f} ms; "
+        f"buffers (all tables) {buffers:,} = {buffers / max(n, 1):.0f}/completion",
+        "| counter | scans | index entries read | seq rows read | per completion |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (scans, entries, seq_rows) in sorted(after.items()):
+        d = [
+            a - b
+            for a, b in zip((scans, entries, seq_rows), before.get(name, (0, 0, 0)), strict=True)
+        ]
+        if d[0] or d[1] or d[2]:
+            out.append(
+                f"| {name} | {d[0]:,} | {d[1]:,} | {d[2]:,} | {(d[1] + d[2]) / max(n, 1):.1f} |"
+            )
+    print("\n".join(out))
+    return out
+
+
+def compare(passes: list[Pass]) -> None:
+    """Buffers of each statement across the passes, and the flags."""
+    by: list[dict[tuple[str, int, str], Result]] = [{r.key: r for r in p.results} for p in passes]
+    labels = [p.label for p in passes]
+    print(
+        "\n| operation | statement | "
+        + " | ".join(f"buffers {label}" for label in labels)
+        + " | flags |\n"
+        + "|---" * (len(labels) + 3)
+        + "|"
+    )
+    flagged: list[str] = []
+    for key, first in by[-1].items():
+        bufs = [b[key].summary["buffers"] if key in b else None for b in by]
+        flags = []
+
+        def grows(a: int | None, b: int | None) -> bool:
+            return a is not None and b is not None and b >= 2 * a and b - a >= 20
+
+        if len(bufs) > 1 and grows(bufs[0], bufs[1]):
+            flags.append("grows with history")
+        if any(grows(bufs[1] if len(bufs) > 1 else None, b) for b in bufs[2:]):
+            flags.append("grows with live work")
+        if any("(BIG)" in b[key].summary["seq"] for b in by if key in b):
+            flags.append("seq scan on a big table")
+        if any(b[key].generic != b[key].summary["indexes"] for b in by if key in b):
+            flags.append("generic plan differs")
+        cells = " | ".join("-" if v is None else str(v) for v in bufs)
+        print(f"| {key[0]} | {first.statement} | {cells} | {', '.join(flags) or '-'} |")
+        if flags:
+            flagged.append(f"{key[0]}: {first.statement} ({', '.join(flags)})")
+    print("\nFlagged:\n" + ("\n".join(f"- {f}" for f in flagged) or "none"))
+
+
+async def given_up(server: PostgresServer, schema: str, owner: asyncpg.Connection) -> None:
+    """The consolidation scans before and after given-up workflows are marked (committed:
+    an index entry of a row updated in the same transaction would still be read)."""
+    pool = await create_pool(server.url, schema=schema, size=1, timeout=600)
+    try:
+        async with pool.acquire() as conn:
+            scans = [
+                ("UNCONSOLIDATED", consolidation.UNCONSOLIDATED, [5.0, 1000, "consolidation", 3]),
+                ("OLDEST_UNCONSOLIDATED", consolidation.OLDEST_UNCONSOLIDATED, []),
+            ]
+            for when in ("before", "after"):
+                if when == "after":
+                    marked = await owner.execute(MARK_GIVEN_UP, "consolidation", 3)
+                    await owner.execute("VACUUM workflows")
+                    print(f"\ngiven-up consolidations marked: {marked}")
+                    scans.append(
+                        ("UNCONSOLIDATED (proposed)", UNCONSOLIDATED_PROPOSED, [5.0, 1000])
+                    )
+                for name, sql, args in scans:
+                    lines, _ = await explain(conn, [Call(sql, tuple(args))], 0)
+                    s = summarize(lines, set())
+                    print(
+                        f"\n=== [given up, {when}] {name}: {s['top']}, {s['indexes']}, "
+                        f"rows {s['rows']}, {s['ms']:.3f} ms, buffers {s['detail']}\n"
+                        + "\n".join(ln[:WIDTH] for ln in lines)
+                    )
+    finally:
+        await pool.close()
+
+
+async def fill_schema(
+    server: PostgresServer, schema: str, workflows_n: int, live: int
+) -> asyncpg.Connection:
+    """A migrated schema with the history and the live work; the owner's connection."""
+    owner = await asyncpg.connect(server.url, server_settings={"search_path": f"{schema},public"})
+    await owner.execute(await owner.fetchval("SELECT format('CREATE SCHEMA %I', $1::text)", schema))
+    await migrate(owner)
+    print(f"[{schema}] filling {workflows_n:,} finished + {live} live workflows")
+    timings = await history.fill(owner, workflows_n, analyze=False)
+    await owner.execute("SET session_replication_role = replica")
+    for sql in LIVE:
+        await owner.execute(sql, *([live, TP] if "$2" in sql else [live]))
+    await owner.execute("RESET session_replication_role")
+    start = time.perf_counter()
+    await owner.execute("VACUUM ANALYZE")
+    analyzed = time.perf_counter() - start
+    print(f"[{schema}] fill {timings['total']:.0f}s + VACUUM ANALYZE {analyzed:.0f}s\n")
+    return owner
+
+
+async def explain_pass(label: str, server: PostgresServer, schema: str, big: set[str]) -> Pass:
+    pool = await create_pool(server.url, schema=schema, size=1, timeout=600)
+    try:
+        return await run_pass(label, pool, server, schema, big)
+    finally:
+        await pool.close()
+
+
+async def submit(
+    server: PostgresServer, schema: str, n: int, tag: str, sessions: int | None = None
+) -> list[TaskEnvelope]:
+    pool = await create_pool(server.url, schema=schema, size=1, timeout=600)
+    try:
+        return await submit_running(pool, n, tag, sessions)
+    finally:
+        await pool.close()
+
+
+async def main(args: argparse.Namespace) -> None:
+    passes: list[Pass] = []
+    drains: list[list[str]] = []
+    with PostgresServer(settings=SERVER) as server:
+        if args.small:
+            owner = await fill_schema(server, "explain_small", args.small, args.live)
+            try:
+                big = await sizes(owner)
+                passes.append(await explain_pass("small", server, "explain_small", big))
+                await owner.execute("DROP SCHEMA explain_small CASCADE")  # room for the big one
+            finally:
+                await owner.close()
+        schema = "explain_bench"
+        owner = await fill_schema(server, schema, args.workflows, args.live)
+        try:
+            big = await sizes(owner)
+            passes.append(await explain_pass(f"{args.workflows:,}", server, schema, big))
+            if args.running:
+                # Submitted after the last ANALYZE: the planner has not seen them.
+                firsts = await submit(server, schema, args.running, "stale")
+                passes.append(await explain_pass("running, stale", server, schema, big))
+                drains.append(await drain("stale stats", server.url, schema, owner, firsts))
+                firsts = await submit(server, schema, args.running, "fresh")
+                await owner.execute("ANALYZE")
+                passes.append(await explain_pass("running, fresh", server, schema, big))
+                drains.append(await drain("fresh stats", server.url, schema, owner, firsts))
+                # Returning customers: 10 tickets per session, 9 of them queued behind the
+                # first; statistics from before they existed.
+                sessions = max(1, args.running // 10)
+                firsts = await submit(server, schema, args.running, "queued", sessions)
+                passes.append(await explain_pass("queued, stale", server, schema, big))
+                drains.append(await drain("sessions, stale", server.url, schema, owner, firsts))
+                rewrite = proposals().get(steps.COMPLETE_STEP)
+                if rewrite is not None:
+                    # The same again with the proposed completion statement (patched in for
+                    # this drain only: _close reads the module's constant when it runs).
+                    firsts = await submit(server, schema, args.running, "queued2", sessions)
+                    current, steps.COMPLETE_STEP = steps.COMPLETE_STEP, rewrite
+                    try:
+                        label = "sessions, stale, proposed COMPLETE_STEP"
+                        drains.append(await drain(label, server.url, schema, owner, firsts))
+                    finally:
+                        steps.COMPLETE_STEP = current
+            await given_up(server, schema, owner)
+        finally:
+            await owner.close()
+    compare(passes)
+    for lines in drains:
+        print("\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workflows", type=int, default=1_000_000, help="finished workflows")
-    parser.add_argument("--running", type=int, default=300, help="live (running/waiting) ones")
+    parser.add_argument("--small", type=int, default=100_000, help="the smaller history (0: none)")
+    parser.add_argument("--live", type=int, default=300, help="live (running/waiting) ones")
+    parser.add_argument("--running", type=int, default=2_000, help="submitted at once, drained")
     anyio.run(main, parser.parse_args())

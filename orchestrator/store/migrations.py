@@ -391,6 +391,17 @@ CREATE POLICY engine_rows ON tenant_budgets
     USING (current_setting('orchestrator.engine', true) = 'on');
 """
 
+V12_OPEN_ROWS_BY_WORKFLOW = """
+-- Found by benchmarks/explain.py at 1M finished workflows (issue 11). The consolidation
+-- requeue counts each unconsolidated workflow's open dead letters: without this it read the
+-- whole table once per workflow (1 s a pass at 1M); resume marks them retried by workflow.
+CREATE INDEX dead_letters_workflow ON dead_letters (workflow_id) WHERE retried_at IS NULL;
+-- A workflow's queued steps (promotion, resume, the reconciler's look at each workflow):
+-- without it the planner ANDed (workflow_id, seq) with steps_stalled read whole, every
+-- queued step of every workflow. Only queued steps: small, and never on a finished one.
+CREATE INDEX steps_queued ON steps (workflow_id) WHERE status = 'queued';
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -403,6 +414,7 @@ MIGRATIONS: tuple[str, ...] = (
     V9_ERASURE,
     V10_TRACE_CONTEXT,
     V11_COST,
+    V12_OPEN_ROWS_BY_WORKFLOW,
 )
 
 CREATE_VERSION_TABLE = """
