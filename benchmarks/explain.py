@@ -27,8 +27,7 @@ Passes (each prints the plans and a table; then one table compares them):
 4. ``running, fresh``: the same after ANALYZE, and its drain;
 5. ``queued, stale``: ``--running`` more over one session per 10 (returning customers:
    9 of 10 queue behind their session's first), and its drain (each finished workflow
-   starts the next of its session); then the same drain once more with the proposed
-   completion statement patched in;
+   starts the next of its session);
 6. the consolidation scans before and after the given-up consolidations are marked
    (committed), and the proposed scan without the dead-letter count.
 
@@ -156,40 +155,6 @@ UNION ALL
 SELECT 'table ' || relname, seq_scan, 0, seq_tup_read
 FROM pg_stat_user_tables WHERE schemaname = current_schema()
 """
-# Proposed rewrites (same parameters), explained next to the statement they replace. Built
-# from today's statement text: when it no longer holds the fragment, there is no proposal.
-SESSION_WITH_QUEUE = """
-       (SELECT wr.session_id FROM workflow_row wr
-        WHERE wr.status <> 'running'
-          AND EXISTS (SELECT 1 FROM workflows q
-                      WHERE q.session_id = wr.session_id AND q.status = 'queued'))
-           AS session_with_queue
-"""
-# The session as a parameter (an InitPlan), so the queued workflows are looked up by it:
-# the semi-join could read every queued workflow's index entry and filter on the session.
-SESSION_WITH_QUEUE_PROPOSED = """
-       (SELECT q.session_id FROM workflows q
-        WHERE q.session_id = (SELECT wr.session_id FROM workflow_row wr
-                              WHERE wr.status <> 'running')
-          AND q.status = 'queued'
-        LIMIT 1) AS session_with_queue
-"""
-# Driven by the stalled steps (steps_stalled, oldest first, LIMIT), each one's workflow by
-# its primary key: the join let the planner start from every running workflow instead.
-SELECT_STALLED_PROPOSED = """
-SELECT s.id, s.agent, s.attempt, s.workflow_id, s.seq,
-       (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms,
-       extract(epoch FROM now() - s.updated_at)::float8 AS idle_seconds
-FROM steps s
-WHERE s.status = 'queued'
-  AND s.updated_at < now() - make_interval(secs => $1)
-  AND (s.not_before IS NULL OR s.not_before <= now())
-  AND (SELECT w.status FROM workflows w WHERE w.id = s.workflow_id) = 'running'
-ORDER BY s.updated_at
-LIMIT $2
-"""
-
-
 # Given-up consolidations (MAX_FAILURES open dead letters) stay in workflows_unconsolidated
 # for good, and UNCONSOLIDATED reads them (and counts their dead letters) on every pass:
 # proposed, the consolidator marks one given up (consolidate = false) with its last dead
@@ -211,13 +176,10 @@ LIMIT $2
 
 
 def proposals() -> dict[str, str]:
-    """Statement text -> its proposed rewrite (same parameters)."""
-    found = {recovery.SELECT_STALLED: SELECT_STALLED_PROPOSED}
-    if SESSION_WITH_QUEUE.strip() in steps.COMPLETE_STEP:
-        found[steps.COMPLETE_STEP] = steps.COMPLETE_STEP.replace(
-            SESSION_WITH_QUEUE.strip(), SESSION_WITH_QUEUE_PROPOSED.strip()
-        )
-    return found
+    """Statement text -> its proposed rewrite (same parameters). None left: the
+    completion's session check and SELECT_STALLED proposed here are the store's own now
+    (their old and new plans are in the issue 11 note)."""
+    return {}
 
 
 BUFFERS_IO = """
@@ -259,11 +221,23 @@ class Recorder:
     async def execute(self, sql: str, *args: Any, **kw: Any) -> Any:
         return await self._run("execute", sql, *args, **kw)
 
+    async def fetchmany(self, sql: str, args: Any, **kw: Any) -> Any:
+        """A pipelined batch: recorded as one call per statement in it."""
+        batch = list(args)
+        self.calls.extend(Call(sql, tuple(a)) for a in batch)
+        return await self.conn.fetchmany(sql, batch, **kw)
+
     def transaction(self) -> Any:
         return self.conn.transaction()  # nested in the recording's: a savepoint
 
 
 Op = Callable[[Conn], Awaitable[Any]]
+
+
+async def open_one(conn: Any, envelope: TaskEnvelope) -> steps.OpenStep:
+    """The open read of one step (the store pipelines concurrent ones: a batch of one)."""
+    [opened] = await steps.open_steps(conn, [envelope])
+    return opened
 
 
 @dataclass(frozen=True)
@@ -506,8 +480,8 @@ async def cases(conn: Conn) -> list[Case]:
     stalled = next(s for s in live if s["status"] == "queued" and s["stalled"])
     signal_wait = next(s for s in live if s["waiting_for"] == "input")
     env_mid, env_last, env_behind = envelope_of(mid), envelope_of(last), envelope_of(behind)
-    opened_mid = await steps.open_step(conn, env_mid)
-    opened_last = await steps.open_step(conn, env_last)
+    opened_mid = await open_one(conn, env_mid)
+    opened_last = await open_one(conn, env_last)
     beat = [(s["id"], s["attempt"]) for s in runnable[:16]]
     finished = await conn.fetch(
         "SELECT id FROM workflows TABLESAMPLE SYSTEM (1) WHERE status = 'completed' LIMIT 480"
@@ -518,9 +492,9 @@ async def cases(conn: Conn) -> list[Case]:
         "SELECT id FROM workflows WHERE consolidate AND status = 'completed' "
         "AND consolidated_at IS NULL ORDER BY completed_at LIMIT 1"
     )
-    session, tenant = await conn.fetchrow(
-        "SELECT id, tenant_id FROM sessions WHERE id = 'session-1'"
-    )
+    found = await conn.fetchrow("SELECT id, tenant_id FROM sessions WHERE id = 'session-1'")
+    assert found is not None, "the fill has no session-1"
+    session, tenant = found["id"], found["tenant_id"]
     started = datetime.now(UTC)
     use = steps.ModelUse("offline-rules-v1", 1, 300, 120, Decimal("0.0021"))
     call = ToolRun(f"{env_mid.workflow_id}:{env_mid.seq}:9", 9, "refund", "started", {"o": 1})
@@ -583,7 +557,7 @@ async def cases(conn: Conn) -> list[Case]:
             "submit (returning customer)",
             lambda c: workflows.create(c, submission(tenant, session, "cus-1", "key-again")),
         ),
-        Case("open (SELECT_OPEN)", lambda c: steps.open_step(c, env_mid)),
+        Case("open (SELECT_OPEN)", lambda c: open_one(c, env_mid)),
         Case(
             "complete (handoff)",
             lambda c: steps.complete(
@@ -754,12 +728,12 @@ async def drain(
             handed: list[TaskEnvelope] = []
             for env in queue:
                 began = time.perf_counter()
-                opened = await steps.open_step(conn, env)
+                opened = await open_one(conn, env)
                 opens.append(time.perf_counter() - began)
                 nxt, tools, final = pipeline[env.agent]
-                out = outcome(next_agents=() if final else (nxt,), tools=tools, message=final)
+                result = outcome(next_agents=() if final else (nxt,), tools=tools, message=final)
                 began = time.perf_counter()
-                done = await steps.complete(conn, env, out, opened)
+                done = await steps.complete(conn, env, result, opened)
                 took.append(time.perf_counter() - began)
                 handed += done.next
             queue = handed
@@ -926,17 +900,6 @@ async def main(args: argparse.Namespace) -> None:
                 firsts = await submit(server, schema, args.running, "queued", sessions)
                 passes.append(await explain_pass("queued, stale", server, schema, big))
                 drains.append(await drain("sessions, stale", server.url, schema, owner, firsts))
-                rewrite = proposals().get(steps.COMPLETE_STEP)
-                if rewrite is not None:
-                    # The same again with the proposed completion statement (patched in for
-                    # this drain only: _close reads the module's constant when it runs).
-                    firsts = await submit(server, schema, args.running, "queued2", sessions)
-                    current, steps.COMPLETE_STEP = steps.COMPLETE_STEP, rewrite
-                    try:
-                        label = "sessions, stale, proposed COMPLETE_STEP"
-                        drains.append(await drain(label, server.url, schema, owner, firsts))
-                    finally:
-                        steps.COMPLETE_STEP = current
             await given_up(server, schema, owner)
         finally:
             await owner.close()
