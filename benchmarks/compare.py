@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime
 import json
 import os
@@ -312,13 +311,16 @@ class Peer:
         text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
         return f"; the end of {self.log_path}:\n" + "\n".join(text)
 
-    def kill(self) -> None:
-        """The peer and whatever it started (its own process group)."""
+    async def kill(self) -> None:
+        """The peer and whatever it started and left behind (its own process group)."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break  # none left
+            await asyncio.sleep(1.0)
         if self.proc.returncode is None:
-            for sig in (signal.SIGTERM, signal.SIGKILL):
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, sig)
-                time.sleep(1.0)
+            await self.proc.wait()
 
 
 async def sql_name(servers: Servers, template: str, name: str) -> None:
@@ -381,8 +383,8 @@ async def run_system(
             await asyncio.sleep(0.05)
         after = await snapshot(servers, database)
     finally:
-        peer.kill()
-    await sql_name(servers, DROP_DB, database)
+        await peer.kill()
+        await sql_name(servers, DROP_DB, database)
     wal = waldump(servers.pg, before["lsn"], after["lsn"], logs / f"{system.key}-{rnd}.wal.txt")
     thr, lat = peer.results["THROUGHPUT"], peer.results["LATENCY"]
     if thr["completed"] != thr["workflows"]:
@@ -399,6 +401,7 @@ async def run_system(
         "wal_commits": wal.get("Transaction/COMMIT", (0, 0))[0] / thr["workflows"],
         "wal_fpi_pct": 100 * sum(v[1] for v in wal.values()) / max(1, after["wal"] - before["wal"]),
         "load1": load1,
+        "note": thr.get("note", ""),
     }
     result["noisy"] = (
         result["steal_pct"] > STEAL_NOISY_PCT or result["others_pct"] > OTHERS_NOISY_PCT
@@ -536,6 +539,7 @@ async def bench(opts: argparse.Namespace, systems: list[System]) -> None:
     logs = Path(tempfile.mkdtemp(prefix="compare-logs-"))
     progress(f"peer logs in {logs}")
     runs: list[dict[str, Any]] = []
+    failures: list[str] = []
     with RedisServer() as redis_server, PostgresServer() as pg:
         admin = await asyncpg.connect(pg.url)
         try:
@@ -548,13 +552,21 @@ async def bench(opts: argparse.Namespace, systems: list[System]) -> None:
                 order = systems[shift:] + systems[:shift]
                 for system in order:
                     progress(f"round {rnd + 1}/{opts.reps}: {system.key} ...")
-                    run = await run_system(system, rnd, servers, opts, logs)
+                    try:
+                        run = await run_system(system, rnd, servers, opts, logs)
+                    except Exception as e:  # one failed run must not lose the others
+                        failures.append(f"{system.key}, round {rnd + 1}: {e}")
+                        progress(f"  FAILED: {e}")
+                        continue
                     runs.append(run)
                     progress("  " + summary(run))
             med = medians(systems, runs, opts.keep_noisy)
             print_report(systems, runs, med, labels, opts, machine_line(servers, vers, opts))
+            for failure in failures:
+                print(f"\nFAILED: {failure.splitlines()[0]}")
             if opts.json:
                 payload = {"args": vars(opts), "runs": runs, "medians": med, "labels": labels}
+                payload["failures"] = failures
                 payload["versions"] = vers
                 Path(opts.json).write_text(json.dumps(payload, indent=2, default=str))
         finally:
@@ -569,7 +581,9 @@ def summary(run: dict[str, Any]) -> str:
         f"(writes {run['pg_writes']:.2f}), WAL {run['wal_kib']:.2f} KiB/wf, "
         f"PG CPU {run['pg_cpu_ms']:.2f} ms/wf, Redis CPU {run['redis_cpu_ms']:.2f} ms/wf, "
         f"steal {run['steal_pct']:.1f} %, others {run['others_pct']:.1f} %, "
-        f"load {run['load1']:.2f}" + (" NOISY" if run["noisy"] else "")
+        f"load {run['load1']:.2f}"
+        + (" NOISY" if run["noisy"] else "")
+        + (f" ({run['note']})" if run["note"] else "")
     )
 
 

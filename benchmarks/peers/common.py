@@ -146,9 +146,16 @@ Batch = Callable[[int, int], Awaitable[int]]  # (count, first index) -> complete
 One = Callable[[int], Awaitable[None]]  # index -> returns once that workflow is done
 
 
-async def drive(args: argparse.Namespace, batch: Batch, one: One, worker_pids: list[int]) -> None:
+async def drive(
+    args: argparse.Namespace,
+    batch: Batch,
+    one: One,
+    worker_pids: list[int],
+    note: Callable[[], str] = str,
+) -> None:
     """Warm up, the latency phase, then the throughput phase (CPU of ``worker_pids`` and
-    their children measured around it), talking the protocol above."""
+    their children measured around it), talking the protocol above. ``note()`` is
+    anything the peer has to say about the run (reported with it)."""
     await batch(args.warmup, 10_000_000)
     samples = []
     for i in range(args.latency_warmup + args.latency_n):
@@ -171,5 +178,6 @@ async def drive(args: argparse.Namespace, batch: Batch, one: One, worker_pids: l
             "seconds": seconds,
             "wf_per_s": completed / seconds,
             "worker_cpu_s": cpu,
+            "note": note(),
         },
     )
