@@ -552,6 +552,7 @@ async def bench(opts: argparse.Namespace, systems: list[System]) -> None:
                 order = systems[shift:] + systems[:shift]
                 for system in order:
                     progress(f"round {rnd + 1}/{opts.reps}: {system.key} ...")
+                    run_started = time.monotonic()
                     try:
                         run = await run_system(system, rnd, servers, opts, logs)
                     except Exception as e:  # one failed run must not lose the others
@@ -559,7 +560,7 @@ async def bench(opts: argparse.Namespace, systems: list[System]) -> None:
                         progress(f"  FAILED: {e}")
                         continue
                     runs.append(run)
-                    progress("  " + summary(run))
+                    progress(f"  {summary(run)} [{time.monotonic() - run_started:.0f} s]")
             med = medians(systems, runs, opts.keep_noisy)
             print_report(systems, runs, med, labels, opts, machine_line(servers, vers, opts))
             for failure in failures:
