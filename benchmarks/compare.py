@@ -176,7 +176,12 @@ def ensure_venv(name: str) -> None:
 def versions(venvs: set[str | None]) -> dict[str, dict[str, str]]:
     code = (
         "import importlib.metadata as m, json, sys\n"
-        "print(json.dumps({d: m.version(d) for d in sys.argv[1:]}))"
+        "def v(d):\n"
+        "    try:\n"
+        "        return m.version(d)\n"
+        "    except m.PackageNotFoundError:\n"
+        "        return 'absent'\n"
+        "print(json.dumps({d: v(d) for d in sys.argv[1:]}))"
     )
     found: dict[str, dict[str, str]] = {}
     for name in sorted(venvs, key=str):
@@ -432,13 +437,14 @@ def peer_env(runtime_root: Path | None) -> dict[str, str]:
 # --------------------------------------------------------------------------- report
 
 
-def cell(values: list[float], fmt: str) -> str:
-    if not values:
+def cell(used: list[float], every: list[float], fmt: str) -> str:
+    """The median of the runs used, and the range of every run."""
+    if not used:
         return DASH
-    mid = fmt.format(statistics.median(values))
-    if len(values) == 1:
+    mid = fmt.format(statistics.median(used))
+    if len(every) == 1:
         return mid
-    return f"{mid} ({fmt.format(min(values))}{DASH}{fmt.format(max(values))})"
+    return f"{mid} ({fmt.format(min(every))}{DASH}{fmt.format(max(every))})"
 
 
 def counted(runs: list[dict[str, Any]], keep_noisy: bool) -> list[dict[str, Any]]:
@@ -476,7 +482,8 @@ def table(
         for key, _, fmt in columns:
             postgres_only = key in ("pg_commits", "pg_writes", "wal_kib", "pg_cpu_ms")
             skip = postgres_only and not s.in_postgres
-            cells.append(DASH if skip else cell([r[key] for r in used], fmt))
+            values = [r[key] for r in used], [r[key] for r in mine]
+            cells.append(DASH if skip else cell(*values, fmt))
         noisy = sum(r["noisy"] for r in mine)
         lines.append(f"| {labels[s.key]} | " + " | ".join(cells) + f" | {len(mine)} ({noisy}) |")
     return lines
@@ -597,8 +604,10 @@ def print_report(
     machine: str,
 ) -> None:
     print(
-        f"`python benchmarks/compare.py {' '.join(sys.argv[1:])}`: median (min{DASH}max) of "
-        f"{opts.reps} interleaved round(s), noisy runs left out of a row's median while it "
+        f"`python benchmarks/compare.py {' '.join(sys.argv[1:])}`: {opts.reps} interleaved "
+        f"round(s); each cell is the median of a row's runs (min{DASH}max of all of them); "
+        f"noisy runs (CPU steal > {STEAL_NOISY_PCT:g} % or other processes > "
+        f"{OTHERS_NOISY_PCT:g} % of the machine) are left out of the median while the row "
         f"has a clean one{' (not here: --keep-noisy)' if opts.keep_noisy else ''}.\n"
     )
     print("\n".join(table(systems, runs, opts, labels, COLUMNS)))
