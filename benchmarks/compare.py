@@ -360,6 +360,7 @@ async def run_system(
             stdout=asyncio.subprocess.PIPE,
             stderr=log_file,
             env=peer_env(opts.runtime_root if system.venv is None else None),
+            cwd=PEERS_DIR,
             start_new_session=True,  # one process group: killed whole on failure
         )
     peer = Peer(proc, log_path)
@@ -418,7 +419,11 @@ def check_runtime_root(root: Path) -> None:
     """The runtime peer must import ``orchestrator`` from ``root``, not an installed copy."""
     code = "import orchestrator; print(orchestrator.__file__)"
     found = subprocess.run(
-        [sys.executable, "-c", code], env=peer_env(root), capture_output=True, text=True
+        [sys.executable, "-c", code],
+        env=peer_env(root),
+        cwd=PEERS_DIR,  # as for a peer: its script's directory comes first on sys.path
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     if not found.startswith(str(root) + os.sep):
         raise SystemExit(f"the runtime peer would import {found or 'nothing'}, not {root}")
