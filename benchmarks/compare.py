@@ -20,17 +20,22 @@ research, on a small ticket dict. Per run:
 * around the throughput phase: worker CPU (utime + stime of the processes running
   the workflow code and their children, from /proc; for rows in the client's process,
   the whole driver), Postgres transactions committed in the system's database
-  (pg_stat_database.xact_commit; the peer exits after the phase, and a backend
-  flushes its statistics on exit, so the count is exact), write transactions
-  exactly (transaction ids assigned, pg_current_snapshot's xmax), WAL bytes
-  (pg_current_wal_lsn), and the Postgres and Redis servers' CPU;
+  (pg_stat_database.xact_commit, read-only ones and a pool's reset queries included;
+  the peer exits after the phase, and a backend flushes its statistics on exit, so
+  the count is exact once ``--settle`` let the earlier phases' counts land), write
+  transactions exactly (transaction ids assigned, pg_current_snapshot's xmax;
+  cluster-wide), WAL bytes (pg_current_wal_lsn; pg_waldump's per-record statistics
+  of each run are kept beside the peers' logs), and the Postgres and Redis servers'
+  CPU;
 * CPU steal (/proc/stat) and CPU used by processes outside this benchmark over the
   phase: a run with steal > 2 % or others using > 10 % of the machine is noisy. The
   medians leave noisy runs out while a row has a clean one (``--keep-noisy``: never).
 
-The measuring queries run in the ``postgres`` database, not the system's, and assign
-no transaction id. A CHECKPOINT precedes each run, so no timed checkpoint falls
-inside one (the default checkpoint_timeout is 5 minutes).
+The peers talk a small stdin/stdout protocol (benchmarks/peers/common.py): the
+latency phase first, then READY; compare.py snapshots and sends GO; the throughput
+phase, then the peer exits. The measuring queries run in the ``postgres`` database,
+not the system's, and assign no transaction id. A CHECKPOINT precedes each run, so
+no timed checkpoint falls inside one (the default checkpoint_timeout is 5 minutes).
 
     python benchmarks/compare.py --reps 3 --workflows 2000 --latency 200
     python benchmarks/compare.py --systems runtime,loop --processes 1,2,4 --reps 1
@@ -262,6 +267,9 @@ def window(before: dict[str, Any], after: dict[str, Any], workflows: int) -> dic
 def waldump(pg: PostgresServer, start: str, end: str, out: Path) -> dict[str, tuple[int, int]]:
     """pg_waldump's per-record statistics over [start, end), kept in ``out``:
     {record type: (count, full-page-image bytes)}."""
+    if start == end:
+        out.write_text("no WAL written\n")
+        return {}
     cmd = [str(pg.bin_dir / "pg_waldump"), "-p", str(pg.data_dir / "pg_wal")]
     cmd += ["-s", start, "-e", end, "--stats=record"]
     done = subprocess.run(
@@ -388,10 +396,12 @@ async def run_system(
                 break
             await asyncio.sleep(0.05)
         after = await snapshot(servers, database)
+        # Now: DROP DATABASE checkpoints, and the segments before it may be recycled.
+        wal_path = logs / f"{system.key}-{rnd}.wal.txt"
+        wal = waldump(servers.pg, before["lsn"], after["lsn"], wal_path)
     finally:
         await peer.kill()
         await sql_name(servers, DROP_DB, database)
-    wal = waldump(servers.pg, before["lsn"], after["lsn"], logs / f"{system.key}-{rnd}.wal.txt")
     thr, lat = peer.results["THROUGHPUT"], peer.results["LATENCY"]
     if thr["completed"] != thr["workflows"]:
         raise RuntimeError(f"{system.key}: {thr['completed']} of {thr['workflows']} completed")
@@ -591,7 +601,8 @@ def summary(run: dict[str, Any]) -> str:
     return (
         f"{run['wf_per_s']:.0f} wf/s, p50 {run['p50_ms']:.1f} ms, p99 {run['p99_ms']:.1f} ms, "
         f"worker CPU {run['worker_cpu_ms']:.2f} ms/wf, commits {run['pg_commits']:.2f} "
-        f"(writes {run['pg_writes']:.2f}), WAL {run['wal_kib']:.2f} KiB/wf, "
+        f"(writes {run['pg_writes']:.2f}, in the WAL {run['wal_commits']:.2f}), "
+        f"WAL {run['wal_kib']:.2f} KiB/wf, "
         f"PG CPU {run['pg_cpu_ms']:.2f} ms/wf, Redis CPU {run['redis_cpu_ms']:.2f} ms/wf, "
         f"steal {run['steal_pct']:.1f} %, others {run['others_pct']:.1f} %, "
         f"load {run['load1']:.2f}"
