@@ -157,8 +157,12 @@ class StepRunner:
     async def _process(self, attempt: _Attempt, entry: streams.Entry, lock: Lock) -> None:
         rt = self.rt
         envelope = attempt.envelope
-        with redis_errors():
-            won = await lock.take_over(self._is_dead)
+        if attempt.takeover:
+            with redis_errors():
+                won = await lock.take_over(self._is_dead)
+            read = None
+        else:
+            won, read = await self._lease_and_read(envelope, lock)
         if not won:
             # A live worker holds this step's lease. Not acknowledged: if that worker
             # dies, this entry is taken over.
@@ -171,7 +175,7 @@ class StepRunner:
                 parent=envelope.traceparent,
                 **_span_attributes(envelope, self.consumer),
             ) as span:
-                opened = await self._claim(attempt, entry, lock)
+                opened = await self._claim(attempt, entry, lock, read)
                 if opened is None:
                     span.set_attribute("step.outcome", "skipped")
                     return
@@ -189,11 +193,37 @@ class StepRunner:
             await lock.release_quietly()
             raise
 
+    async def _lease_and_read(
+        self, envelope: TaskEnvelope, lock: Lock
+    ) -> tuple[bool, steps.OpenStep | None]:
+        """A first delivery: take the lease and read the step at once, side by side (one
+        round trip of latency, not two). The read needs no lease: every execution has its
+        own attempt, so whatever ran meanwhile under another moved the attempt, and this
+        execution's writes are refused by the fence as they would be after a later read."""
+        read: list[steps.OpenStep] = []
+
+        async def open_step() -> None:
+            read.append(await self.rt.store.open(envelope))
+
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(open_step)
+                with redis_errors():
+                    won = await lock.take_over(self._is_dead)
+        except BaseExceptionGroup as group:
+            raise _first_leaf(group) from None  # the outage itself, as if awaited in turn
+        return won, read[0]
+
     async def _claim(
-        self, attempt: _Attempt, entry: streams.Entry, lock: Lock
+        self,
+        attempt: _Attempt,
+        entry: streams.Entry,
+        lock: Lock,
+        read: steps.OpenStep | None = None,
     ) -> steps.OpenStep | None:
         """Take the step under this execution's fence (a new one for a takeover) and read
-        what running it needs; None, the entry acknowledged, when it is not to run."""
+        what running it needs (``read``: already read, under this fence); None, the entry
+        acknowledged, when it is not to run."""
         rt, envelope = self.rt, attempt.envelope
         takeover = attempt.takeover or lock.stolen
         with rt.tracer.start_as_current_span(
@@ -214,7 +244,8 @@ class StepRunner:
                 # This execution's fence from now on, retries after an outage included.
                 attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
                 envelope = taken
-            opened = await rt.store.open(envelope)
+            # A lock taken from a dead holder moved the fence: what was read is stale.
+            opened = read if read is not None and not takeover else await rt.store.open(envelope)
             if not opened.runnable:
                 span.set_attribute("step.skipped", opened.reason)
                 log.info(
@@ -617,3 +648,8 @@ def _replay_events(ctx: StepContext) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 async def _nothing() -> None:
     return None
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
