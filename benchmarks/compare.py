@@ -40,6 +40,11 @@ no timed checkpoint falls inside one (the default checkpoint_timeout is 5 minute
     python benchmarks/compare.py --reps 3 --workflows 2000 --latency 200
     python benchmarks/compare.py --systems runtime,loop --processes 1,2,4 --reps 1
     python benchmarks/compare.py --runtime-root /tmp/before ...   # another checkout's runtime
+    python benchmarks/compare.py --systems runtime,runtime@filled --fill 1000000
+
+A runtime row named with ``@filled`` runs on a copy of a template database whose
+tables already hold ``--fill`` finished workflows (benchmarks/history.py, filled once
+per invocation): the same figures as its history grows.
 
 Progress goes to stderr; the markdown table, the ratios and the machine line to stdout.
 """
@@ -121,6 +126,7 @@ class System:
     venv: str | None  # None: this Python (the runtime's venv)
     args: tuple[str, ...] = ()
     in_postgres: bool = True
+    filled: bool = False  # runs on a copy of the template with --fill finished workflows
 
 
 def systems_for(keys: list[str], processes: list[int] | None) -> list[System]:
@@ -131,7 +137,9 @@ def systems_for(keys: list[str], processes: list[int] | None) -> list[System]:
         keys[first:first] = [f"runtime-{n}" for n in processes]
     found: list[System] = []
     for key in keys:
-        if key == "runtime":
+        if key.endswith(FILLED):
+            found.append(filled_system(key))
+        elif key == "runtime":
             label = "this runtime, workers in the client's process"
             found.append(System(key, label, "runtime_peer.py", None, ("--processes", "0")))
         elif key.startswith("runtime-") and key[8:].isdigit() and int(key[8:]) > 0:
@@ -155,6 +163,16 @@ def systems_for(keys: list[str], processes: list[int] | None) -> list[System]:
         else:
             raise SystemExit(f"unknown system {key!r}")
     return found
+
+
+def filled_system(key: str) -> System:
+    """``<runtime row>@filled``: that row on a copy of the filled template."""
+    [plain] = systems_for([key.removesuffix(FILLED)], None)
+    if plain.script != "runtime_peer.py":
+        raise SystemExit(f"{key!r}: only the runtime's rows run on a filled history")
+    label = plain.label + ", {filled} finished workflows in its tables"
+    args = (*plain.args, "--prefix", FILLED_SCHEMA.replace("_", "-"))
+    return System(key, label, plain.script, None, args, filled=True)
 
 
 # --------------------------------------------------------------------------- venvs
@@ -342,6 +360,12 @@ async def sql_name(servers: Servers, template: str, name: str) -> None:
 
 
 CREATE_DB = "SELECT format('CREATE DATABASE %I', $1::text)"
+# A copy of the filled history: file_copy, not WAL_LOG, so the copy writes no WAL.
+COPY_DB = "SELECT format('CREATE DATABASE %I TEMPLATE %I STRATEGY file_copy', $1::text, $2::text)"
+CREATE_SCHEMA = "SELECT format('CREATE SCHEMA %I', $1::text)"
+FILLED = "@filled"  # a runtime row's suffix: run it on a copy of the filled template
+FILLED_DB = "cmp_filled_template"
+FILLED_SCHEMA = "cmp_filled"  # the runtime peer's schema when given --prefix cmp-filled
 DROP_DB = "SELECT format('DROP DATABASE IF EXISTS %I WITH (FORCE)', $1::text)"
 BACKENDS = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
 
@@ -352,7 +376,10 @@ async def run_system(
     database = f"cmp_{system.key.replace('-', '_')}_{rnd}"
     servers.redis.flush()
     await sql_name(servers, DROP_DB, database)
-    await sql_name(servers, CREATE_DB, database)
+    if system.filled:
+        await servers.admin.execute(await servers.admin.fetchval(COPY_DB, database, FILLED_DB))
+    else:
+        await sql_name(servers, CREATE_DB, database)
     await servers.admin.execute("CHECKPOINT")
     cmd = [str(venv_python(system.venv)), str(PEERS_DIR / system.script), *system.args]
     cmd += ["--redis-url", servers.redis.url, "--database-url", servers.url(database)]
@@ -517,6 +544,13 @@ def ratios(systems: list[System], med: dict[str, dict[str, float]]) -> list[str]
         ]
         if "loop" in med:
             parts.append(f"p50 {mine['p50_ms'] / med['loop']['p50_ms']:.2f}{TIMES} loop's")
+        plain = s.key.removesuffix(FILLED)
+        if s.filled and plain in med:
+            parts.append(
+                f"{mine['wf_per_s'] / med[plain]['wf_per_s']:.2f}{TIMES} wf/s and "
+                f"{mine['p50_ms'] / med[plain]['p50_ms']:.2f}{TIMES} p50 of {plain} "
+                "(empty tables)"
+            )
         if parts:
             lines.append(f"- {s.key} throughput: " + ", ".join(parts))
     return lines
@@ -566,9 +600,11 @@ async def bench(opts: argparse.Namespace, systems: list[System]) -> None:
         admin = await asyncpg.connect(pg.url)
         try:
             servers = Servers(pg, redis_server, admin)
+            if any(s.filled for s in systems):
+                await fill_template(servers, opts.fill)
             vers = versions({s.venv for s in systems})
             names = {k: v for found in vers.values() for k, v in found.items()}
-            labels = {s.key: s.label.format(**names) for s in systems}
+            labels = {s.key: s.label.format(**names, filled=f"{opts.fill:,}") for s in systems}
             for rnd in range(opts.reps):
                 shift = rnd % len(systems)
                 order = systems[shift:] + systems[:shift]
@@ -595,6 +631,28 @@ async def bench(opts: argparse.Namespace, systems: list[System]) -> None:
         finally:
             await admin.close()
     progress(f"done in {time.monotonic() - started:.0f} s")
+
+
+async def fill_template(servers: Servers, workflows: int) -> None:
+    """The template the ``@filled`` rows copy: the runtime's schema, migrated, holding
+    ``workflows`` finished workflows and their history (benchmarks/history.py)."""
+    from benchmarks import history  # the repository's, as the runtime peer's root is
+    from orchestrator.store.migrations import migrate
+
+    started = time.monotonic()
+    progress(f"filling a template with {workflows:,} finished workflows ...")
+    await sql_name(servers, DROP_DB, FILLED_DB)
+    await sql_name(servers, CREATE_DB, FILLED_DB)
+    owner = await asyncpg.connect(
+        servers.url(FILLED_DB), server_settings={"search_path": f"{FILLED_SCHEMA},public"}
+    )
+    try:
+        await owner.execute(await owner.fetchval(CREATE_SCHEMA, FILLED_SCHEMA))
+        await migrate(owner)
+        await history.fill(owner, workflows, log=None)
+    finally:
+        await owner.close()
+    progress(f"  filled in {time.monotonic() - started:.0f} s")
 
 
 def summary(run: dict[str, Any]) -> str:
@@ -653,6 +711,12 @@ def main() -> None:
     parser.add_argument("--timeout", type=float, default=600, help="s for one phase")
     parser.add_argument("--keep-noisy", action="store_true", help="medians over every run")
     parser.add_argument("--json", help="write every run and the medians here")
+    parser.add_argument(
+        "--fill",
+        type=int,
+        default=1_000_000,
+        help="finished workflows in the tables of the runtime's @filled rows",
+    )
     opts = parser.parse_args()
     opts.runtime_root = opts.runtime_root.resolve()
     processes = [int(n) for n in opts.processes.split(",")] if opts.processes else None
