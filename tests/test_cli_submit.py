@@ -82,14 +82,16 @@ def test_wait_exit_codes_and_embedded_input(embedded: dict[str, str]) -> None:
     assert "What is the order number?" in asked.stdout
     assert f"orchestrator input {wid}" in asked.stdout.replace("\n", " ").replace("│", "")
 
-    status = run_cli(*APP, "status", wid[:8], "--json", env=embedded)
+    # Ids are time-ordered: ids made seconds apart share their first ten digits or so.
+    prefix = wid[:23]
+    status = run_cli(*APP, "status", prefix, "--json", env=embedded)
     assert status.returncode == 0, status.stderr
     data = json.loads(status.stdout)
     assert data["status"] == "waiting"
     assert data["steps"][0]["question"] == "What is the order number?"
 
     # Embedded: nobody else could run it, so `input` runs it here, to the end.
-    answered = run_cli(*APP, "input", wid[:8], "ORD-42", env=embedded)
+    answered = run_cli(*APP, "input", prefix, "ORD-42", env=embedded)
     assert answered.returncode == 0, answered.stderr
     after = json.loads(run_cli(*APP, "status", wid, "--json", env=embedded).stdout)
     assert after["status"] == "completed"

@@ -772,3 +772,10 @@ async def test_heartbeat_returns_only_steps_still_at_the_given_attempt(
     assert (await step_row(rt, kept.step_id))["updated_at"] > old
     assert await store.heartbeat([]) == set()
     assert await store.heartbeat([(moved.step_id, 2)]) == {moved.step_id}
+
+
+async def test_workflows_and_steps_get_time_ordered_ids(rt: Runtime, store: Store) -> None:
+    env = await start(store)
+    done = await finish(store, env, ["b"])
+    assert env.workflow_id.version == env.step_id.version == 7
+    assert [e.step_id.version for e in done.next] == [7]

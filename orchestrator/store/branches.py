@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from orchestrator.errors import AgentError, WorkflowNotFound
 from orchestrator.schemas import EventType, TaskEnvelope, WorkflowStatus
-from orchestrator.store import Conn, envelopes, recovery
+from orchestrator.store import Conn, envelopes, ids, recovery
 from orchestrator.store import events as audit
 
 # NO KEY UPDATE, not UPDATE: the step's own transaction already holds KEY SHARE on this
@@ -126,7 +126,7 @@ async def settle(
     for agent in next_agents:
         if agent in joins:
             if wf.join_step is None:
-                wf.join_step, wf.join_agent = uuid4(), agent
+                wf.join_step, wf.join_agent = ids.time_ordered(), agent
                 rows.append((wf.join_step, wf.next_seq, agent, "pending"))
                 wf.next_seq += 1
             elif wf.join_agent != agent:
@@ -138,7 +138,7 @@ async def settle(
             continue
         step = envelopes.next_step(
             envelope,
-            step_id=uuid4(),
+            step_id=ids.time_ordered(),
             seq=wf.next_seq,
             agent=agent,
             state=state,
@@ -191,7 +191,7 @@ async def fail_branch(
     wf.state["branch_errors"] = errors
     wf.open_steps -= 1
     if wf.open_steps == 0 and wf.join_step is None:
-        wf.join_step, wf.join_agent = uuid4(), join
+        wf.join_step, wf.join_agent = ids.time_ordered(), join
         await conn.execute(
             INSERT_STEPS,
             envelope.workflow_id,

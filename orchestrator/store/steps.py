@@ -14,11 +14,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
-from uuid import uuid4
 
 from orchestrator.errors import FenceRejected, Parked
 from orchestrator.schemas import EventType, StepStatus, TaskEnvelope, WorkflowStatus
-from orchestrator.store import Conn, branches, dead_letters, envelopes, recovery, tool_runs, waits
+from orchestrator.store import (
+    Conn,
+    branches,
+    dead_letters,
+    envelopes,
+    ids,
+    recovery,
+    tool_runs,
+    waits,
+)
 from orchestrator.store import events as audit
 from orchestrator.store.tool_runs import ToolRun
 
@@ -290,7 +298,7 @@ def _next_envelopes(envelope: TaskEnvelope, outcome: Outcome, next_seq: int) -> 
     return [
         envelopes.next_step(
             envelope,
-            step_id=uuid4(),
+            step_id=ids.time_ordered(),
             seq=next_seq + i,
             agent=agent,
             state=outcome.state,

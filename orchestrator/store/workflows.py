@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 import asyncpg
 
@@ -18,7 +18,7 @@ from orchestrator.schemas import (
     WorkflowRecord,
     WorkflowStatus,
 )
-from orchestrator.store import Conn
+from orchestrator.store import Conn, ids
 
 # The whole submission as ONE statement: session, workflow, first message,
 # first step and event, or nothing when the session belongs to another tenant.
@@ -125,7 +125,7 @@ async def create(conn: Conn, sub: Submission) -> Created:
     A workflow whose session already has one under way is recorded as ``queued``:
     it starts (in order) when the earlier one finishes.
     """
-    workflow_id, step_id = uuid4(), uuid4()
+    workflow_id, step_id = ids.time_ordered(), ids.time_ordered()
     envelope_id = workflow_id
     session_id = sub.session or f"session-{workflow_id}"
     status = await _insert(
