@@ -1,9 +1,11 @@
 """The step protocol for one stream entry: lease, open check, run, fenced outcome, handoff.
 
 Per step on the happy path: one Redis round trip to take the step's lease (a
-lock), one Postgres read to check the step is open, the agent run, ONE
-Postgres statement that completes the step fenced on its attempt, and one
-Redis round trip for the handoff (XADD next, XACK, PUBLISH, unlock).
+lock) and, side by side with it, one Postgres read to check the step is open;
+the agent run; ONE Postgres statement that completes the step fenced on its
+attempt; and one Redis round trip for the handoff (XADD next, XACK, PUBLISH,
+unlock). Concurrent steps share those round trips (``Runtime.pipelined`` and the
+store's group commit, ``orchestrator.batching``).
 
 Every execution has its own fence. A first delivery runs under the attempt
 recorded at enqueue; a takeover (a redelivered entry, or a lock taken from a
