@@ -194,3 +194,10 @@ class ToolNotApplied(ToolError):
 
     def __init__(self, message: str, *, tool: str = "", retry_after: float | None = None) -> None:
         super().__init__(message, tool=tool, retry_after=retry_after)
+
+
+def first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first exception inside a (nested) task group's exception group: what a
+    caller awaiting the work in turn would have seen."""
+    first = group.exceptions[0]
+    return first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

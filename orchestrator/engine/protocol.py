@@ -45,6 +45,7 @@ from orchestrator.errors import (
     ServiceUnavailable,
     StepError,
     StepLimitReached,
+    first_leaf,
 )
 from orchestrator.metrics import StepOutcome
 from orchestrator.runtime import Runtime
@@ -213,7 +214,7 @@ class StepRunner:
                 with redis_errors():
                     won = await lock.take_over(self._is_dead)
         except BaseExceptionGroup as group:
-            raise _first_leaf(group) from None  # the outage itself, as if awaited in turn
+            raise first_leaf(group) from None  # the outage itself, as if awaited in turn
         return won, read[0]
 
     async def _claim(
@@ -650,8 +651,3 @@ def _replay_events(ctx: StepContext) -> tuple[tuple[str, dict[str, Any]], ...]:
 
 async def _nothing() -> None:
     return None
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

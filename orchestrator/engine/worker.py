@@ -37,7 +37,7 @@ from orchestrator.engine import timers
 from orchestrator.engine.consolidator import Consolidator
 from orchestrator.engine.protocol import StepRunner
 from orchestrator.engine.reconciler import Reconciler
-from orchestrator.errors import ConfigurationError, OrchestratorError
+from orchestrator.errors import ConfigurationError, OrchestratorError, first_leaf
 from orchestrator.runtime import Runtime
 
 log = logging.getLogger("orchestrator.worker")
@@ -90,7 +90,7 @@ class Worker:
         try:
             await self._run()
         except BaseExceptionGroup as group:
-            first = _first_leaf(group)
+            first = first_leaf(group)
             if isinstance(first, BaseException) and not isinstance(first, Exception):
                 raise first from None  # cancellation, KeyboardInterrupt: not a defect
             raise OrchestratorError(
@@ -131,7 +131,7 @@ class Worker:
                         busy = await self._busy(deadline - anyio.current_time())
                 self.stop()
         except BaseExceptionGroup as group:
-            raise _first_leaf(group) from None
+            raise first_leaf(group) from None
         if busy:
             raise TimeoutError(
                 f"worker {self.consumer} not idle after {timeout:g}s: {'; '.join(busy)}"
@@ -444,8 +444,3 @@ class Worker:
         for r in long:
             if r.envelope.step_id not in current:
                 self.runner.supersede(r)
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
