@@ -2,7 +2,7 @@
 
 The durable schedule is ``steps.not_before`` in Postgres; if this set is lost,
 the reconciler re-enqueues the step once its time has come. Retries are added
-to the set in the failed step's handoff round trip (``streams.hand_off``).
+to the set in the failed step's handoff round trip (``streams.hand_off_in``).
 """
 
 from __future__ import annotations

@@ -291,13 +291,6 @@ class Handoff:
     extras: Sequence[Callable[[Any], None]] = ()
 
 
-async def hand_off(client: aioredis.Redis, keys: Keys, h: Handoff) -> None:
-    """Send ``h`` in one pipelined round trip (see ``hand_off_in``)."""
-    pipe = client.pipeline(transaction=False)
-    hand_off_in(pipe, keys, h)
-    await pipe.execute()
-
-
 def hand_off_in(pipe: Any, keys: Keys, h: Handoff) -> None:
     """Queue ``h`` on ``pipe``: next envelopes, the delayed retry, the dead letter, the
     ack, the signal, the lock release. Not a transaction: Postgres holds the truth."""
