@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 import anyio
 import pytest
 
+from orchestrator.cli.worker import serve
 from orchestrator.client import Client
 from orchestrator.coordination import delayed, streams
 from orchestrator.engine.reconciler import Reconciler
@@ -219,6 +220,20 @@ async def test_worker_stops_after_running_steps_finish(rt: Runtime, probe: Probe
             await anyio.sleep(0.2)
             probe.gate.set()
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+
+async def test_a_stop_while_the_runtime_opens_still_stops_the_worker(
+    rt: Runtime, probe: Probe, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A SIGTERM right after start lands before the Worker exists: it must still stop it."""
+    stop = anyio.Event()
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(serve, rt.settings, rt.app, stop)
+            await anyio.sleep(0)  # serve is now inside open_runtime, waiting on a connection
+            stop.set()
+    # The worker was made after the stop (it printed its banner) and stopped anyway.
+    assert "worker " in capsys.readouterr().err
 
 
 async def test_reconciler_leaves_a_live_backlog_alone(rt: Runtime, probe: Probe) -> None:
