@@ -10,6 +10,7 @@ import pytest
 from orchestrator.cli.worker import serve
 from orchestrator.client import Client
 from orchestrator.coordination import delayed, streams
+from orchestrator.coordination.locks import Lock
 from orchestrator.engine.reconciler import Reconciler
 from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
@@ -55,6 +56,32 @@ async def test_retry_is_scheduled_durably_with_backoff(rt: Runtime, probe: Probe
     assert await rt.redis.zcard(rt.keys.delayed()) == 1
     await _one(rt, worker, "flaky")
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+
+async def test_a_newer_attempt_takes_the_lease_from_a_stale_holder(
+    rt: Runtime, probe: Probe
+) -> None:
+    """Redis lost a running step's lease; the reconciler moved its fence (attempt 2) and
+    enqueued it; then attempt 1, alive on another worker, re-took the lease on its
+    heartbeat. The delivery of attempt 2 runs at once, not after a takeover (attempt 3)."""
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit("flaky", TICKET)
+    [row] = await fetch(rt, "SELECT id FROM steps WHERE workflow_id = $1", wid)
+    newer = await rt.store.requeue(row["id"], reason="stalled", seen_attempt=1)
+    assert newer is not None and newer.attempt == 2
+    await streams.enqueue(rt.redis, rt.keys, newer)
+    stale = Lock(rt.redis, rt.keys.step_lock(wid, 0), 60_000, owner="elsewhere", fence=1)
+    assert await stale.acquire()
+    await rt.redis.set(rt.keys.worker_alive("elsewhere"), "1", ex=60)
+
+    await _one(rt, worker, "flaky")  # attempt 1's own entry: the live holder keeps it
+    assert probe.calls["lookup"] == 0 and await stale.extend()
+    await _one(rt, worker, "flaky")  # attempt 2: the stale holder cannot land anything
+    assert probe.calls["lookup"] == 1
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+    [done] = await fetch(rt, "SELECT attempt FROM steps WHERE workflow_id = $1", wid)
+    assert done["attempt"] == 2
+    assert not await stale.extend()  # its next heartbeat finds the lease gone: superseded
 
 
 async def test_out_of_attempts_dead_letters_then_retry_resumes(rt: Runtime, probe: Probe) -> None:

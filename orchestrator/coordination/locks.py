@@ -5,6 +5,12 @@ finds a step's lock held by a dead worker (its liveness key lapsed) can take
 it over at once instead of waiting out the lease. The lock makes double work
 rare; it is not what makes it harmless (that is the attempt fence in
 Postgres), so losing Redis never breaks correctness.
+
+A step's lock also names the attempt (fence) its holder runs under. After Redis
+lost a lease, a stale execution (one whose attempt was since fenced out, say by a
+reconciler requeue) re-takes its lock on its next heartbeat; a delivery of a newer
+attempt takes the lock from it instead of waiting behind it, since nothing the
+stale one does can land.
 """
 
 from __future__ import annotations
@@ -62,6 +68,14 @@ def owner_of(token: bytes | str) -> str:
     return text.rpartition("|")[0]
 
 
+def fence_of(token: bytes | str) -> int | None:
+    """The attempt a step lock's token names (``owner|attempt.random``); None for a lock
+    that names none (a leader's, a reconciler's requeue)."""
+    text = token.decode(errors="replace") if isinstance(token, bytes) else token
+    attempt, dot, _ = text.rpartition("|")[2].partition(".")
+    return int(attempt) if dot and attempt.isdigit() else None
+
+
 class Lock:
     """A lock on the key ``name`` that expires after ``ttl_ms`` unless extended; its token
     names ``owner``, so others can tell whether its holder is dead."""
@@ -73,13 +87,16 @@ class Lock:
         ttl_ms: int,
         owner: str = "",
         via: Callable[[Callable[[Any], None]], Awaitable[list[Any]]] | None = None,
+        fence: int | None = None,
     ) -> None:
         self.client = client
         # Where the first SET NX goes: a shared pipeline (coordination.pipelining), or alone.
         self.via = via
         self.name = name
         self.ttl_ms = ttl_ms
-        self.token = f"{owner}|{secrets.token_hex(12)}"
+        self.owner = owner
+        self.fence = fence  # the attempt the holder runs under (a step's lock), else None
+        self.token = _token(owner, fence)
         self.stolen = False  # taken from a dead holder: whatever it ran must be fenced out
 
     async def acquire(self) -> bool:
@@ -102,6 +119,11 @@ class Lock:
             return await self.acquire()
         if held == self.token.encode():
             return True  # ours already (a retry after an outage)
+        theirs = fence_of(held)
+        if self.fence is not None and theirs is not None and theirs < self.fence:
+            # Held under an attempt already fenced out (re-taken after Redis lost it):
+            # this newer attempt is the step's, with no fence to move.
+            return bool(await self.client.eval(SWAP, 1, self.name, held, self.token, self.ttl_ms))
         owner = owner_of(held)
         if not owner or not await is_dead(owner):
             return False
@@ -109,6 +131,14 @@ class Lock:
             await self.client.eval(SWAP, 1, self.name, held, self.token, self.ttl_ms)
         )
         return self.stolen
+
+    async def refence(self, fence: int) -> None:
+        """Name the attempt this holder runs under now (its takeover moved the fence), so a
+        delivery of that attempt does not take the lock from it as from a stale holder. If
+        the lock is not held now, the next heartbeat re-takes it under the new token."""
+        old, self.fence = self.token, fence
+        self.token = _token(self.owner, fence)
+        await self.client.eval(SWAP, 1, self.name, old, self.token, self.ttl_ms)
 
     async def extend(self) -> bool:
         """Reset the TTL to ``ttl_ms`` if this token still holds the lock; False if lost."""
@@ -138,3 +168,8 @@ class Lock:
         otherwise answer NOSCRIPT inside the pipeline.
         """
         pipe.eval(RELEASE, 1, self.name, self.token)
+
+
+def _token(owner: str, fence: int | None) -> str:
+    tail = secrets.token_hex(12)
+    return f"{owner}|{tail}" if fence is None else f"{owner}|{fence}.{tail}"

@@ -115,6 +115,7 @@ class StepRunner:
             int(rt.settings.lease_seconds * 1000),
             owner=self.consumer,
             via=rt.pipelined,
+            fence=envelope.attempt,
         )
         attempt = _Attempt(envelope, takeover)
         bound = logs.bind_step(envelope)  # every line logged from here names the step
@@ -247,6 +248,8 @@ class StepRunner:
                 # This execution's fence from now on, retries after an outage included.
                 attempt.envelope, attempt.takeover, lock.stolen = taken, False, False
                 envelope = taken
+                with redis_errors():
+                    await lock.refence(taken.attempt)
             # A lock taken from a dead holder moved the fence: what was read is stale.
             opened = read if read is not None and not takeover else await rt.store.open(envelope)
             if not opened.runnable:
