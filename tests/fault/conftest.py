@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,8 @@ from tests.fault.toolserver import run_toolserver
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     from tests.fault.harness import ROWS
 
+    for kept in KEPT:
+        terminalreporter.write_line(f"fault suite: worker logs of a failed module kept in {kept}")
     if not ROWS:
         return
     head = (
@@ -57,12 +60,23 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
 
 
+KEPT: list[str] = []  # log directories of modules with a failure, named in the summary
+
+
 @pytest.fixture(scope="module")
-def servers() -> Iterator[dict[str, Any]]:
-    with (
-        tempfile.TemporaryDirectory(prefix="orch-fault-") as tmp,
-        RedisServer() as redis,
-        PostgresServer() as pg,
-        run_toolserver(Path(tmp)) as tool_url,
-    ):
-        yield {"redis": redis, "pg": pg, "tool_url": tool_url, "logs": Path(tmp)}
+def servers(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    failed_before = request.session.testsfailed
+    tmp = tempfile.mkdtemp(prefix="orch-fault-")
+    try:
+        with (
+            RedisServer() as redis,
+            PostgresServer() as pg,
+            run_toolserver(Path(tmp)) as tool_url,
+        ):
+            yield {"redis": redis, "pg": pg, "tool_url": tool_url, "logs": Path(tmp)}
+    finally:
+        # The worker logs of a module where a scenario failed stay, for the post-mortem.
+        if request.session.testsfailed > failed_before:
+            KEPT.append(tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)

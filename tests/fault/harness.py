@@ -328,6 +328,15 @@ MEASURE_EXCESS = """
 SELECT coalesce(max(greatest(attempt - 1 - failures, 0)), 0)
 FROM steps WHERE workflow_id = ANY($1::uuid[])
 """
+# The steps behind an excess (at most 3), with their events: what took or requeued them.
+EXCESS_HISTORY = """
+SELECT s.workflow_id, s.seq, s.agent, s.status, s.attempt, s.failures,
+       (SELECT string_agg(e.type || ' ' || e.data::text || ' @' || e.created_at::time::text,
+                          E'\\n    ' ORDER BY e.id)
+        FROM events e WHERE e.step_id = s.id) AS history
+FROM steps s WHERE s.workflow_id = ANY($1::uuid[]) AND s.attempt - 1 - s.failures > 0
+ORDER BY s.attempt - s.failures DESC, s.workflow_id LIMIT 3
+"""
 # As MEASURE_EXCESS, for steps that park (sleep, wait for a signal): each park is
 # followed by one wake-up (timer, signal, or a signal already there), which raises the
 # fence once without any fault; a park is an attempt row with outcome 'waiting'.
@@ -353,6 +362,7 @@ async def _measure(
                 twice = await conn.fetchval(MEASURE_STEPS)
                 keys = await conn.fetch(MEASURE_EFFECT_KEYS, ids)
                 excess = await conn.fetchval(excess_query, ids)
+                history = await conn.fetch(EXCESS_HISTORY, ids) if excess else []
             break
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             await anyio.sleep(0.2)
@@ -367,6 +377,11 @@ async def _measure(
         "duplicate_effects": sum(max(0, n - 1) for n in ours.values()),
         "steps_completed_twice": twice,
         "excess_attempts": excess,
+        "excess_history": "\n".join(
+            f"  workflow {r['workflow_id']} step {r['seq']} ({r['agent']}, {r['status']}): "
+            f"attempt {r['attempt']}, failures {r['failures']}\n    {r['history']}"
+            for r in history
+        ),
         "recorded_keys_without_effect": [
             k["idempotency_key"] for k in keys if ours.get(k["idempotency_key"], 0) != 1
         ],
@@ -409,7 +424,7 @@ async def scenario(servers: dict[str, Any], name: str, **kwargs: Any) -> dict[st
     )
     assert row.excess_attempts <= row.faults, (
         f"{name}: a step ran {row.excess_attempts} attempt(s) beyond its failures with only "
-        f"{row.faults} fault(s) injected"
+        f"{row.faults} fault(s) injected:\n{facts['excess_history']}"
     )
     assert facts["steps_completed_twice"] == 0
     assert row.duplicate_effects == 0

@@ -112,15 +112,6 @@ def _stop_started_workers(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Fleet, "stop", stop_when_started)
 
 
-EXCESS_REPORT = """
-SELECT s.workflow_id, s.seq, s.agent, s.status, s.attempt, s.failures,
-       (SELECT string_agg(e.type || ' ' || e.data::text || ' @' || e.created_at::time::text,
-                          E'\\n    ' ORDER BY e.id)
-        FROM events e WHERE e.step_id = s.id) AS history
-FROM steps s WHERE s.attempt - 1 - s.failures > 0
-ORDER BY s.attempt - s.failures DESC, s.workflow_id LIMIT 3
-"""
-
 Run = Callable[..., Awaitable[dict[str, Any]]]
 
 
@@ -131,22 +122,14 @@ def run(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Run:
     """``scenario(servers, name, ...)``, with the run's settings in the result. When an
-    invariant fails, the worker logs are kept (the module's log dir is temporary) and
-    the steps that ran more attempts than their failures are shown with their events."""
+    invariant fails, the worker logs are kept (the module's log dir is temporary)."""
 
     async def run_scenario_(name: str, **kwargs: Any) -> dict[str, Any]:
         try:
             result = await scenario(servers, name, **kwargs)
         except AssertionError as exc:
             kept = _keep_logs(servers, name, tmp_path_factory)
-            async with _db(settings_of[-1]) as conn:
-                rows = await conn.fetch(EXCESS_REPORT)
-            report = "\n".join(
-                f"  workflow {r['workflow_id']} step {r['seq']} ({r['agent']}, {r['status']}): "
-                f"attempt {r['attempt']}, failures {r['failures']}\n    {r['history']}"
-                for r in rows
-            )
-            raise AssertionError(f"{exc}\nworker logs kept in {kept}\n{report}") from exc
+            raise AssertionError(f"{exc}\nworker logs kept in {kept}") from exc
         return {**result, "settings": settings_of[-1]}
 
     return run_scenario_
