@@ -84,6 +84,23 @@ async def test_a_newer_attempt_takes_the_lease_from_a_stale_holder(
     assert not await stale.extend()  # its next heartbeat finds the lease gone: superseded
 
 
+async def test_a_retry_is_stalled_only_a_stall_time_after_it_falls_due(
+    rt: Runtime, probe: Probe
+) -> None:
+    """A backoff longer than the stall time must not make a retry look stalled the moment
+    it is due (the reconciler would requeue it under a new attempt, beside its own entry)."""
+    await Client(rt).submit("flaky", TICKET)
+    await fetch(
+        rt,
+        "UPDATE steps SET updated_at = now() - interval '10 s',"
+        " not_before = now() - interval '0.1 s'",
+    )
+    assert await rt.store.stalled(older_than=1.0) == []
+    await fetch(rt, "UPDATE steps SET not_before = now() - interval '2 s'")
+    [step] = await rt.store.stalled(older_than=1.0)
+    assert 1.9 < step.idle_seconds < 5
+
+
 async def test_out_of_attempts_dead_letters_then_retry_resumes(rt: Runtime, probe: Probe) -> None:
     probe.failures_left = rt.settings.max_attempts
     client, worker = Client(rt), Worker(rt, concurrency=1)

@@ -23,13 +23,15 @@ from orchestrator.store import events as audit
 # Driven by steps_stalled (oldest queued first), each step's workflow read by key: a join
 # from workflows read every running workflow per pass (benchmarks/explain.py: 941 ->
 # 10,620 buffers with 2,000 running; 157 this way).
+# A retry counts as enqueued when it falls due (not_before), not when it was scheduled:
+# one whose backoff outlasts the stall time is not stalled the moment it is due.
 SELECT_STALLED = """
 SELECT s.id, s.agent, s.attempt, s.workflow_id, s.seq,
-       (extract(epoch FROM s.updated_at) * 1000)::bigint AS updated_ms,
-       extract(epoch FROM now() - s.updated_at)::float8 AS idle_seconds
+       (extract(epoch FROM greatest(s.updated_at, s.not_before)) * 1000)::bigint AS updated_ms,
+       extract(epoch FROM now() - greatest(s.updated_at, s.not_before))::float8 AS idle_seconds
 FROM steps s
 WHERE s.status = 'queued' AND s.updated_at < now() - make_interval(secs => $1)
-  AND (s.not_before IS NULL OR s.not_before <= now())
+  AND (s.not_before IS NULL OR s.not_before < now() - make_interval(secs => $1))
   AND (SELECT w.status FROM workflows w WHERE w.id = s.workflow_id) = 'running'
 ORDER BY s.updated_at
 LIMIT $2
@@ -105,7 +107,8 @@ class Stalled:
 
     step_id: UUID
     agent: str
-    updated_ms: int  # when the step was last enqueued or heartbeated (Postgres clock)
+    # When the step was last enqueued (a retry: when it fell due) or heartbeated (Postgres clock).
+    updated_ms: int
     attempt: int
     workflow_id: UUID
     seq: int
@@ -115,8 +118,8 @@ class Stalled:
 
 
 async def stalled(conn: Conn, *, older_than: float, limit: int = 500) -> list[Stalled]:
-    """Up to ``limit`` open, due steps of running workflows not enqueued or heartbeated for
-    ``older_than`` seconds, oldest first."""
+    """Up to ``limit`` open steps of running workflows not enqueued (a retry: due) or
+    heartbeated for ``older_than`` seconds, oldest first."""
     rows = await conn.fetch(SELECT_STALLED, older_than, limit)
     return [
         Stalled(
