@@ -281,7 +281,8 @@ async def test_a_stop_while_the_runtime_opens_still_stops_the_worker(
 
 
 async def test_reconciler_leaves_a_live_backlog_alone(rt: Runtime, probe: Probe) -> None:
-    """Steps whose envelopes still wait, undelivered, in their stream are not duplicated."""
+    """Steps whose envelopes still wait in their stream, undelivered or pending, are not
+    duplicated."""
     client = Client(rt)
     await streams.ensure_group(rt.redis, rt.keys, "gated")
     ids = [await client.submit("gated", TICKET) for _ in range(3)]
@@ -291,11 +292,16 @@ async def test_reconciler_leaves_a_live_backlog_alone(rt: Runtime, probe: Probe)
     attempts = await fetch(rt, "SELECT attempt FROM steps WHERE workflow_id = ANY($1::uuid[])", ids)
     assert {a["attempt"] for a in attempts} == {1}
 
-    # Once the backlog has been delivered and nobody finished the steps, they are re-enqueued.
+    # Delivered to a worker that then dies: its pending entries are taken over by a worker
+    # (one recovery, one new attempt), not also re-enqueued.
     worker = Worker(rt, concurrency=3)
     taken = await streams.read(rt.redis, rt.keys, "gated", worker.consumer, count=3, block_ms=1000)
-    assert len(taken) == 3  # delivered to a worker that then dies
+    assert len(taken) == 3
     await anyio.sleep(rt.settings.stall_after + 0.05)
+    assert (await Reconciler(rt).pass_once()).requeued == 0
+
+    # Once Redis has lost those entries, nobody has the steps: they are re-enqueued.
+    await rt.redis.xdel(rt.keys.stream("gated"), *[e.id for e in taken])
     assert (await Reconciler(rt).pass_once()).requeued == 3
 
 

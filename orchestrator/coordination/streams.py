@@ -6,6 +6,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from uuid import UUID
 
 import redis.asyncio as aioredis
 from pydantic import ValidationError
@@ -23,6 +24,7 @@ FIELD = b"e"
 STREAM_MAXLEN = 100_000
 DEAD_LETTER_MAXLEN = 10_000  # the durable dead letters are rows in Postgres
 LAG_SCAN = 100_000  # Redis 6.2 reports no group lag: count undelivered entries up to this
+PENDING_SCAN = 10_000  # pending entries the reconciler reads (in-flight steps: few)
 # KEYS[1] stream; ARGV[1] the group's last delivered id, ARGV[2] the most to count.
 # Returns how many entries follow that id (counted in Redis: no entry crosses the wire).
 COUNT_AFTER = """
@@ -196,6 +198,32 @@ async def undelivered_since(client: aioredis.Redis, keys: Keys, agent: str) -> i
     if delivered is None or delivered == stream["last-generated-id"]:
         return None
     return int(delivered.split(b"-")[0])
+
+
+async def pending_steps(
+    client: aioredis.Redis, keys: Keys, agent: str, *, limit: int = PENDING_SCAN
+) -> set[UUID]:
+    """The steps with an entry pending (delivered, not acknowledged) in the agent's group,
+    up to ``limit`` entries: each is run, or taken over from a dead or silent holder, by
+    a worker. An entry Redis no longer has, or that holds no envelope, names no step."""
+    stream = keys.stream(agent)
+    try:
+        rows: Any = await client.xpending_range(stream, keys.group(agent), "-", "+", limit)
+    except ResponseError:
+        return set()  # no stream or group: nothing pending
+    if not rows:
+        return set()
+    pipe = client.pipeline(transaction=False)
+    for row in rows:
+        pipe.xrange(stream, row["message_id"], row["message_id"])
+    steps: set[UUID] = set()
+    for found in await pipe.execute():
+        for entry_id, fields in found:
+            try:
+                steps.add(decode(Entry(entry_id, fields)).step_id)
+            except InvalidInput:
+                continue  # a poison entry: its reader dead-letters it
+    return steps
 
 
 async def lag(client: aioredis.Redis, stream: str, group: dict[Any, Any]) -> int:

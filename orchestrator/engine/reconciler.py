@@ -7,7 +7,9 @@ its own; the moment a renewal fails it stops working. Two leaders for a moment
 would only enqueue duplicates, which the attempt fence makes harmless.
 
 A step is re-enqueued only when Redis says nobody has it: no lease (lock) on
-it, and not possibly waiting in its stream's backlog. Postgres timestamps
+it, not possibly waiting in its stream's backlog, and no entry of it pending
+(delivered, unacknowledged: a worker runs it, or takes it over from a dead or
+silent holder, so a requeue would only recover it twice). Postgres timestamps
 (``stall_seconds`` without progress) are the fallback for when Redis lost
 everything. The leader takes the step's lock while it re-enqueues, so it
 never moves the fence under a run that just started. Any outage is waited
@@ -130,16 +132,17 @@ class Reconciler:
                 await streams.ensure_group(rt.redis, rt.keys, agent)
         stalled = await rt.store.stalled(older_than=rt.settings.stall_after)
         with redis_errors():
-            backlog = {
-                agent: await streams.undelivered_since(rt.redis, rt.keys, agent)
-                for agent in {s.agent for s in stalled}
-            }
+            agents = {s.agent for s in stalled}
+            backlog = {a: await streams.undelivered_since(rt.redis, rt.keys, a) for a in agents}
+            pending = {a: await streams.pending_steps(rt.redis, rt.keys, a) for a in agents}
         requeued = await self._start_stalled_sessions()
         await schedules.tick(rt)  # due cron ticks; idempotent, so two leaders are harmless
         # Completed workflows whose consolidation entry was lost (Redis, a crash before
         # the handoff): back on the queue; a duplicate is skipped (consolidated_at).
         await consolidator.requeue_unconsolidated(rt)
         for step in stalled:
+            if step.step_id in pending[step.agent]:
+                continue  # delivered: its holder's or a takeover's, not the reconciler's
             since = backlog.get(step.agent)
             if since is not None and step.updated_ms > since - BACKLOG_MARGIN_MS:
                 # Enqueued after (or about when) the last delivered entry was: its envelope
