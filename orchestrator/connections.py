@@ -17,6 +17,7 @@ from typing import Any
 
 import asyncpg
 import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from orchestrator.errors import OrchestratorError, ServiceUnavailable
@@ -43,6 +44,22 @@ PG_ANY: tuple[type[BaseException], ...] = (*PG_DOWN, asyncpg.PostgresError)
 REDIS_DOWN: tuple[type[BaseException], ...] = (RedisError, OSError, TimeoutError)
 # What a background loop waits out: any infrastructure failure, translated or raw.
 OUTAGE: tuple[type[BaseException], ...] = (ServiceUnavailable, *REDIS_DOWN, *PG_DOWN)
+
+
+def redis_broke(exc: BaseException) -> bool:
+    """Whether ``exc`` (raw, or as ``ServiceUnavailable``) is a broken Redis connection: a
+    restart or a refusal, not a timeout (a black hole) and not a Postgres failure."""
+    cause = exc.__cause__ if isinstance(exc, ServiceUnavailable) else exc
+    return isinstance(cause, RedisConnectionError)
+
+
+async def drop_idle_connections(client: aioredis.Redis) -> None:
+    """Close the pool's idle connections after ``redis_broke``. Once Redis restarted, every
+    pooled connection is dead alike; left in the pool, each would fail one more command
+    (a lease, a heartbeat, a liveness refresh) before reconnecting, while the steps
+    behind those commands back off and look silent. The next commands connect afresh."""
+    with contextlib.suppress(RedisError, OSError):
+        await client.connection_pool.disconnect(inuse_connections=False)
 
 
 async def connect_redis(

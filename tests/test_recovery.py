@@ -11,6 +11,7 @@ from orchestrator.cli.worker import serve
 from orchestrator.client import Client
 from orchestrator.coordination import delayed, streams
 from orchestrator.coordination.locks import Lock
+from orchestrator.engine.protocol import Held
 from orchestrator.engine.reconciler import Reconciler
 from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
@@ -99,6 +100,25 @@ async def test_a_retry_is_stalled_only_a_stall_time_after_it_falls_due(
     await fetch(rt, "UPDATE steps SET not_before = now() - interval '2 s'")
     [step] = await rt.store.stalled(older_than=1.0)
     assert 1.9 < step.idle_seconds < 5
+
+
+async def test_heartbeat_keeps_a_step_waiting_out_an_outage(rt: Runtime, probe: Probe) -> None:
+    """A step waiting out an outage keeps its lease (taken again if Redis lost it) and its
+    entry fresh, so no other worker takes it for silent once Redis is back."""
+    worker = Worker(rt, concurrency=1)
+    wid = await Client(rt).submit("flaky", TICKET)
+    await streams.ensure_group(rt.redis, rt.keys, "flaky")
+    [entry] = await streams.read(
+        rt.redis, rt.keys, "flaky", worker.consumer, count=1, block_ms=1000
+    )
+    lock = Lock(rt.redis, rt.keys.step_lock(wid, 0), 60_000, owner=worker.consumer, fence=1)
+    worker.runner.held[lock.name] = Held(lock, "flaky", entry.id)
+    await anyio.sleep(0.3)
+    await worker._heartbeat()
+    stream, group = rt.keys.stream("flaky"), rt.keys.group("flaky")
+    [pending] = await rt.redis.xpending_range(stream, group, "-", "+", 1)
+    assert pending["time_since_delivered"] < 250
+    assert await rt.redis.get(lock.name) == lock.token.encode()
 
 
 async def test_out_of_attempts_dead_letters_then_retry_resumes(rt: Runtime, probe: Probe) -> None:

@@ -33,7 +33,7 @@ from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel
 
 from orchestrator import logs, tracing
-from orchestrator.connections import redis_errors
+from orchestrator.connections import drop_idle_connections, redis_broke, redis_errors
 from orchestrator.coordination import consolidation, status, streams
 from orchestrator.coordination.locks import Lock
 from orchestrator.engine.retry import backoff
@@ -83,6 +83,15 @@ class _Running:
     committing: bool = False  # the outcome is being written: no longer cancellable
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A step waiting out an outage: its lease, and its entry (agent, id) to keep fresh."""
+
+    lock: Lock
+    agent: str
+    entry_id: bytes
+
+
 class StepRunner:
     """Runs single entries; the Worker feeds it from the streams."""
 
@@ -91,7 +100,7 @@ class StepRunner:
         self.consumer = consumer
         self.running: dict[tuple[UUID, int], _Running] = {}
         self.last: dict[str, TaskEnvelope] = {}  # the latest step taken per agent
-        self.held: dict[str, Lock] = {}  # leases of steps waiting out an outage
+        self.held: dict[str, Held] = {}  # steps waiting out an outage, by lock name
         self.stopping = anyio.Event()
         self.refresh_liveness: Callable[[], Awaitable[None]] = _nothing
 
@@ -138,6 +147,8 @@ class StepRunner:
                 await self._process(attempt, entry, lock)
                 break
             except INFRA_ERRORS as exc:
+                if redis_broke(exc):
+                    await drop_idle_connections(self.rt.redis)
                 log.warning(
                     "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
                     envelope.workflow_id,
@@ -146,10 +157,10 @@ class StepRunner:
                     exc,
                     delay,
                 )
-            # The lease stays held (heartbeats keep it) while the outage lasts, so the
-            # reconciler and other workers leave the step to this one; the retry runs
-            # under the same fence, as nobody else can have run it meanwhile.
-            self.held[lock.name] = lock
+            # The lease stays held and the entry fresh (heartbeats keep both) while the
+            # outage lasts, so the reconciler and other workers leave the step to this
+            # one; the retry runs under the same fence, as nobody else can have run it.
+            self.held[lock.name] = Held(lock, envelope.agent, entry.id)
             retry = True
             with anyio.move_on_after(delay):
                 await self.stopping.wait()

@@ -23,7 +23,13 @@ from dataclasses import dataclass
 
 import anyio
 
-from orchestrator.connections import OUTAGE, REDIS_DOWN, redis_errors
+from orchestrator.connections import (
+    OUTAGE,
+    REDIS_DOWN,
+    drop_idle_connections,
+    redis_broke,
+    redis_errors,
+)
 from orchestrator.coordination import status, streams
 from orchestrator.coordination.locks import Lock
 from orchestrator.engine import consolidator, schedules
@@ -71,11 +77,13 @@ class Reconciler:
                 if await lock.acquire():
                     await self._lead(lock, stop)
             except OUTAGE as exc:
-                self._outage(exc)
+                await self._outage(exc)
             with anyio.move_on_after(self.interval):
                 await stop.wait()
 
-    def _outage(self, exc: BaseException) -> None:
+    async def _outage(self, exc: BaseException) -> None:
+        if redis_broke(exc):
+            await drop_idle_connections(self.rt.redis)
         if not self._failing:
             log.warning("reconciler: %s; retrying until it is back", exc)
         self._failing = True
@@ -94,7 +102,7 @@ class Reconciler:
                             log.warning("reconciler: back to normal")
                         self._failing = False
                     except OUTAGE as exc:
-                        self._outage(exc)
+                        await self._outage(exc)
                     with anyio.move_on_after(self.interval):
                         await stop.wait()
                 tg.cancel_scope.cancel()

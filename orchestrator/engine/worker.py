@@ -31,7 +31,7 @@ import anyio
 import anyio.abc
 from redis.exceptions import ResponseError
 
-from orchestrator.connections import OUTAGE, REDIS_DOWN
+from orchestrator.connections import OUTAGE, REDIS_DOWN, drop_idle_connections, redis_broke
 from orchestrator.coordination import consolidation, delayed, status, streams
 from orchestrator.engine import timers
 from orchestrator.engine.consolidator import Consolidator
@@ -241,6 +241,8 @@ class Worker:
                     log.warning("%s: back to normal", what)
                 failing = False
             except OUTAGE as exc:
+                if redis_broke(exc):
+                    await drop_idle_connections(self.rt.redis)
                 if not failing:
                     log.warning("%s: %s; retrying until it is back", what, exc)
                 failing = True
@@ -285,6 +287,8 @@ class Worker:
                 entries, takeover = await self._next(agent, 1 + slots.value, due)
             except OUTAGE as exc:
                 slots.release()
+                if redis_broke(exc):
+                    await drop_idle_connections(self.rt.redis)
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     # Redis lost the stream (restart, FLUSHALL): recreate it and go on.
                     await self._until_up(f"recreating the {agent} stream", self._start)
@@ -414,7 +418,8 @@ class Worker:
         )
 
     async def _heartbeat(self) -> None:
-        """Keep running steps alive, in one Redis round trip and (for long ones) one statement.
+        """Keep running steps (and those waiting out an outage) alive, in one Redis round trip
+        and (for long ones) one statement.
 
         Each lock is extended (or taken again if Redis lost it) and each stream entry's
         idle time reset; a lock held by another execution means this run was taken
@@ -430,8 +435,9 @@ class Worker:
         for r in running:
             r.lock.keep_in(pipe)
             streams.touch_in(pipe, rt.keys, r.envelope.agent, self.consumer, r.entry.id)
-        for lock in held:
-            lock.keep_in(pipe)
+        for h in held:
+            h.lock.keep_in(pipe)
+            streams.touch_in(pipe, rt.keys, h.agent, self.consumer, h.entry_id)
         replies = await pipe.execute(raise_on_error=False)
         for r, kept in zip(running, replies[: 2 * len(running) : 2], strict=True):
             if kept == 0:
