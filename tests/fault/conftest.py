@@ -17,8 +17,6 @@ from tests.fault.toolserver import run_toolserver
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     from tests.fault.harness import ROWS
 
-    for kept in KEPT:
-        terminalreporter.write_line(f"fault suite: worker logs of a failed module kept in {kept}")
     if not ROWS:
         return
     head = (
@@ -60,9 +58,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         )
 
 
-KEPT: list[str] = []  # log directories of modules with a failure, named in the summary
-
-
 @pytest.fixture(scope="module")
 def servers(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
     failed_before = request.session.testsfailed
@@ -75,8 +70,7 @@ def servers(request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
         ):
             yield {"redis": redis, "pg": pg, "tool_url": tool_url, "logs": Path(tmp)}
     finally:
-        # The worker logs of a module where a scenario failed stay, for the post-mortem.
-        if request.session.testsfailed > failed_before:
-            KEPT.append(tmp)
-        else:
+        # The worker logs of a module where a scenario failed stay, for the post-mortem
+        # (its failure message names the directory).
+        if request.session.testsfailed == failed_before:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -418,13 +418,14 @@ async def scenario(servers: dict[str, Any], name: str, **kwargs: Any) -> dict[st
     ROWS.append(row)
     assert row.lost == 0, f"{name}: {row.lost} workflow(s) lost; logs in {servers['logs']}"
     assert row.unexpected_exits == 0, (
-        f"{name}: workers exited: {facts['unexpected_exits']} (ignored SIGTERM at the end: "
+        f"{name}: workers exited (logs in {servers['logs']}): {facts['unexpected_exits']} "
+        f"(ignored SIGTERM at the end: "
         f"{facts['stuck_at_stop']}); their logs end:\n"
         + "\n---\n".join(f"worker-{n}:\n{tail}" for n, tail in facts["exit_logs"].items())
     )
     assert row.excess_attempts <= row.faults, (
         f"{name}: a step ran {row.excess_attempts} attempt(s) beyond its failures with only "
-        f"{row.faults} fault(s) injected:\n{facts['excess_history']}"
+        f"{row.faults} fault(s) injected; logs in {servers['logs']}:\n{facts['excess_history']}"
     )
     assert facts["steps_completed_twice"] == 0
     assert row.duplicate_effects == 0
