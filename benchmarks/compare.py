@@ -25,8 +25,8 @@ research, on a small ticket dict. Per run:
   the count is exact once ``--settle`` let the earlier phases' counts land), write
   transactions exactly (transaction ids assigned, pg_current_snapshot's xmax;
   cluster-wide), WAL bytes (pg_current_wal_lsn; pg_waldump's per-record statistics
-  of each run are kept beside the peers' logs), and the Postgres and Redis servers'
-  CPU;
+  of each run, and its WAL per table and index, are kept beside the peers' logs), and
+  the Postgres and Redis servers' CPU;
 * CPU steal (/proc/stat) and CPU used by processes outside this benchmark over the
   phase: a run with steal > 2 % or others using > 10 % of the machine is noisy. The
   medians leave noisy runs out while a row has a clean one (``--keep-noisy``: never).
@@ -306,6 +306,46 @@ def waldump(pg: PostgresServer, start: str, end: str, out: Path) -> dict[str, tu
     return found
 
 
+RELATIONS = """
+SELECT c.relfilenode, n.nspname || '.' || c.relname AS name
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.relfilenode <> 0
+"""
+
+
+async def wal_by_relation(
+    pg: PostgresServer, start: str, end: str, database_url: str, workflows: int, out: Path
+) -> None:
+    """The WAL of [start, end) per table and index (bytes per workflow, largest first),
+    from pg_waldump's records (each counted on its first block's relation), kept in
+    ``out``: where a system's WAL goes, for the next change to aim at."""
+    if start == end:
+        return
+    cmd = [str(pg.bin_dir / "pg_waldump"), "-p", str(pg.data_dir / "pg_wal"), "-s", start]
+    done = subprocess.run([*cmd, "-e", end], capture_output=True, text=True)
+    total: dict[str, list[int]] = {}
+    for line in done.stdout.splitlines():
+        size = line.partition("len (rec/tot):")[2].partition(",")[0].split("/")
+        rel = line.partition(" rel ")[2].split(" ")[0]
+        if len(size) == 2:
+            key = rel.rsplit("/", 1)[-1] if rel else line.split()[1]  # no block: its rmgr
+            entry = total.setdefault(key, [0, 0])
+            entry[0] += 1
+            entry[1] += int(size[1])
+    conn = await asyncpg.connect(database_url)
+    try:
+        names = {str(r["relfilenode"]): r["name"] for r in await conn.fetch(RELATIONS)}
+    finally:
+        await conn.close()
+    rows = sorted(total.items(), key=lambda kv: -kv[1][1])
+    out.write_text(
+        "relation (or record type)                      records/wf   bytes/wf\n"
+        + "".join(
+            f"{names.get(k, k):<46} {n / workflows:>10.2f} {b / workflows:>10.0f}\n"
+            for k, (n, b) in rows
+        )
+    )
+
+
 # --------------------------------------------------------------------------- one run
 
 
@@ -426,6 +466,14 @@ async def run_system(
         # Now: DROP DATABASE checkpoints, and the segments before it may be recycled.
         wal_path = logs / f"{system.key}-{rnd}.wal.txt"
         wal = waldump(servers.pg, before["lsn"], after["lsn"], wal_path)
+        await wal_by_relation(
+            servers.pg,
+            before["lsn"],
+            after["lsn"],
+            servers.url(database),
+            opts.workflows,
+            logs / f"{system.key}-{rnd}.wal-by-relation.txt",
+        )
     finally:
         await peer.kill()
         await sql_name(servers, DROP_DB, database)
