@@ -324,24 +324,27 @@ SELECT w.id, w.status, (SELECT count(*) FROM dead_letters d WHERE d.workflow_id 
 FROM workflows w WHERE w.id = ANY($1::uuid[])
 """
 # Attempts beyond real failures: each is a takeover or requeue, which only a fault may cause.
-MEASURE_EXCESS = """
-SELECT coalesce(max(greatest(attempt - 1 - failures, 0)), 0)
-FROM steps WHERE workflow_id = ANY($1::uuid[])
+# A step's own attempts: one per real failure, plus the one that completed it; a step
+# that failed for good ends on its last failure (the dead letter moves no fence).
+OWN_ATTEMPTS = "(s.failures + CASE WHEN s.status = 'failed' THEN 0 ELSE 1 END)"
+MEASURE_EXCESS = f"""
+SELECT coalesce(max(greatest(s.attempt - {OWN_ATTEMPTS}, 0)), 0)
+FROM steps s WHERE s.workflow_id = ANY($1::uuid[])
 """
 # The steps behind an excess (at most 3), with their events: what took or requeued them.
-EXCESS_HISTORY = """
+EXCESS_HISTORY = f"""
 SELECT s.workflow_id, s.seq, s.agent, s.status, s.attempt, s.failures,
        (SELECT string_agg(e.type || ' ' || e.data::text || ' @' || e.created_at::time::text,
                           E'\\n    ' ORDER BY e.id)
         FROM events e WHERE e.step_id = s.id) AS history
-FROM steps s WHERE s.workflow_id = ANY($1::uuid[]) AND s.attempt - 1 - s.failures > 0
+FROM steps s WHERE s.workflow_id = ANY($1::uuid[]) AND s.attempt > {OWN_ATTEMPTS}
 ORDER BY s.attempt - s.failures DESC, s.workflow_id LIMIT 3
 """
 # As MEASURE_EXCESS, for steps that park (sleep, wait for a signal): each park is
 # followed by one wake-up (timer, signal, or a signal already there), which raises the
 # fence once without any fault; a park is an attempt row with outcome 'waiting'.
-MEASURE_EXCESS_PARKED = """
-SELECT coalesce(max(greatest(s.attempt - 1 - s.failures
+MEASURE_EXCESS_PARKED = f"""
+SELECT coalesce(max(greatest(s.attempt - {OWN_ATTEMPTS}
                              - (SELECT count(*) FROM step_attempts a
                                 WHERE a.step_id = s.id AND a.outcome = 'waiting'), 0)), 0)
 FROM steps s WHERE s.workflow_id = ANY($1::uuid[])
