@@ -4,7 +4,7 @@ is dropped, and a batch in flight finishes even when the caller sending it is ca
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import anyio
 import anyio.lowlevel
@@ -34,6 +34,20 @@ class Recorder:
         return [2 * i for i in items]
 
 
+async def _behind_one_in_flight(
+    call: Callable[[int], Awaitable[None]], calls: int, handle: Recorder
+) -> None:
+    """``call(0)`` goes out alone and is held in flight; ``call(1)`` to ``call(calls - 1)``
+    arrive meanwhile; then the held batch is released and every call is waited for."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(call, 0)
+        await anyio.wait_all_tasks_blocked()  # [0] is in flight
+        for i in range(1, calls):
+            tg.start_soon(call, i)
+        await anyio.wait_all_tasks_blocked()
+        handle.release.set()
+
+
 async def test_one_call_alone_is_sent_at_once() -> None:
     handle = Recorder()
     assert await Combiner(handle)(21) == 42
@@ -58,13 +72,7 @@ async def test_calls_arriving_while_a_batch_is_in_flight_share_the_next_batch() 
     async def call(i: int) -> None:
         results[i] = await combine(i)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(call, 0)
-        await anyio.wait_all_tasks_blocked()  # [0] is in flight
-        for i in range(1, 6):
-            tg.start_soon(call, i)
-        await anyio.wait_all_tasks_blocked()
-        handle.release.set()
+    await _behind_one_in_flight(call, 6, handle)
     assert results == {i: 2 * i for i in range(6)}
     # The first is sent alone; the five that queued behind it go at most three at a time.
     assert handle.batches == [[0], [1, 2, 3], [4, 5]]
@@ -82,13 +90,7 @@ async def test_a_failed_batch_fails_each_of_its_members_and_no_other() -> None:
         except ValueError as exc:
             outcomes[i] = str(exc)
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(call, 0)
-        await anyio.wait_all_tasks_blocked()  # [0] is in flight
-        for i in range(1, 4):
-            tg.start_soon(call, i)
-        await anyio.wait_all_tasks_blocked()
-        handle.release.set()
+    await _behind_one_in_flight(call, 4, handle)
     assert handle.batches == [[0], [1, 2, 3]]
     assert outcomes == {0: 0, 1: "bad item 2", 2: "bad item 2", 3: "bad item 2"}
 
