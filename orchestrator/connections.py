@@ -53,11 +53,14 @@ def redis_broke(exc: BaseException) -> bool:
     return isinstance(cause, RedisConnectionError)
 
 
-async def drop_idle_connections(client: aioredis.Redis) -> None:
-    """Close the pool's idle connections after ``redis_broke``. Once Redis restarted, every
-    pooled connection is dead alike; left in the pool, each would fail one more command
-    (a lease, a heartbeat, a liveness refresh) before reconnecting, while the steps
-    behind those commands back off and look silent. The next commands connect afresh."""
+async def drop_idle_connections(client: aioredis.Redis, after: BaseException) -> None:
+    """Close the pool's idle connections when the failure ``after`` is ``redis_broke``.
+    Once Redis restarted, every pooled connection is dead alike; left in the pool, each
+    would fail one more command (a lease, a heartbeat, a liveness refresh) before
+    reconnecting, while the steps behind those commands back off and look silent. The
+    next commands connect afresh. Any other failure leaves the pool as it is."""
+    if not redis_broke(after):
+        return
     with contextlib.suppress(RedisError, OSError):
         await client.connection_pool.disconnect(inuse_connections=False)
 

@@ -33,7 +33,7 @@ from opentelemetry.trace import Status, StatusCode
 from pydantic import BaseModel
 
 from orchestrator import logs, tracing
-from orchestrator.connections import drop_idle_connections, redis_broke, redis_errors
+from orchestrator.connections import drop_idle_connections, redis_errors
 from orchestrator.coordination import consolidation, status, streams
 from orchestrator.coordination.locks import Lock
 from orchestrator.engine.retry import backoff
@@ -147,8 +147,7 @@ class StepRunner:
                 await self._process(attempt, entry, lock)
                 break
             except INFRA_ERRORS as exc:
-                if redis_broke(exc):
-                    await drop_idle_connections(self.rt.redis)
+                await drop_idle_connections(self.rt.redis, exc)
                 log.warning(
                     "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
                     envelope.workflow_id,

@@ -27,7 +27,6 @@ from orchestrator.connections import (
     OUTAGE,
     REDIS_DOWN,
     drop_idle_connections,
-    redis_broke,
     redis_errors,
 )
 from orchestrator.coordination import status, streams
@@ -82,8 +81,7 @@ class Reconciler:
                 await stop.wait()
 
     async def _outage(self, exc: BaseException) -> None:
-        if redis_broke(exc):
-            await drop_idle_connections(self.rt.redis)
+        await drop_idle_connections(self.rt.redis, exc)
         if not self._failing:
             log.warning("reconciler: %s; retrying until it is back", exc)
         self._failing = True

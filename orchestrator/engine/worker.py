@@ -31,7 +31,7 @@ import anyio
 import anyio.abc
 from redis.exceptions import ResponseError
 
-from orchestrator.connections import OUTAGE, REDIS_DOWN, drop_idle_connections, redis_broke
+from orchestrator.connections import OUTAGE, REDIS_DOWN, drop_idle_connections
 from orchestrator.coordination import consolidation, delayed, status, streams
 from orchestrator.engine import timers
 from orchestrator.engine.consolidator import Consolidator
@@ -241,8 +241,7 @@ class Worker:
                     log.warning("%s: back to normal", what)
                 failing = False
             except OUTAGE as exc:
-                if redis_broke(exc):
-                    await drop_idle_connections(self.rt.redis)
+                await drop_idle_connections(self.rt.redis, exc)
                 if not failing:
                     log.warning("%s: %s; retrying until it is back", what, exc)
                 failing = True
@@ -287,8 +286,7 @@ class Worker:
                 entries, takeover = await self._next(agent, 1 + slots.value, due)
             except OUTAGE as exc:
                 slots.release()
-                if redis_broke(exc):
-                    await drop_idle_connections(self.rt.redis)
+                await drop_idle_connections(self.rt.redis, exc)
                 if isinstance(exc, ResponseError) and "NOGROUP" in str(exc):
                     # Redis lost the stream (restart, FLUSHALL): recreate it and go on.
                     await self._until_up(f"recreating the {agent} stream", self._start)

@@ -53,7 +53,7 @@ async def test_a_broken_connection_drops_the_idle_ones() -> None:
             with pytest.raises(Exception) as first:
                 await client.ping()
             assert redis_broke(first.value)
-            await drop_idle_connections(client)
+            await drop_idle_connections(client, first.value)
             assert await _failures(client) == []
         finally:
             await client.aclose()
