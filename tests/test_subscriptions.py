@@ -3,6 +3,7 @@ when the block that used one failed; Client.wait opens no connection per call.""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import pytest
@@ -51,6 +52,18 @@ async def test_a_stale_or_failed_subscription_is_closed_not_reused(
     async with rt.subscriptions.subscribed([channel]) as after_idle:
         assert after_idle is not fresh
     assert fresh.connection is None  # closed
+
+
+async def test_a_burst_of_waits_keeps_only_a_few_subscriptions(rt: Runtime) -> None:
+    channel = rt.keys.signal_channel()
+    burst = subscriptions.MAX_IDLE + 5
+    async with contextlib.AsyncExitStack() as stack:
+        opened = [
+            await stack.enter_async_context(rt.subscriptions.subscribed([channel]))
+            for _ in range(burst)
+        ]
+    kept = [p for p in opened if p.connection is not None]
+    assert len(kept) == subscriptions.MAX_IDLE  # the rest were closed on the way back
 
 
 async def test_successive_waits_share_one_pubsub_connection(rt: Runtime) -> None:

@@ -18,6 +18,9 @@ from typing import Any
 import redis.asyncio as aioredis
 
 IDLE_SECONDS = 5.0  # how long a given-back subscription is kept for the next wait
+# Given-back subscriptions kept per channel set: a burst of concurrent waits must not
+# leave a connection each, subscribed and buffering, until the runtime closes.
+MAX_IDLE = 8
 
 
 class Subscriptions:
@@ -37,15 +40,20 @@ class Subscriptions:
         except BaseException:
             await self._close(pubsub)
             raise
-        self._idle.setdefault(key, []).append((pubsub, time.monotonic()))
+        kept = self._idle.setdefault(key, [])
+        if len(kept) < MAX_IDLE:
+            kept.append((pubsub, time.monotonic()))
+        else:
+            await self._close(pubsub)
 
     async def _take(self, key: tuple[str, ...]) -> Any:
-        idle = self._idle.get(key, [])
-        while idle:
-            pubsub, since = idle.pop()
-            if time.monotonic() - since < IDLE_SECONDS:
-                return pubsub
+        now, idle = time.monotonic(), self._idle.get(key, [])
+        stale = [p for p, since in idle if now - since >= IDLE_SECONDS]
+        idle[:] = [(p, since) for p, since in idle if now - since < IDLE_SECONDS]
+        for pubsub in stale:
             await self._close(pubsub)
+        if idle:
+            return idle.pop()[0]
         pubsub = self.client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(*key)
