@@ -141,7 +141,8 @@ WHERE n.nspname = current_schema() AND c.relkind = 'r' ORDER BY bytes DESC
 """
 # Open steps of live workflows, as envelopes (what a worker holds).
 LIVE_STEPS = """
-SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input, s.traceparent,
+SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt,
+       coalesce(s.input, w.state) AS input, s.traceparent,
        s.status, s.updated_at < now() - interval '1 minute' AS stalled, s.not_before,
        s.waiting_for, w.tenant_id, w.pipeline, w.session_id, w.status AS workflow_status
 FROM steps s JOIN workflows w ON w.id = s.workflow_id

@@ -402,6 +402,21 @@ CREATE INDEX dead_letters_workflow ON dead_letters (workflow_id) WHERE retried_a
 CREATE INDEX steps_queued ON steps (workflow_id) WHERE status = 'queued';
 """
 
+V13_LEANER_STEPS = """
+-- WAL per workflow (issue 11). A step alone in its workflow starts from the workflow's
+-- state, which the completion (or submission) creating it writes in the same statement
+-- and the handing step's checkpoint keeps: its input is NULL instead of one more copy,
+-- written on insert and again by the completion's non-HOT update, and readers take
+-- coalesce(s.input, w.state). Branch and join steps keep their own input.
+ALTER TABLE steps ALTER COLUMN input DROP NOT NULL;
+-- Every read of events is by workflow in id order: that index is the key, and the
+-- one on id alone (written for every event, read by nothing) goes.
+CREATE UNIQUE INDEX events_workflow_id ON events (workflow_id, id);
+ALTER TABLE events DROP CONSTRAINT events_pkey,
+    ADD CONSTRAINT events_pkey PRIMARY KEY USING INDEX events_workflow_id;
+DROP INDEX events_workflow;
+"""
+
 MIGRATIONS: tuple[str, ...] = (
     V1_CORE,
     V2_RECOVERY,
@@ -415,6 +430,7 @@ MIGRATIONS: tuple[str, ...] = (
     V10_TRACE_CONTEXT,
     V11_COST,
     V12_OPEN_ROWS_BY_WORKFLOW,
+    V13_LEANER_STEPS,
 )
 
 CREATE_VERSION_TABLE = """

@@ -42,8 +42,8 @@ WHERE id IN (SELECT id FROM workflows
              FOR UPDATE SKIP LOCKED)
 RETURNING id
 """
-# Each delete is served by an index: checkpoints' and step_attempts' primary keys,
-# events_workflow, steps' (workflow_id, seq) and tool_runs' (step_id, ordinal).
+# Each delete is served by an index: checkpoints', step_attempts' and events' primary keys
+# (events': workflow_id, id), steps' (workflow_id, seq) and tool_runs' (step_id, ordinal).
 DELETE_CHECKPOINTS = """
 WITH gone AS (DELETE FROM checkpoints WHERE workflow_id = ANY($1::uuid[]) RETURNING 1)
 SELECT count(*) FROM gone

@@ -42,8 +42,8 @@ UPDATE steps s SET attempt = s.attempt + 1, updated_at = now(), not_before = NUL
 FROM workflows w
 WHERE s.id = $1 AND s.status = 'queued' AND w.id = s.workflow_id AND w.status = 'running'
   AND ($2::int IS NULL OR s.attempt = $2)
-RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
-          s.traceparent, w.tenant_id, w.pipeline
+RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt,
+          coalesce(s.input, w.state) AS input, s.traceparent, w.tenant_id, w.pipeline
 """
 # Running steps prove they are alive (the fallback once Redis is lost), in one
 # statement per worker; a step missing from the answer was fenced out.
@@ -224,8 +224,8 @@ async def resume(conn: Conn, workflow_id: UUID) -> list[TaskEnvelope]:
 
 
 SELECT_STEP_ENVELOPE = """
-SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
-       s.traceparent, w.tenant_id, w.pipeline
+SELECT s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt,
+       coalesce(s.input, w.state) AS input, s.traceparent, w.tenant_id, w.pipeline
 FROM steps s JOIN workflows w ON w.id = s.workflow_id WHERE s.id = $1
 """
 

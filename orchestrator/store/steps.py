@@ -103,12 +103,6 @@ WITH closed AS (
 ), checkpoint_row AS (
     INSERT INTO checkpoints (workflow_id, seq, agent, state)
     SELECT workflow_id, $13, $14, $15 FROM closed
-), next_steps AS (
-    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input, traceparent)
-    SELECT i, c.workflow_id, q, a, $14, 'queued', $15, $30
-    FROM closed c JOIN workflows w ON w.id = c.workflow_id AND w.status = 'running' AND $29,
-         unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
-    RETURNING id
 ), transcript AS (
     INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
     SELECT w.session_id, w.tenant_id, w.id, 'agent', $14, m
@@ -122,7 +116,15 @@ WITH closed AS (
         completed_at = CASE WHEN $20::text = 'running' THEN NULL ELSE now() END,
         cost_usd = cost_usd + $27
     WHERE id = (SELECT workflow_id FROM closed) AND status = 'running' AND $29::bool
-    RETURNING session_id, status
+    RETURNING id, session_id, status
+), next_steps AS (
+    -- No input: the next step starts from the workflow's state, which workflow_row sets
+    -- to $15 (migration V13). Hanging off that update, a step is created only with it.
+    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, traceparent)
+    SELECT i, wr.id, q, a, $14, 'queued', $30
+    FROM workflow_row wr, unnest($16::uuid[], $17::int[], $18::text[]) AS x(i, q, a)
+    WHERE wr.status = 'running'
+    RETURNING id
 ), workflow_cost AS (
     -- The cost, when workflow_row leaves the row alone (a branch, a cancelled workflow):
     -- the conditions exclude each other, so the row is updated once by this statement.

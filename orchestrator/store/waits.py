@@ -72,8 +72,8 @@ RERUN_NOW = """
 UPDATE steps s SET attempt = s.attempt + 1, updated_at = now(), not_before = NULL
 FROM workflows w
 WHERE s.id = $1 AND s.attempt = $2 AND s.status = 'queued' AND w.id = s.workflow_id
-RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt, s.input,
-          s.traceparent, w.tenant_id, w.pipeline
+RETURNING s.id, s.workflow_id, s.seq, s.agent, s.assigned_by, s.attempt,
+          coalesce(s.input, w.state) AS input, s.traceparent, w.tenant_id, w.pipeline
 """
 INSERT_SIGNAL = """
 INSERT INTO signals (workflow_id, name, payload)
@@ -116,8 +116,8 @@ WITH due AS (
     SELECT workflow_id, id, 'step.woken', jsonb_build_object('attempt', attempt, 'by', 'timer')
     FROM woken
 )
-SELECT k.id, k.workflow_id, k.seq, k.agent, k.assigned_by, k.attempt, k.input,
-       k.traceparent, w.tenant_id, w.pipeline
+SELECT k.id, k.workflow_id, k.seq, k.agent, k.assigned_by, k.attempt,
+       coalesce(k.input, w.state) AS input, k.traceparent, w.tenant_id, w.pipeline
 FROM woken k JOIN workflows w ON w.id = k.workflow_id
 WHERE w.status IN ('running', 'waiting')
 """

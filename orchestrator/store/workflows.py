@@ -45,8 +45,9 @@ WITH owner AS (
     INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
     SELECT $3, $4, id, 'customer', $5, $9 FROM workflow_row
 ), step_row AS (
-    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, input, traceparent)
-    SELECT $2, id, 0, $10, 'submit', 'queued', $7, $14 FROM workflow_row
+    -- No input: the first step starts from the workflow's state (migration V13).
+    INSERT INTO steps (id, workflow_id, seq, agent, assigned_by, status, traceparent)
+    SELECT $2, id, 0, $10, 'submit', 'queued', $14 FROM workflow_row
 ), event_row AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT id, NULL, 'workflow.submitted', $11 FROM workflow_row
