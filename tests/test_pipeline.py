@@ -83,7 +83,14 @@ async def test_every_milestone_is_recorded_once_in_postgres(support: Runtime) ->
     )
     assert [c["agent"] for c in checkpoints][:2] == ["triage", "research"]
     assert [c["agent"] for c in checkpoints][-1] == "response"
-    assert set(checkpoints[-1]["state"]) == {
+    # Each checkpoint holds what its step changed; folded over the input, the final state.
+    assert checkpoints[-1]["state"] == {"response": checkpoints[-1]["state"]["response"]}
+    [workflow] = await fetch(support, "SELECT input, state FROM workflows WHERE id = $1", wid)
+    folded = dict(workflow["input"])
+    for checkpoint in checkpoints:
+        folded.update(checkpoint["state"])
+    assert folded == workflow["state"]
+    assert set(folded) == {
         "ticket",
         "triage",
         "research",

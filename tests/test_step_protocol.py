@@ -110,9 +110,9 @@ async def test_stale_completion_is_rejected_by_the_store(rt: Runtime, probe: Pro
 async def test_a_linear_step_starts_from_the_workflow_state_not_a_copy(
     rt: Runtime, probe: Probe
 ) -> None:
-    """A step alone in its workflow stores no input (migration V13): a requeue rebuilds
-    its envelope from the workflow's state, which is exactly what its parent handed on
-    (the Redis envelope) and what the parent's checkpoint keeps."""
+    """A step alone in its workflow stores no input, and a checkpoint only what its step
+    changed (migration V13): a requeue rebuilds the envelope from the workflow's state,
+    exactly what the parent handed on, which the checkpoints fold back to."""
     probe.gate.set()
     client, worker = Client(rt), Worker(rt, concurrency=1)
     wid = await client.submit("two_steps", TICKET)
@@ -122,11 +122,12 @@ async def test_a_linear_step_starts_from_the_workflow_state_not_a_copy(
     rows = await fetch(rt, "SELECT seq, input FROM steps WHERE workflow_id = $1 ORDER BY seq", wid)
     assert [(r["seq"], r["input"]) for r in rows] == [(0, None), (1, None)]
     [checkpoint] = await fetch(rt, "SELECT state FROM checkpoints WHERE workflow_id = $1", wid)
+    assert list(checkpoint["state"]) == ["gated"]  # the parent's output, nothing more
     async with rt.pool.acquire() as conn:
         requeued = await recovery.requeue(conn, handed.step_id)
     assert requeued is not None and requeued.attempt == handed.attempt + 1
-    assert requeued.payload == handed.payload == checkpoint["state"]
-    assert "gated" in requeued.payload  # the parent's output is in it, not only the input
+    [first] = await fetch(rt, "SELECT input FROM workflows WHERE id = $1", wid)
+    assert requeued.payload == handed.payload == {**first["input"], **checkpoint["state"]}
 
 
 async def test_rerun_step_returns_recorded_tool_results(rt: Runtime, probe: Probe) -> None:

@@ -398,9 +398,11 @@ class StepRunner:
         # A run that took the customer's reply rebuilds working memory: only Postgres has it.
         ctx.memory.stale = any(name == INPUT_SIGNAL for name, _ in opened.signals.values())
         output = await run_agent(agent, ctx, envelope.payload)
+        changes = agent.state_update(output)
         return steps.Outcome(
             output=output.model_dump(mode="json"),
-            state={**envelope.payload, **agent.state_update(output)},
+            state={**envelope.payload, **changes},
+            changes=changes,
             next_agents=self._route(agent, envelope, output, opened),
             tool_runs=ctx.tool_runs,
             messages=ctx.messages,

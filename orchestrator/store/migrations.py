@@ -409,6 +409,11 @@ V13_LEANER_STEPS = """
 -- written on insert and again by the completion's non-HOT update, and readers take
 -- coalesce(s.input, w.state). Branch and join steps keep their own input.
 ALTER TABLE steps ALTER COLUMN input DROP NOT NULL;
+-- A checkpoint holds what its step changed in the state (Agent.state_update), not the
+-- whole state a fourth time: in a linear workflow the state after step n is the input
+-- state with the changes of steps 0..n applied in order; the latest is workflows.state.
+COMMENT ON COLUMN checkpoints.state IS
+    'what the step changed in the workflow state (the whole state in rows before V13)';
 -- Every read of events is by workflow in id order: that index is the key, and the
 -- one on id alone (written for every event, read by nothing) goes.
 CREATE UNIQUE INDEX events_workflow_id ON events (workflow_id, id);

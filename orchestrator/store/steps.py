@@ -101,8 +101,9 @@ WITH closed AS (
             attempt = excluded.attempt, finished_at = excluded.finished_at
         WHERE tool_runs.status <> 'succeeded'
 ), checkpoint_row AS (
+    -- What the step changed in the state ($31), not the whole state again (V13).
     INSERT INTO checkpoints (workflow_id, seq, agent, state)
-    SELECT workflow_id, $13, $14, $15 FROM closed
+    SELECT workflow_id, $13, $14, $31 FROM closed
 ), transcript AS (
     INSERT INTO messages (session_id, tenant_id, workflow_id, role, author, content)
     SELECT w.session_id, w.tenant_id, w.id, 'agent', $14, m
@@ -239,6 +240,9 @@ class Outcome:
     # More events committed with the step (type, data): what it did with memory, the
     # recorded tool results it replayed.
     events: tuple[tuple[str, dict[str, Any]], ...] = ()
+    # What the step changed in the state (its checkpoint: the whole state is the workflow
+    # row's, and earlier ones fold from these); None: the whole state is checkpointed.
+    changes: dict[str, Any] | None = None
 
 
 async def open_steps(conn: Conn, envelopes: Sequence[TaskEnvelope]) -> list[OpenStep]:
@@ -433,6 +437,7 @@ def _close_args(
         opened.next_seq + len(nxt),
         linear,
         outcome.traceparent or envelope.traceparent,  # what the next steps' spans start under
+        outcome.state if outcome.changes is None else outcome.changes,
     )
 
 
