@@ -102,3 +102,20 @@ def test_embedded_watch_needs_an_id(embedded: dict[str, str]) -> None:
     assert_one_line_error(run_cli(*APP, "watch", env=embedded), "set REDIS_URL")
     home = Path(embedded["ORCHESTRATOR_HOME"])
     assert not list(home.glob("redis-*"))  # the embedded Redis left no folder behind
+
+
+def test_embedded_dlq_retry_runs_the_workflow_here(embedded: dict[str, str]) -> None:
+    failed = run_cli(*APP, "submit", "fail now", "--wait", env=embedded)
+    assert failed.returncode == 3, failed.stderr
+    (wid,) = set(ids_in(failed))
+    [letter] = json.loads(run_cli(*APP, "dlq", "list", "--json", env=embedded).stdout)
+
+    # Embedded: nobody else could run the resumed step, so `dlq retry` runs it here. The
+    # agent still fails, so the run ends failed again (exit 3) with a second dead letter.
+    retried = run_cli(*APP, "dlq", "retry", str(letter["id"]), env=embedded)
+    assert retried.returncode == 3, retried.stderr
+    assert "running the workflow in-process" in retried.stderr
+    status = json.loads(run_cli(*APP, "status", wid, "--json", env=embedded).stdout)
+    assert status["status"] == "failed"
+    letters = json.loads(run_cli(*APP, "dlq", "list", "--all", "--json", env=embedded).stdout)
+    assert [d["workflow_id"] for d in letters] == [wid, wid]

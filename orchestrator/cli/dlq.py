@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Annotated, Any
+from uuid import UUID
 
 import typer
 from rich.table import Table
 
 from orchestrator.cli.support import Output, guard, out, print_rows, run_body
+from orchestrator.cli.workflows import run_woken
 from orchestrator.client import Client
 from orchestrator.runtime import Runtime
 
@@ -75,10 +77,12 @@ def dlq_show(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id"
 @dlq.command("retry")
 @guard
 def dlq_retry(ctx: typer.Context, letter: Annotated[int, typer.Argument(help="id")]) -> None:
-    """Retry a dead-lettered step: its workflow resumes from the last checkpoint."""
+    """Retry a dead-lettered step: its workflow resumes from the last checkpoint (with an
+    embedded Redis, here, as ``resume`` does)."""
 
-    async def body(runtime: Runtime) -> None:
+    async def wake(runtime: Runtime) -> UUID:
         wid = await Client(runtime).retry_dead_letter(letter)
         out.print(f"dead letter {letter}: workflow {wid} resumed")
+        return wid
 
-    run_body(ctx.find_root().obj, body, migrate=False)
+    run_woken(ctx.find_root().obj, wake)

@@ -229,12 +229,23 @@ def signal_(
 
 
 def _wake(opts: Options, workflow: str, act: Callable[[Runtime, UUID], Awaitable[None]]) -> None:
-    """Run ``act`` on the workflow; with an embedded Redis, then run the workflow here
-    until it finishes or waits again, print it, and exit as ``submit --wait`` does."""
+    """Run ``act`` on the workflow (``run_woken``)."""
 
-    async def body(runtime: Runtime) -> ExitCode:
+    async def wake(runtime: Runtime) -> UUID:
         wid = await workflow_id(runtime, workflow)
         await act(runtime, wid)
+        return wid
+
+    run_woken(opts, wake)
+
+
+def run_woken(opts: Options, wake: Callable[[Runtime], Awaitable[UUID]]) -> None:
+    """Run ``wake`` (it wakes a workflow and returns its id); with an embedded Redis, then
+    run the workflow here until it finishes or waits again, print it, and exit as
+    ``submit --wait`` does."""
+
+    async def body(runtime: Runtime) -> ExitCode:
+        wid = await wake(runtime)
         if opts.settings.redis_url is not None:
             return ExitCode.OK
         err.print("REDIS_URL unset: running the workflow in-process")
