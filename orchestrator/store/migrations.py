@@ -414,11 +414,6 @@ ALTER TABLE steps ALTER COLUMN input DROP NOT NULL;
 -- state with the changes of steps 0..n applied in order; the latest is workflows.state.
 COMMENT ON COLUMN checkpoints.state IS
     'what the step changed in the workflow state (the whole state in rows before V13)';
--- Room on each page for the row's next version: a step's update of its workflow (state,
--- next_seq; nothing indexed) stays HOT instead of moving the row to another page and
--- adding entries to four of its indexes. compare.py: HOT 1.5 -> 1.9 of 3 updates per
--- workflow, -250 B/wf of WAL. Costs a heap ~1.4x as large (new pages only).
-ALTER TABLE workflows SET (fillfactor = 70);
 -- Every read of events is by workflow in id order: that index is the key, and the
 -- one on id alone (written for every event, read by nothing) goes.
 CREATE UNIQUE INDEX events_workflow_id ON events (workflow_id, id);
