@@ -29,13 +29,14 @@ SELECT w.id,
        (SELECT count(*) FROM step_attempts a JOIN steps s ON s.id = a.step_id
         WHERE s.workflow_id = w.id) AS attempts,
        (SELECT count(*) FROM tool_runs t WHERE t.workflow_id = w.id) AS tool_runs,
+       (SELECT count(*) FROM signals g WHERE g.workflow_id = w.id) AS signals,
        (SELECT count(*) FROM steps s WHERE s.workflow_id = w.id) AS steps,
        (SELECT count(*) FROM messages m WHERE m.workflow_id = w.id) AS messages,
        (SELECT count(*) FROM dead_letters d WHERE d.workflow_id = w.id) AS dead_letters,
        w.status, w.error, w.pruned_at
 FROM workflows w WHERE w.id = ANY($1::uuid[])
 """
-PRUNED = ("checkpoints", "events", "attempts", "tool_runs")
+PRUNED = ("checkpoints", "events", "attempts", "tool_runs", "signals")
 KEPT = ("steps", "messages", "dead_letters")
 
 
@@ -60,6 +61,16 @@ async def test_prune_removes_old_history_and_keeps_the_record(rt: Runtime) -> No
     done = await client.submit("flaky", TICKET)  # tools, attempt, checkpoint
     failed = await client.submit("refuses", TICKET)  # dead-lettered
     recent = await client.submit("flaky", TICKET)
+    # Signals nobody waits for stay untaken; one of them is marked taken by a step of
+    # its workflow, as a wait would (pruning reaches the two kinds by different keys).
+    for workflow in (done, done, recent):
+        assert not await client.signal(workflow, "note", {"text": "kept until pruned"})
+    await fetch(
+        rt,
+        "UPDATE signals SET step_id = (SELECT id FROM steps WHERE workflow_id = $1), ordinal = 0"
+        " WHERE id = (SELECT min(id) FROM signals WHERE workflow_id = $1)",
+        done,
+    )
     worker = Worker(rt, concurrency=4)
     async with anyio.create_task_group() as tg:
         tg.start_soon(worker.run)
@@ -95,6 +106,7 @@ async def test_prune_removes_old_history_and_keeps_the_record(rt: Runtime) -> No
         events=total("events"),
         attempts=total("attempts"),
         tool_runs=total("tool_runs"),
+        signals=2,
     )
     after = await counts(rt, done, failed, recent, running)
     for w in old:
@@ -140,6 +152,7 @@ def test_prune_cli_prints_counts(cli_env: dict[str, str]) -> None:
         "attempts": 0,
         "tool_runs": 0,
         "memories": 0,
+        "signals": 0,
     }
     result = run_cli("prune", "--older-than", "12h", env=cli_env)
     assert result.returncode == 0, result.stderr

@@ -34,8 +34,8 @@ def prune(
     ],
     as_json: Annotated[bool, typer.Option("--json", help="print the counts as JSON")] = False,
 ) -> None:
-    """Delete finished workflows' history (checkpoints, events, attempts, tool runs),
-    and memories that decayed below ORCHESTRATOR_MEMORY_PRUNE_BELOW or outlived
+    """Delete finished workflows' history (checkpoints, events, attempts, tool runs,
+    signals), and memories that decayed below ORCHESTRATOR_MEMORY_PRUNE_BELOW or outlived
     ORCHESTRATOR_MEMORY_RETENTION_DAYS.
 
     The workflows, their steps and outcomes, dead letters and transcripts stay.
@@ -61,7 +61,8 @@ def prune(
         out.print(
             f"pruned {report.workflows} workflow(s) finished over {older_than} ago: "
             f"{report.checkpoints} checkpoints, {report.events} events, "
-            f"{report.attempts} step attempts, {report.tool_runs} tool runs deleted; "
+            f"{report.attempts} step attempts, {report.tool_runs} tool runs, "
+            f"{report.signals} signals deleted; "
             f"{report.memories} decayed or expired memories deleted",
             highlight=False,
         )

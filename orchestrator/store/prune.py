@@ -1,9 +1,9 @@
 """Pruning finished workflows' history, in short batches.
 
 For a workflow that finished (completed, failed or cancelled) longer ago than a
-cutoff, its checkpoints, events, step attempts and tool runs are deleted: they
-serve recovery and debugging while a workflow can still move, and only grow
-afterwards. What is kept:
+cutoff, its checkpoints, events, step attempts, tool runs and signals are deleted:
+they serve recovery and debugging while a workflow can still move, and only grow
+afterwards (a person's reply, the "input" signal, is in the transcript as well). What is kept:
 
 - the workflow row and its steps (status, outcome, error, output): what happened;
 - the dead letters: an operator's record of what could not be done;
@@ -70,6 +70,17 @@ WITH gone AS (
 )
 SELECT count(*) FROM gone
 """
+# A taken signal is reached through its step (signals' (step_id, ordinal) key), one
+# never taken through signals_pending (workflow_id, name, id WHERE step_id IS NULL).
+DELETE_SIGNALS = """
+WITH gone AS (
+    DELETE FROM signals
+    WHERE step_id = ANY(ARRAY(SELECT id FROM steps WHERE workflow_id = ANY($1::uuid[])))
+       OR (step_id IS NULL AND workflow_id = ANY($1::uuid[]))
+    RETURNING 1
+)
+SELECT count(*) FROM gone
+"""
 
 # The sweep reads every tenant's memories: row-level security lets a transaction that set
 # orchestrator.sweep see them (migration V9), and only this module sets it.
@@ -108,6 +119,7 @@ class PruneReport:
     attempts: int = 0
     tool_runs: int = 0
     memories: int = 0
+    signals: int = 0
 
     def __add__(self, other: PruneReport) -> PruneReport:
         return PruneReport(
@@ -117,6 +129,7 @@ class PruneReport:
             self.attempts + other.attempts,
             self.tool_runs + other.tool_runs,
             self.memories + other.memories,
+            self.signals + other.signals,
         )
 
 
@@ -157,6 +170,7 @@ async def _prune_batch(conn: Conn, older_than_seconds: float, batch: int) -> Pru
             events=await conn.fetchval(DELETE_EVENTS, ids),
             attempts=await conn.fetchval(DELETE_ATTEMPTS, ids),
             tool_runs=await conn.fetchval(DELETE_TOOL_RUNS, ids),
+            signals=await conn.fetchval(DELETE_SIGNALS, ids),
         )
 
 
