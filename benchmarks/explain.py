@@ -28,8 +28,8 @@ Passes (each prints the plans and a table; then one table compares them):
 5. ``queued, stale``: ``--running`` more over one session per 10 (returning customers:
    9 of 10 queue behind their session's first), and its drain (each finished workflow
    starts the next of its session);
-6. the consolidation scans before and after the given-up consolidations are marked
-   (committed), and the proposed scan without the dead-letter count.
+6. the consolidation scans before and after the fill's given-up consolidations (written
+   as before migration V14) are given up as V14 does (committed).
 
 A statement is flagged when its buffers grow with the history (small -> 1M: at least
 double and 20 more) or with the live work (1M -> a later pass), when it scans a big
@@ -75,7 +75,7 @@ from orchestrator.store import (
     waits,
     workflows,
 )
-from orchestrator.store.migrations import migrate
+from orchestrator.store.migrations import V14_GIVEN_UP_CONSOLIDATIONS, migrate
 from orchestrator.store.tool_runs import ToolRun
 from tests.fault.servers import PostgresServer
 
@@ -155,24 +155,6 @@ FROM pg_stat_user_indexes WHERE schemaname = current_schema()
 UNION ALL
 SELECT 'table ' || relname, seq_scan, 0, seq_tup_read
 FROM pg_stat_user_tables WHERE schemaname = current_schema()
-"""
-# Given-up consolidations (MAX_FAILURES open dead letters) stay in workflows_unconsolidated
-# for good, and UNCONSOLIDATED reads them (and counts their dead letters) on every pass:
-# proposed, the consolidator marks one given up (consolidate = false) with its last dead
-# letter, and the scan needs no dead-letter count. MARK_GIVEN_UP is that mark for every
-# existing one (what a migration would run once).
-MARK_GIVEN_UP = """
-UPDATE workflows w SET consolidate = false
-WHERE w.consolidate AND w.status = 'completed' AND w.consolidated_at IS NULL
-  AND (SELECT count(*) FROM dead_letters d
-       WHERE d.workflow_id = w.id AND d.agent = $1 AND d.retried_at IS NULL) >= $2
-"""
-UNCONSOLIDATED_PROPOSED = """
-SELECT w.id FROM workflows w
-WHERE w.consolidate AND w.status = 'completed' AND w.consolidated_at IS NULL
-  AND w.completed_at < now() - make_interval(secs => $1)
-ORDER BY w.completed_at
-LIMIT $2
 """
 
 
@@ -802,23 +784,21 @@ def compare(passes: list[Pass]) -> None:
 
 
 async def given_up(server: PostgresServer, schema: str, owner: asyncpg.Connection) -> None:
-    """The consolidation scans before and after given-up workflows are marked (committed:
-    an index entry of a row updated in the same transaction would still be read)."""
+    """The consolidation scans before and after the given-up consolidations of the fill
+    (written as before migration V14) are given up as V14 does (committed: an index entry
+    of a row updated in the same transaction would still be read)."""
     pool = await create_pool(server.url, schema=schema, size=1, timeout=600)
     try:
         async with pool.acquire() as conn:
             scans = [
-                ("UNCONSOLIDATED", consolidation.UNCONSOLIDATED, [5.0, 1000, "consolidation", 3]),
+                ("UNCONSOLIDATED", consolidation.UNCONSOLIDATED, [5.0, 1000]),
                 ("OLDEST_UNCONSOLIDATED", consolidation.OLDEST_UNCONSOLIDATED, []),
             ]
             for when in ("before", "after"):
                 if when == "after":
-                    marked = await owner.execute(MARK_GIVEN_UP, "consolidation", 3)
+                    marked = await owner.execute(V14_GIVEN_UP_CONSOLIDATIONS)
                     await owner.execute("VACUUM workflows")
                     print(f"\ngiven-up consolidations marked: {marked}")
-                    scans.append(
-                        ("UNCONSOLIDATED (proposed)", UNCONSOLIDATED_PROPOSED, [5.0, 1000])
-                    )
                 for name, sql, args in scans:
                     lines, _ = await explain(conn, [Call(sql, tuple(args))], 0)
                     s = summarize(lines, set())

@@ -10,7 +10,9 @@ support tickets would keep (nothing pruned), oldest first over the last 90 days:
 - a session per ~1.5 workflows (returning customers), 20 tenants;
 - consolidation: every completed workflow consolidates and was consolidated, except
   1 in 1,000 whose consolidation failed ``MAX_FAILURES`` (3) times and was given up
-  (consolidated_at NULL, 3 open dead letters of the consolidation queue each).
+  (consolidated_at NULL, 3 open dead letters of the consolidation queue each), written
+  as before migration V14 (still ``consolidate``): explain.py's last pass gives them up
+  as V14 does.
 
 ``conn`` must be a superuser connection (the private servers' ``postgres``) whose
 search_path starts with the migrated schema: the load skips foreign-key triggers

@@ -20,18 +20,21 @@ from orchestrator.app import App
 from orchestrator.client import Client
 from orchestrator.coordination import consolidation as queue
 from orchestrator.engine.consolidator import (
+    MAX_FAILURES,
     Consolidator,
     consolidate,
     lag,
     requeue_unconsolidated,
 )
 from orchestrator.engine.worker import Worker
-from orchestrator.models.distill import Finished, Line, distill_offline
+from orchestrator.errors import AgentError
+from orchestrator.models.distill import Distilled, Finished, Line, distill_offline
 from orchestrator.runtime import Runtime
 from orchestrator.settings import Settings
 from orchestrator.step.agent import Agent, AgentInput, AgentOutput
 from orchestrator.step.context import StepContext
-from orchestrator.store import memory_gate, tenancy
+from orchestrator.store import dead_letters, memory_gate, tenancy
+from orchestrator.store.migrations import V14_GIVEN_UP_CONSOLIDATIONS
 from tests.conftest import fetch, runtime_for
 
 pytestmark = pytest.mark.anyio
@@ -285,3 +288,59 @@ def test_the_offline_distiller_reads_the_customers_own_sentences() -> None:
         "preference:tea": ("preference", 3, 0.4),
         "outcome:order-42": ("outcome", 2, 0.7),
     }
+
+
+async def test_a_consolidation_failing_for_good_is_given_up_after_its_budget(
+    rt: Runtime,
+) -> None:
+    """Each failure is a dead letter and the reconciler re-adds the workflow, until the
+    MAX_FAILURES-th: that one gives it up, so no scan reads it again and the lag ends."""
+
+    class Broken:
+        name = "broken"
+
+        async def distill(self, work: Finished) -> Distilled:
+            raise AgentError("the model refuses this transcript", non_retryable=True)
+
+    (wid,) = await complete(rt, Note(customer_id="c-6", subject="Broken", body="Hello."))
+    consolidator = Consolidator(rt, "c1", distiller=Broken())
+    for failures in range(1, MAX_FAILURES + 1):
+        await drain(consolidator)  # takes the entry, fails, dead-letters it
+        given_up = failures == MAX_FAILURES
+        assert await requeue_unconsolidated(rt, older_than=0) == (0 if given_up else 1)
+
+    letters = await fetch(
+        rt, "SELECT 1 FROM dead_letters WHERE agent = 'consolidation' AND workflow_id = $1", wid
+    )
+    assert len(letters) == MAX_FAILURES
+    [row] = await fetch(rt, "SELECT consolidate, consolidated_at FROM workflows WHERE id = $1", wid)
+    assert (row["consolidate"], row["consolidated_at"]) == (False, None)
+    assert (await lag(rt)).oldest_seconds is None
+    assert consolidator.consolidated == 0
+
+
+async def test_migration_v14_gives_up_only_the_spent_consolidations(rt: Runtime) -> None:
+    """Written by older code: a workflow with MAX_FAILURES open consolidation dead letters
+    is given up by V14's backfill; fewer, or one of them retried, stays in the queue."""
+    spent, short, retried = await complete(
+        rt, *[Note(customer_id="c-7", subject=f"Old {i}", body="Hello.") for i in range(3)]
+    )
+    async with rt.db() as conn:
+        for wid, letters in ((spent, 3), (short, 2), (retried, 3)):
+            for _ in range(letters):
+                await dead_letters.add(
+                    conn, agent="consolidation", reason="boom", envelope="{}", workflow_id=wid
+                )
+        await conn.execute(
+            "UPDATE dead_letters SET retried_at = now() WHERE id = "
+            "(SELECT min(id) FROM dead_letters WHERE workflow_id = $1)",
+            retried,
+        )
+        await conn.execute(V14_GIVEN_UP_CONSOLIDATIONS)
+    rows = await fetch(rt, "SELECT id, consolidate FROM workflows")
+    assert {r["id"]: r["consolidate"] for r in rows} == {
+        spent: False,
+        short: True,
+        retried: True,
+    }
+    assert await requeue_unconsolidated(rt, older_than=0) == 2  # short and retried

@@ -13,7 +13,9 @@ is written once, whatever fails.
 
 An entry that cannot be read is dead-lettered; a consolidation that fails (not an
 outage) is dead-lettered too, and retried by ``requeue_unconsolidated`` until it
-has failed ``MAX_FAILURES`` times. Redis and Postgres outages are waited out.
+has failed ``MAX_FAILURES`` times: the last dead letter gives it up (the workflow stops
+consolidating; its dead letters are the record). Redis and Postgres outages are waited
+out.
 """
 
 from __future__ import annotations
@@ -179,13 +181,7 @@ async def requeue_unconsolidated(
             return 0  # nothing was ever taken: everything may still be waiting
         older_than += max(state.now_ms - state.last_delivered_ms, 0) / 1000
     async with rt.db() as conn:
-        ids = await marks.unconsolidated(
-            conn,
-            older_than=older_than,
-            limit=limit,
-            source=queue.AGENT,
-            max_failures=MAX_FAILURES,
-        )
+        ids = await marks.unconsolidated(conn, older_than=older_than, limit=limit)
     with redis_errors():
         await queue.enqueue(rt.redis, rt.keys, ids)
     if ids:
@@ -380,12 +376,13 @@ class Consolidator:
 
     async def _dead_letter(self, entry: Entry, reason: str, workflow_id: UUID | None) -> None:
         """Keep the entry as a dead letter in Postgres (its failures count against the
-        workflow's retry budget) and on the dead-letter stream, then acknowledge it."""
+        workflow's retry budget; the last one gives it up) and on the dead-letter stream,
+        then acknowledge it."""
         log.warning(
             "dead-lettering consolidation entry %r (workflow %s): %s", entry.id, workflow_id, reason
         )
         raw = {_text(k): _text(v) for k, v in entry.fields.items()}
-        async with self.rt.db() as conn:
+        async with self.rt.db() as conn, conn.transaction():
             await dead_letters.add(
                 conn,
                 agent=queue.AGENT,
@@ -393,6 +390,12 @@ class Consolidator:
                 envelope=json.dumps(raw),
                 workflow_id=workflow_id,
             )
+            if workflow_id is not None and await marks.give_up_if_spent(
+                conn, workflow_id, source=queue.AGENT, max_failures=MAX_FAILURES
+            ):
+                log.warning(
+                    "gave up consolidating workflow %s after %d failures", workflow_id, MAX_FAILURES
+                )
         with redis_errors():
             await queue.dead_letter(self.rt.redis, self.rt.keys, entry, reason)
 

@@ -37,14 +37,21 @@ WHERE workflow_id = $1 AND status = 'completed'
 ORDER BY agent, seq DESC
 """
 MARK_CONSOLIDATED = "UPDATE workflows SET consolidated_at = now() WHERE id = $1"
-# Completed at least $1 seconds ago, and not given up on ($4 open dead letters of
-# the consolidation queue, $3, are its retry budget).
+# With its last dead letter ($3 open ones from the queue $2: the retry budget), a
+# consolidation is given up: the workflow leaves workflows_unconsolidated, so the scans
+# below never read it again (before, every pass read and counted each one given up).
+GIVE_UP = """
+UPDATE workflows w SET consolidate = false
+WHERE w.id = $1 AND w.consolidate AND w.consolidated_at IS NULL
+  AND (SELECT count(*) FROM dead_letters d
+       WHERE d.workflow_id = w.id AND d.agent = $2 AND d.retried_at IS NULL) >= $3
+RETURNING w.id
+"""
+# Completed at least $1 seconds ago (given-up ones are not consolidating any more).
 UNCONSOLIDATED = """
 SELECT w.id FROM workflows w
 WHERE w.consolidate AND w.status = 'completed' AND w.consolidated_at IS NULL
   AND w.completed_at < now() - make_interval(secs => $1)
-  AND (SELECT count(*) FROM dead_letters d
-       WHERE d.workflow_id = w.id AND d.agent = $3 AND d.retried_at IS NULL) < $4
 ORDER BY w.completed_at
 LIMIT $2
 """
@@ -106,13 +113,18 @@ async def mark(conn: Conn, workflow_id: UUID) -> None:
     await conn.execute(MARK_CONSOLIDATED, workflow_id)
 
 
-async def unconsolidated(
-    conn: Conn, *, older_than: float, limit: int, source: str, max_failures: int
-) -> list[UUID]:
-    """Completed, consolidating workflows not yet consolidated, completed more than
-    ``older_than`` seconds ago and with fewer than ``max_failures`` open dead letters
-    from ``source``; oldest first, at most ``limit``."""
-    rows = await conn.fetch(UNCONSOLIDATED, older_than, limit, source, max_failures)
+async def give_up_if_spent(
+    conn: Conn, workflow_id: UUID, *, source: str, max_failures: int
+) -> bool:
+    """Give up consolidating the workflow once it has ``max_failures`` open dead letters
+    from ``source`` (call it in the transaction that adds one); whether it was given up."""
+    return await conn.fetchval(GIVE_UP, workflow_id, source, max_failures) is not None
+
+
+async def unconsolidated(conn: Conn, *, older_than: float, limit: int) -> list[UUID]:
+    """Completed, consolidating workflows not yet consolidated (nor given up), completed
+    more than ``older_than`` seconds ago; oldest first, at most ``limit``."""
+    rows = await conn.fetch(UNCONSOLIDATED, older_than, limit)
     return [r["id"] for r in rows]
 
 
