@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
 import pytest
@@ -347,3 +348,43 @@ async def test_live_agent_status_follows_the_running_step(rt: Runtime, probe: Pr
                 await anyio.sleep(0.05)
         worker.stop()
     assert (await rt.redis.hgetall(key))[b"checkpoint"] == b"0"
+
+
+async def test_a_step_keeps_its_lease_while_its_claim_reads_slowly(
+    rt: Runtime, probe: Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From the moment a worker takes a step's lease, its heartbeats keep the lease and
+    the entry fresh: a Postgres read slower than the lease (a loaded server) does not
+    make the step look paused, so nobody takes it over and it runs once, at attempt 1."""
+    probe.gate.set()
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit("gated", TICKET)
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    [entry] = await streams.read(
+        rt.redis, rt.keys, "gated", worker.consumer, count=1, block_ms=1000
+    )
+    reading, go_on = anyio.Event(), anyio.Event()
+    open_now = rt.store.open
+
+    async def slow_open(envelope: Any) -> Any:
+        reading.set()
+        await go_on.wait()
+        return await open_now(envelope)
+
+    monkeypatch.setattr(rt.store, "open", slow_open)
+    lock_name = rt.keys.step_lock(wid, 0)
+    stream, group = rt.keys.stream("gated"), rt.keys.group("gated")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(worker.process, "gated", entry)
+        await reading.wait()
+        for _ in range(6):  # two leases, heartbeating as the worker does (every lease / 3)
+            await anyio.sleep(rt.settings.lease_seconds / 3)
+            await worker._heartbeat()
+            held = await rt.redis.get(lock_name)
+            assert held is not None and held.decode().startswith(f"{worker.consumer}|1.")
+            [pending] = await rt.redis.xpending_range(stream, group, "-", "+", 1)
+            assert pending["time_since_delivered"] < rt.settings.lease_seconds * 1000
+        go_on.set()
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.COMPLETED and record.steps[0].attempt == 1
+    assert worker.runner.held == {} and worker.runner.running == {}

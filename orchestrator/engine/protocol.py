@@ -85,7 +85,8 @@ class _Running:
 
 @dataclass(frozen=True, slots=True)
 class Held:
-    """A step waiting out an outage: its lease, and its entry (agent, id) to keep fresh."""
+    """A leased step not running (yet): claiming it, or waiting out an outage. Its lease,
+    and its entry (agent, id) to keep fresh."""
 
     lock: Lock
     agent: str
@@ -139,34 +140,38 @@ class StepRunner:
         """``_process`` the entry, again after each infrastructure outage, until it is done
         (or this worker stops)."""
         envelope, delay, retry = attempt.envelope, 0.1, False
-        while True:
-            try:
-                if retry:
-                    with redis_errors():
-                        await self.refresh_liveness()  # alive again before touching the step
-                await self._process(attempt, entry, lock)
-                break
-            except INFRA_ERRORS as exc:
-                await drop_idle_connections(self.rt.redis, exc)
-                log.warning(
-                    "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
-                    envelope.workflow_id,
-                    envelope.seq,
-                    envelope.agent,
-                    exc,
-                    delay,
-                )
-            # The lease stays held and the entry fresh (heartbeats keep both) while the
-            # outage lasts, so the reconciler and other workers leave the step to this
-            # one; the retry runs under the same fence, as nobody else can have run it.
-            self.held[lock.name] = Held(lock, envelope.agent, entry.id)
-            retry = True
-            with anyio.move_on_after(delay):
-                await self.stopping.wait()
-            if self.stopping.is_set():
-                break
-            delay = min(delay * 2, 5.0)
-        self.held.pop(lock.name, None)
+        try:
+            while True:
+                try:
+                    if retry:
+                        with redis_errors():
+                            await self.refresh_liveness()  # alive again before touching it
+                    await self._process(attempt, entry, lock)
+                    break
+                except INFRA_ERRORS as exc:
+                    await drop_idle_connections(self.rt.redis, exc)
+                    log.warning(
+                        "workflow %s step %s (%s) waits for %s; retrying in %.1fs",
+                        envelope.workflow_id,
+                        envelope.seq,
+                        envelope.agent,
+                        exc,
+                        delay,
+                    )
+                # The lease stays held and the entry fresh (heartbeats keep both) while the
+                # outage lasts, so the reconciler and other workers leave the step to this
+                # one; the retry runs under the same fence, as nobody else can have run it.
+                self.held[lock.name] = Held(lock, envelope.agent, entry.id)
+                retry = True
+                with anyio.move_on_after(delay):
+                    await self.stopping.wait()
+                if self.stopping.is_set():
+                    break
+                delay = min(delay * 2, 5.0)
+        finally:
+            # Whatever ended it (a defect, a cancellation too): heartbeats must not keep
+            # (or take again) a lease nobody works under any more.
+            self.held.pop(lock.name, None)
 
     async def _process(self, attempt: _Attempt, entry: streams.Entry, lock: Lock) -> None:
         rt = self.rt
@@ -176,11 +181,12 @@ class StepRunner:
                 won = await lock.take_over(self._is_dead)
             read = None
         else:
-            won, read = await self._lease_and_read(envelope, lock)
+            won, read = await self._lease_and_read(envelope, lock, entry)
         if not won:
             # A live worker holds this step's lease. Not acknowledged: if that worker
             # dies, this entry is taken over.
             return
+        self._leased(lock, envelope, entry)
         self.last[envelope.agent] = envelope
         try:
             with tracing.span(
@@ -207,8 +213,14 @@ class StepRunner:
             await lock.release_quietly()
             raise
 
+    def _leased(self, lock: Lock, envelope: TaskEnvelope, entry: streams.Entry) -> None:
+        """Heartbeats keep the lease and the entry fresh from the moment the lease is
+        taken, also while the claim reads Postgres: a read slower than the lease (a loaded
+        server) is not a pause, and must not let another worker take the step over."""
+        self.held[lock.name] = Held(lock, envelope.agent, entry.id)
+
     async def _lease_and_read(
-        self, envelope: TaskEnvelope, lock: Lock
+        self, envelope: TaskEnvelope, lock: Lock, entry: streams.Entry
     ) -> tuple[bool, steps.OpenStep | None]:
         """A first delivery: take the lease and read the step at once, side by side (one
         round trip of latency, not two). The read needs no lease: every execution has its
@@ -224,6 +236,8 @@ class StepRunner:
                 tg.start_soon(open_step)
                 with redis_errors():
                     won = await lock.take_over(self._is_dead)
+                if won:
+                    self._leased(lock, envelope, entry)  # before the read is back
         except BaseExceptionGroup as group:
             raise first_leaf(group) from None  # the outage itself, as if awaited in turn
         return won, read[0]
@@ -337,6 +351,7 @@ class StepRunner:
         key = (envelope.step_id, envelope.attempt)
         running = _Running(envelope, entry, lock, anyio.current_time(), ctx)
         self.running[key] = running
+        self.held.pop(lock.name, None)  # heartbeats keep it as a running step now
         try:
             ending, outcome = await self._settle(running, opened)
         finally:
