@@ -18,7 +18,7 @@ from orchestrator.engine.worker import Worker
 from orchestrator.runtime import Runtime
 from orchestrator.schemas import WorkflowStatus
 from orchestrator.settings import Settings
-from orchestrator.store import tool_runs
+from orchestrator.store import recovery, tool_runs
 from orchestrator.store.tool_runs import ToolRun
 from tests.apps import TICKET, Probe, build_app
 from tests.conftest import fetch, runtime_for
@@ -113,7 +113,7 @@ async def test_heartbeat_keeps_a_step_waiting_out_an_outage(rt: Runtime, probe: 
         rt.redis, rt.keys, "flaky", worker.consumer, count=1, block_ms=1000
     )
     lock = Lock(rt.redis, rt.keys.step_lock(wid, 0), 60_000, owner=worker.consumer, fence=1)
-    worker.runner.held[lock.name] = Held(lock, "flaky", entry.id)
+    worker.runner.held[lock] = Held(lock, "flaky", entry.id)
     await anyio.sleep(0.3)
     await worker._heartbeat()
     stream, group = rt.keys.stream("flaky"), rt.keys.group("flaky")
@@ -388,3 +388,39 @@ async def test_a_step_keeps_its_lease_while_its_claim_reads_slowly(
     record = await client.get(wid)
     assert record.status is WorkflowStatus.COMPLETED and record.steps[0].attempt == 1
     assert worker.runner.held == {} and worker.runner.running == {}
+
+
+async def test_a_stale_execution_ending_leaves_the_current_ones_lease_kept(
+    rt: Runtime, probe: Probe
+) -> None:
+    """Two executions of one step on one worker (a stale attempt waiting out an outage, and
+    the newer attempt's delivery) each keep their own heartbeat entry: the stale one ending
+    must not stop the heartbeats of the newer one's lease."""
+    worker = Worker(rt, concurrency=2)
+    wid = await Client(rt).submit("gated", TICKET)
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    [stale] = await streams.read(
+        rt.redis, rt.keys, "gated", worker.consumer, count=1, block_ms=1000
+    )
+    async with rt.pool.acquire() as conn:
+        newer = await recovery.requeue(conn, streams.decode(stale).step_id)
+    assert newer is not None and newer.attempt == 2
+    await streams.enqueue(rt.redis, rt.keys, newer)
+    [current] = await streams.read(
+        rt.redis, rt.keys, "gated", worker.consumer, count=1, block_ms=1000
+    )
+    lease = Lock(
+        rt.redis,
+        rt.keys.step_lock(wid, 0),
+        int(rt.settings.lease_seconds * 1000),
+        owner=worker.consumer,
+        fence=2,
+    )
+    assert await lease.acquire()
+    worker.runner._leased(lease, newer, current)  # attempt 2, claiming
+    await worker.runner.refresh_liveness()  # this worker is alive: its lease is not taken
+
+    await worker.process("gated", stale)  # attempt 1: the lease is attempt 2's, it ends
+
+    assert list(worker.runner.held) == [lease]
+    assert await rt.redis.get(lease.name) == lease.token.encode()

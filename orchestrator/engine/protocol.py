@@ -101,7 +101,9 @@ class StepRunner:
         self.consumer = consumer
         self.running: dict[tuple[UUID, int], _Running] = {}
         self.last: dict[str, TaskEnvelope] = {}  # the latest step taken per agent
-        self.held: dict[str, Held] = {}  # steps waiting out an outage, by lock name
+        # Leased steps not running (claiming, or waiting out an outage), by their execution's
+        # Lock: two executions of one step on this worker never share an entry.
+        self.held: dict[Lock, Held] = {}
         self.stopping = anyio.Event()
         self.refresh_liveness: Callable[[], Awaitable[None]] = _nothing
 
@@ -161,7 +163,7 @@ class StepRunner:
                 # The lease stays held and the entry fresh (heartbeats keep both) while the
                 # outage lasts, so the reconciler and other workers leave the step to this
                 # one; the retry runs under the same fence, as nobody else can have run it.
-                self.held[lock.name] = Held(lock, envelope.agent, entry.id)
+                self.held[lock] = Held(lock, envelope.agent, entry.id)
                 retry = True
                 with anyio.move_on_after(delay):
                     await self.stopping.wait()
@@ -171,7 +173,7 @@ class StepRunner:
         finally:
             # Whatever ended it (a defect, a cancellation too): heartbeats must not keep
             # (or take again) a lease nobody works under any more.
-            self.held.pop(lock.name, None)
+            self.held.pop(lock, None)
 
     async def _process(self, attempt: _Attempt, entry: streams.Entry, lock: Lock) -> None:
         rt = self.rt
@@ -217,7 +219,7 @@ class StepRunner:
         """Heartbeats keep the lease and the entry fresh from the moment the lease is
         taken, also while the claim reads Postgres: a read slower than the lease (a loaded
         server) is not a pause, and must not let another worker take the step over."""
-        self.held[lock.name] = Held(lock, envelope.agent, entry.id)
+        self.held[lock] = Held(lock, envelope.agent, entry.id)
 
     async def _lease_and_read(
         self, envelope: TaskEnvelope, lock: Lock, entry: streams.Entry
@@ -351,7 +353,7 @@ class StepRunner:
         key = (envelope.step_id, envelope.attempt)
         running = _Running(envelope, entry, lock, anyio.current_time(), ctx)
         self.running[key] = running
-        self.held.pop(lock.name, None)  # heartbeats keep it as a running step now
+        self.held.pop(lock, None)  # heartbeats keep it as a running step now
         try:
             ending, outcome = await self._settle(running, opened)
         finally:
