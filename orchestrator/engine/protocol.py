@@ -181,6 +181,8 @@ class StepRunner:
         if attempt.takeover:
             with redis_errors():
                 won = await lock.take_over(self._is_dead)
+            if won:
+                self._leased(lock, envelope, entry)
             read = None
         else:
             won, read = await self._lease_and_read(envelope, lock, entry)
@@ -188,7 +190,6 @@ class StepRunner:
             # A live worker holds this step's lease. Not acknowledged: if that worker
             # dies, this entry is taken over.
             return
-        self._leased(lock, envelope, entry)
         self.last[envelope.agent] = envelope
         try:
             with tracing.span(
