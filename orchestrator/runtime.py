@@ -73,7 +73,9 @@ class Runtime:
 
     def __post_init__(self) -> None:
         # Frozen: set once, here; both batch concurrent calls, so one per runtime.
-        object.__setattr__(self, "_store", Store(self.db))
+        object.__setattr__(
+            self, "_store", Store(self.db, read_ahead_seconds=self.settings.read_ahead_seconds)
+        )
         object.__setattr__(self, "pipelined", Pipelined(self.redis))
         object.__setattr__(self, "subscriptions", Subscriptions(self.redis))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from decimal import Decimal
 
 import anyio
 import pytest
@@ -13,7 +14,7 @@ from orchestrator.coordination import delayed, streams
 from orchestrator.engine.worker import Worker
 from orchestrator.errors import FenceRejected
 from orchestrator.runtime import Runtime
-from orchestrator.schemas import WorkflowStatus
+from orchestrator.schemas import TaskEnvelope, WorkflowStatus
 from orchestrator.settings import Settings
 from orchestrator.step.context import StepContext
 from orchestrator.store import recovery, steps
@@ -211,3 +212,86 @@ async def test_changed_code_on_resume_fails_loudly(settings: Settings) -> None:
         assert NonDeterminismError.non_retryable
         [letter] = await Client(rt).dead_letters()
         assert "was lookup({'value': 'hello'}) when recorded, now charge" in letter.reason
+
+
+async def test_a_handed_step_is_read_ahead_as_postgres_would_read_it(
+    rt: Runtime, probe: Probe
+) -> None:
+    """The completion that created a step knows its open read (``store.read_ahead``), and
+    what it knows is what Postgres returns at that moment."""
+    probe.gate.set()
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit("two_steps", TICKET)
+    await worker.process("gated", await _next_entry(rt, worker, "gated"))
+    handed = streams.decode(await _next_entry(rt, worker, "flaky"))
+
+    known = rt.store.read_ahead.take(handed)
+    async with rt.pool.acquire() as conn:
+        [read] = await steps.open_steps(conn, [handed])
+    assert known is not None and read.runnable
+    assert known == read
+    assert rt.store.read_ahead.take(handed) is None  # taken once
+
+    # The worker path: put back, the second step runs without its read and completes.
+    rt.store.read_ahead.put(handed, known)
+    await worker.process("flaky", await _redeliver(rt, worker, handed))
+    assert rt.store.read_ahead.taken == 2  # this test's take, then the worker's
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+
+async def test_a_step_read_ahead_after_a_cancel_runs_no_fenced_effect(
+    rt: Runtime, probe: Probe
+) -> None:
+    """What skipping the read gives up: a cancel between the handoff and the run is found
+    by the run's fenced writes, not before it starts. A non-idempotent tool's call is
+    refused, the completion writes nothing; only the idempotent lookup ran."""
+    probe.gate.set()
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit("two_steps", TICKET)
+    await worker.process("gated", await _next_entry(rt, worker, "gated"))
+    assert await client.cancel(wid) is not None
+    await worker.process("flaky", await _next_entry(rt, worker, "flaky"))
+
+    assert rt.store.read_ahead.taken == 1  # it ran on what the completion knew
+    assert (probe.calls["lookup"], probe.calls["charge"]) == (1, 0)
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.CANCELLED
+    assert [s.status for s in record.steps] == ["completed", "cancelled"]
+    attempts = await fetch(rt, "SELECT outcome FROM step_attempts")
+    assert [a["outcome"] for a in attempts] == ["completed"]  # the first step's only
+    assert await fetch(rt, "SELECT 1 FROM tool_runs") == []
+    pending = await rt.redis.xpending(rt.keys.stream("flaky"), "flaky")
+    assert pending["pending"] == 0  # dropped, acknowledged
+
+
+async def test_a_requeued_or_budgeted_step_is_read_not_assumed(rt: Runtime, probe: Probe) -> None:
+    """The read-ahead holds the attempt the step was created with: a requeue's envelope
+    reads Postgres. A tenant with a budget is never read ahead (others move its spend)."""
+    probe.gate.set()
+    client, worker = Client(rt), Worker(rt, concurrency=1)
+    wid = await client.submit("two_steps", TICKET)
+    await worker.process("gated", await _next_entry(rt, worker, "gated"))
+    handed = streams.decode(await _next_entry(rt, worker, "flaky"))
+    async with rt.pool.acquire() as conn:
+        requeued = await recovery.requeue(conn, handed.step_id)
+    assert requeued is not None and requeued.attempt == 2
+    assert rt.store.read_ahead.take(requeued) is None
+    await worker.process("flaky", await _redeliver(rt, worker, requeued))
+    assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+    assert rt.store.read_ahead.taken == 0
+
+    await rt.store.costs.set_budget(TICKET.tenant_id, Decimal(5))
+    budgeted = await client.submit("two_steps", TICKET.model_copy(update={"subject": "again"}))
+    await worker.process("gated", await _next_entry(rt, worker, "gated"))
+    assert len(rt.store.read_ahead) == 0
+    await worker.process("flaky", await _next_entry(rt, worker, "flaky"))
+    assert (await client.get(budgeted)).status is WorkflowStatus.COMPLETED
+    assert rt.store.read_ahead.taken == 0
+
+
+async def _redeliver(rt: Runtime, worker: Worker, envelope: TaskEnvelope) -> streams.Entry:
+    """``envelope`` as this worker's next entry of its agent's stream."""
+    await streams.enqueue(rt.redis, rt.keys, envelope)
+    entry = await _next_entry(rt, worker, envelope.agent)
+    assert streams.decode(entry) == envelope
+    return entry

@@ -41,6 +41,7 @@ from orchestrator.store import (
 )
 from orchestrator.store import memory as memory_store
 from orchestrator.store.dead_letters import DeadLetter
+from orchestrator.store.read_ahead import ReadAhead
 from orchestrator.store.tool_runs import ToolRun
 
 Connect = Callable[[], contextlib.AbstractAsyncContextManager[Conn]]
@@ -51,8 +52,10 @@ COMPLETE_BATCH = 64  # completions pipelined in one round trip and one transacti
 class Store:
     """Postgres, the truth, behind named operations (see the module docstring)."""
 
-    def __init__(self, connect: Connect) -> None:
+    def __init__(self, connect: Connect, *, read_ahead_seconds: float = 0.0) -> None:
         self._connect = connect
+        # Open reads of the steps this process's completions just created: not read again.
+        self.read_ahead = ReadAhead(read_ahead_seconds)
         # Group commit: concurrent steps' open reads and completions share round trips
         # (and completions one commit); one step alone is sent at once.
         self._opens = Combiner(self._open_many, max_batch=OPEN_BATCH)
@@ -160,8 +163,10 @@ class Store:
     # Steps: the step protocol
     async def open(self, envelope: TaskEnvelope) -> steps.OpenStep:
         """Whether the step may run under this envelope's fence, and what it recorded
-        (read with the concurrent steps' reads, in one round trip)."""
-        return await self._opens(envelope)
+        (read with the concurrent steps' reads, in one round trip; not read at all when
+        this process's completion just created the step: ``store.read_ahead``)."""
+        known = self.read_ahead.take(envelope)
+        return known if known is not None else await self._opens(envelope)
 
     async def _open_many(self, envelopes: Sequence[TaskEnvelope]) -> list[steps.OpenStep]:
         async with self._connect() as conn:
@@ -189,6 +194,9 @@ class Store:
         if isinstance(row, Exception):
             raise row
         completed, session = steps.linear_result(one, row)
+        if one.ready is not None and completed.status is WorkflowStatus.RUNNING:
+            for handed in completed.next:  # before any promotion: only this workflow's
+                self.read_ahead.put(handed, one.ready)
         if session is None:
             return completed
         async with self._connect() as conn:

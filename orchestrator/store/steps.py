@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from decimal import Decimal
 from typing import Any
@@ -293,6 +293,15 @@ def _opened(row: Any, envelope: TaskEnvelope) -> OpenStep:
     )
 
 
+def _opened_after(opened: OpenStep, handed: int) -> OpenStep:
+    """The open read of the step a linear completion of ``opened``'s step creates, as
+    ``SELECT_OPEN`` returns it once that commits: queued at attempt 1 with nothing recorded,
+    the workflow's next number moved on by the ``handed`` steps (one)."""
+    return replace(
+        opened, recorded={}, waits=[], signals={}, failures=0, next_seq=opened.next_seq + handed
+    )
+
+
 async def take_over(conn: Conn, envelope: TaskEnvelope, by: str) -> TaskEnvelope | None:
     """A new fence for a redelivered step (its last execution died or stalled); None when
     the step is closed, its workflow not running, or a scheduled retry is not due."""
@@ -322,6 +331,8 @@ class Linear:
     envelope: TaskEnvelope
     next: list[TaskEnvelope]
     args: tuple[Any, ...]
+    # The next step's open read once this commits (``store.read_ahead``); None: read it.
+    ready: OpenStep | None = None
 
 
 def linear(
@@ -340,7 +351,9 @@ def linear(
         return None
     nxt = _next_envelopes(envelope, outcome, opened.next_seq)
     args = _close_args(envelope, outcome, opened, nxt, done=not nxt, linear=True)
-    return Linear(envelope, nxt, args)
+    # A tenant with a budget reads its spend afresh each step: other workflows move it.
+    ahead = nxt and opened.budget_usd is None
+    return Linear(envelope, nxt, args, _opened_after(opened, len(nxt)) if ahead else None)
 
 
 async def complete_linear(conn: Conn, items: Sequence[Linear]) -> list[Any]:

@@ -1,0 +1,70 @@
+"""Open reads known without reading: the completion that created a step just wrote them.
+
+A linear completion (``steps.COMPLETE_STEP``) creates its workflow's next step in
+the statement that also sets everything that step's open read
+(``steps.SELECT_OPEN``) returns: the step is queued at attempt 1 with no tool
+runs, waits or signals, the workflow runs with the next step number it was
+given, and the tenant, session and customer are the parent's. So when the
+same process takes that step a moment later, the read can be skipped: one
+Postgres statement per handoff.
+
+Safe because nothing here is trusted for safety: every write of the run
+(tool-ledger rows, completion, failure, park) is still fenced on the step being
+queued at the envelope's attempt. What a read would have added is only an
+earlier "skip": a workflow cancelled, or a step requeued, in the moments
+between the handoff and the run. Then the run writes nothing, as it would if
+the cancel had come just after a read. A step is taken once, at the attempt it
+was created with, and only within ``seconds`` of its commit; a tenant with a
+budget is never read ahead (its spend moves with every other workflow's).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from orchestrator.store.steps import OpenStep
+
+if TYPE_CHECKING:
+    from orchestrator.schemas import TaskEnvelope
+
+LIMIT = 10_000  # steps remembered at most: those another process took are never taken here
+
+
+class ReadAhead:
+    """The open reads of steps this process just created, each kept ``seconds``, taken once."""
+
+    def __init__(self, seconds: float, *, limit: int = LIMIT) -> None:
+        self.seconds = seconds
+        self._limit = limit
+        # In insertion order, so in expiry order: the oldest go first.
+        self._known: dict[UUID, tuple[float, int, OpenStep]] = {}
+        self.taken = 0  # open reads skipped
+
+    def put(self, envelope: TaskEnvelope, opened: OpenStep) -> None:
+        """What ``envelope``'s open read returns as of now (the step was just committed)."""
+        if self.seconds <= 0:
+            return
+        now = time.monotonic()
+        known = self._known
+        for step_id, (until, _, _) in list(known.items()):
+            if until > now and len(known) < self._limit:
+                break
+            del known[step_id]
+        known[envelope.step_id] = (now + self.seconds, envelope.attempt, opened)
+
+    def take(self, envelope: TaskEnvelope) -> OpenStep | None:
+        """The open read of ``envelope``'s step, if this process created it at this attempt
+        within ``seconds``; None: read it."""
+        found = self._known.pop(envelope.step_id, None)
+        if found is None:
+            return None
+        until, attempt, opened = found
+        if attempt != envelope.attempt or time.monotonic() >= until:
+            return None
+        self.taken += 1
+        return opened
+
+    def __len__(self) -> int:
+        return len(self._known)
