@@ -14,10 +14,12 @@ from typing import Any
 
 import anyio
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from orchestrator import tracing
 from orchestrator.agents.support import sample_tickets
 from orchestrator.cli.demo import run_local
 from orchestrator.client import Client
@@ -225,3 +227,29 @@ async def test_resume_stays_in_the_workflow_trace(settings: Settings, probe: Pro
         runs = _trace_of(exporter, "step flaky")
         assert len(runs) == rt.settings.max_attempts + 1
         assert set(runs) == {(submit.context.trace_id, submit.context.span_id)}
+
+
+def test_spans_are_started_only_where_they_go_somewhere() -> None:
+    """With no provider given nor set globally, no span is started: the no-op one would only
+    make the current span current again. A given provider gets its spans; a recording span
+    of the caller's never takes the runtime's attributes."""
+    quiet = tracing.tracer()
+    assert tracing.silent(quiet)
+    with tracing.child(quiet, "step.claim", {"step.takeover": False}) as skipped:
+        assert skipped is trace.get_current_span() and not skipped.is_recording()
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    loud = tracing.tracer(provider)
+    assert not tracing.silent(loud)
+    with loud.start_as_current_span("the caller's") as callers:
+        assert not tracing.silent(quiet)  # a recording span is current
+        with tracing.child(quiet, "step.claim", {"step.takeover": True}) as inner:
+            assert inner is not callers and not inner.is_recording()
+        with tracing.child(loud, "step.complete", {"step.takeover": True}):
+            pass
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert sorted(spans) == ["step.complete", "the caller's"]
+    assert dict(spans["step.complete"].attributes or {}) == {"step.takeover": True}
+    assert not spans["the caller's"].attributes

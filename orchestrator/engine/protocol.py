@@ -257,9 +257,7 @@ class StepRunner:
         acknowledged, when it is not to run."""
         rt, envelope = self.rt, attempt.envelope
         takeover = attempt.takeover or lock.stolen
-        with rt.tracer.start_as_current_span(
-            "step.claim", attributes={"step.takeover": takeover}
-        ) as span:
+        with tracing.child(rt.tracer, "step.claim", {"step.takeover": takeover}) as span:
             if takeover:
                 taken = await rt.store.take_over(envelope, self.consumer)
                 if taken is None:
@@ -379,7 +377,7 @@ class StepRunner:
                 if running.scope.cancelled_caught:
                     raise ctx_superseded(envelope)
                 running.committing = True
-                with rt.tracer.start_as_current_span("step.complete"):
+                with tracing.child(rt.tracer, "step.complete"):
                     completed = await rt.store.complete(envelope, outcome, opened, rt.app.joins)
                 rt.crash.reached("after_commit")
                 ending = self._ending(
@@ -467,9 +465,7 @@ class StepRunner:
     ) -> streams.Handoff:
         """The step waits, durably, for a signal or a time (no worker holds it meanwhile);
         or, when the signal it waits for is already there, runs again at once."""
-        with self.rt.tracer.start_as_current_span(
-            "step.park", attributes={"wait.signal": parked.name or ""}
-        ):
+        with tracing.child(self.rt.tracer, "step.park", {"wait.signal": parked.name or ""}):
             parking = await self.rt.store.park(
                 envelope,
                 parked,
@@ -531,9 +527,7 @@ class StepRunner:
             "giving up" if retry_after is None else f"retry in {retry_after:.2f}s",
             error,
         )
-        with rt.tracer.start_as_current_span(
-            "step.fail", attributes={"step.retry": retry_after is not None}
-        ):
+        with tracing.child(rt.tracer, "step.fail", {"step.retry": retry_after is not None}):
             failure = await rt.store.fail(
                 envelope,
                 error=error,

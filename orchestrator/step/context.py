@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from datetime import timedelta
 from typing import Any
 
+from orchestrator import tracing
 from orchestrator.errors import (
     NonDeterminismError,
     OrchestratorError,
@@ -178,8 +179,8 @@ class StepContext:
                 non_retryable=True,
             )
         run = self._ledger.next_run(name, args)
-        with self._services.tracer.start_as_current_span(
-            f"tool {name}", attributes={"tool.idempotency_key": run.key}
+        with tracing.child(
+            self._services.tracer, f"tool {name}", {"tool.idempotency_key": run.key}
         ):
             return await self._ledger.call(spec, run)
 
@@ -238,9 +239,10 @@ class StepModel:
         if runtime.model_limiter is not None:
             await runtime.model_limiter.take(ctx.info.tenant_id)
         # A span per call (the tool calls the model makes are its children).
-        with runtime.tracer.start_as_current_span(
+        with tracing.child(
+            runtime.tracer,
             f"model {request.purpose}",
-            attributes={"gen_ai.request.model": self.name, "model.purpose": request.purpose},
+            {"gen_ai.request.model": self.name, "model.purpose": request.purpose},
         ) as span:
             completion = await runtime.model.complete(request, output, tools, run_tool, max_turns)
             used = completion.usage

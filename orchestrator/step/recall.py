@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 from uuid import UUID
 
+from orchestrator import tracing
 from orchestrator.step.info import StepInfo
 from orchestrator.step.services import StepServices
 from orchestrator.store.memory import Memory
@@ -58,8 +59,8 @@ async def recall_for_step(
     ``query``, hybrid (vector and full text), from the session's cache when it is current.
     One span per recall (``memory.recall``: how many, how, whether cached; never the
     query's text, which may be personal)."""
-    with services.tracer.start_as_current_span(
-        "memory.recall", attributes={"memory.k": k, "memory.kinds": list(kinds or [])}
+    with tracing.child(
+        services.tracer, "memory.recall", {"memory.k": k, "memory.kinds": list(kinds or [])}
     ) as span:
         found = await _recall(services, info, query, k=k, kinds=kinds)
         span.set_attribute("memory.cached", found.cached)
