@@ -163,10 +163,13 @@ class Store:
     # Steps: the step protocol
     async def open(self, envelope: TaskEnvelope) -> steps.OpenStep:
         """Whether the step may run under this envelope's fence, and what it recorded
-        (read with the concurrent steps' reads, in one round trip; not read at all when
-        this process's completion just created the step: ``store.read_ahead``)."""
-        known = self.read_ahead.take(envelope)
-        return known if known is not None else await self._opens(envelope)
+        (read with the concurrent steps' reads, in one round trip)."""
+        return await self._opens(envelope)
+
+    def opened_ahead(self, envelope: TaskEnvelope) -> steps.OpenStep | None:
+        """What ``open`` would return, when this process's completion just created the step
+        (``store.read_ahead``): no read needed. None: ``open`` it."""
+        return self.read_ahead.take(envelope)
 
     async def _open_many(self, envelopes: Sequence[TaskEnvelope]) -> list[steps.OpenStep]:
         async with self._connect() as conn:
