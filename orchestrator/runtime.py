@@ -73,11 +73,14 @@ class Runtime:
 
     def __post_init__(self) -> None:
         # Frozen: set once, here; both batch concurrent calls, so one per runtime.
-        object.__setattr__(
-            self, "_store", Store(self.db, read_ahead_seconds=self.settings.read_ahead_seconds)
-        )
+        object.__setattr__(self, "_store", Store(self.db, read_ahead_seconds=self._read_ahead()))
         object.__setattr__(self, "pipelined", Pipelined(self.redis))
         object.__setattr__(self, "subscriptions", Subscriptions(self.redis))
+
+    def _read_ahead(self) -> float:
+        # Under half the stall time: a reconciler requeue (a new fence) never meets a
+        # delivery of the old attempt that is still read ahead.
+        return min(self.settings.read_ahead_seconds, self.settings.stall_after / 2)
 
     def db(self) -> contextlib.AbstractAsyncContextManager[Conn]:
         """A pooled connection, bounded in time; infrastructure failures raise

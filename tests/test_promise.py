@@ -473,8 +473,13 @@ async def test_fence_and_budget_apart_requeues_do_not_spend_retries(
         assert await recovery.requeue(conn, step_id, reason="stalled") is not None
         newest = await recovery.requeue(conn, step_id, reason="stalled")
     assert newest is not None and newest.attempt == 3
-    await worker.process("flaky", stale)  # attempt 1's entry: skipped, acknowledged
-    assert probe.calls["lookup"] == 0
+    # Attempt 1's entry, fenced out. Taken a moment after its submit, it runs on its
+    # read-ahead (store.read_ahead): the idempotent lookup runs, the charge is refused by
+    # the ledger's fence, nothing is written, no retry is spent.
+    await worker.process("flaky", stale)
+    assert (probe.calls["lookup"], probe.calls["charge"]) == (1, 0)
+    step = await _step(rt, wid)
+    assert (step["attempt"], step["failures"]) == (3, 0)
 
     await streams.enqueue(rt.redis, rt.keys, newest)
     await worker.process("flaky", await _read(rt, "flaky", worker.consumer))  # fails once

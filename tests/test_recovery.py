@@ -363,6 +363,8 @@ async def test_a_step_keeps_its_lease_while_its_claim_reads_slowly(
     [entry] = await streams.read(
         rt.redis, rt.keys, "gated", worker.consumer, count=1, block_ms=1000
     )
+    # Taken here, so the claim reads Postgres: the submit's read-ahead would skip the read.
+    assert rt.store.opened_ahead(streams.decode(entry)) is not None
     reading, go_on = anyio.Event(), anyio.Event()
     open_now = rt.store.open
 

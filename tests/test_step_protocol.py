@@ -217,26 +217,33 @@ async def test_changed_code_on_resume_fails_loudly(settings: Settings) -> None:
 async def test_a_handed_step_is_read_ahead_as_postgres_would_read_it(
     rt: Runtime, probe: Probe
 ) -> None:
-    """The completion that created a step knows its open read (``store.read_ahead``), and
-    what it knows is what Postgres returns at that moment."""
+    """The submit or completion that created a step knows its open read
+    (``store.read_ahead``), and what it knows is what Postgres returns at that moment."""
     probe.gate.set()
     client, worker = Client(rt), Worker(rt, concurrency=1)
-    wid = await client.submit("two_steps", TICKET)
-    await worker.process("gated", await _next_entry(rt, worker, "gated"))
+    wid = await client.submit("two_steps", TICKET, session="s-1")
+    first = await _next_entry(rt, worker, "gated")
+    assert await _read_ahead_is_read(rt, streams.decode(first))
+    await worker.process("gated", first)
     handed = streams.decode(await _next_entry(rt, worker, "flaky"))
-
-    known = rt.store.read_ahead.take(handed)
-    async with rt.pool.acquire() as conn:
-        [read] = await steps.open_steps(conn, [handed])
-    assert known is not None and read.runnable
-    assert known == read
-    assert rt.store.read_ahead.take(handed) is None  # taken once
+    assert await _read_ahead_is_read(rt, handed)
 
     # The worker path: put back, the second step runs without its read and completes.
-    rt.store.read_ahead.put(handed, known)
+    async with rt.pool.acquire() as conn:
+        [read] = await steps.open_steps(conn, [handed])
+    rt.store.read_ahead.put(handed, read)
     await worker.process("flaky", await _redeliver(rt, worker, handed))
-    assert rt.store.read_ahead.taken == 2  # this test's take, then the worker's
+    assert rt.store.read_ahead.taken == 3  # this test's two takes, then the worker's
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
+
+
+async def _read_ahead_is_read(rt: Runtime, envelope: TaskEnvelope) -> bool:
+    """Whether ``envelope``'s step was read ahead as Postgres reads it now (taken once)."""
+    known = rt.store.read_ahead.take(envelope)
+    async with rt.pool.acquire() as conn:
+        [read] = await steps.open_steps(conn, [envelope])
+    assert read.runnable and rt.store.read_ahead.take(envelope) is None
+    return known == read
 
 
 async def test_a_step_read_ahead_after_a_cancel_runs_no_fenced_effect(
@@ -252,7 +259,7 @@ async def test_a_step_read_ahead_after_a_cancel_runs_no_fenced_effect(
     assert await client.cancel(wid) is not None
     await worker.process("flaky", await _next_entry(rt, worker, "flaky"))
 
-    assert rt.store.read_ahead.taken == 1  # it ran on what the completion knew
+    assert rt.store.read_ahead.taken == 2  # both steps ran on what their creator knew
     assert (probe.calls["lookup"], probe.calls["charge"]) == (1, 0)
     record = await client.get(wid)
     assert record.status is WorkflowStatus.CANCELLED
@@ -278,15 +285,16 @@ async def test_a_requeued_or_budgeted_step_is_read_not_assumed(rt: Runtime, prob
     assert rt.store.read_ahead.take(requeued) is None
     await worker.process("flaky", await _redeliver(rt, worker, requeued))
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
-    assert rt.store.read_ahead.taken == 0
+    assert rt.store.read_ahead.taken == 1  # the first step only, as submitted
 
     await rt.store.costs.set_budget(TICKET.tenant_id, Decimal(5))
     budgeted = await client.submit("two_steps", TICKET.model_copy(update={"subject": "again"}))
+    assert len(rt.store.read_ahead) == 0
     await worker.process("gated", await _next_entry(rt, worker, "gated"))
     assert len(rt.store.read_ahead) == 0
     await worker.process("flaky", await _next_entry(rt, worker, "flaky"))
     assert (await client.get(budgeted)).status is WorkflowStatus.COMPLETED
-    assert rt.store.read_ahead.taken == 0
+    assert rt.store.read_ahead.taken == 1
 
 
 async def _redeliver(rt: Runtime, worker: Worker, envelope: TaskEnvelope) -> streams.Entry:

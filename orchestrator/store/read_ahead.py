@@ -1,12 +1,13 @@
-"""Open reads known without reading: the completion that created a step just wrote them.
+"""Open reads known without reading: the statement that created a step just wrote them.
 
-A linear completion (``steps.COMPLETE_STEP``) creates its workflow's next step in
-the statement that also sets everything that step's open read
-(``steps.SELECT_OPEN``) returns: the step is queued at attempt 1 with no tool
-runs, waits or signals, the workflow runs with the next step number it was
-given, and the tenant, session and customer are the parent's. So when the
-same process takes that step a moment later, the read can be skipped: one
-Postgres statement per handoff.
+A submission (``workflows.CREATE_WORKFLOW``) creates the first step, and a linear
+completion (``steps.COMPLETE_STEP``) its workflow's next one, in the statement
+that also sets everything that step's open read (``steps.SELECT_OPEN``) returns:
+the step is queued at attempt 1 with no tool runs, waits or signals, the
+workflow runs with the step number it was given, and the tenant, session and
+customer are known. So when the same process takes that step a moment later
+(a worker in the client's process, or the worker that handed it on), the read
+can be skipped: one Postgres statement per step.
 
 Safe because nothing here is trusted for safety: every write of the run
 (tool-ledger rows, completion, failure, park) is still fenced on the step being

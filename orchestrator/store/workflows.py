@@ -19,6 +19,7 @@ from orchestrator.schemas import (
     WorkflowStatus,
 )
 from orchestrator.store import Conn, ids
+from orchestrator.store.steps import OpenStep
 
 # The whole submission as ONE statement: session, workflow, first message,
 # first step and event, or nothing when the session belongs to another tenant.
@@ -28,7 +29,7 @@ WITH owner AS (
     -- concurrent submission created the session after this statement's snapshot.
     INSERT INTO sessions (id, tenant_id, customer_id) VALUES ($3, $4, $5)
     ON CONFLICT (id) DO UPDATE SET tenant_id = sessions.tenant_id
-    RETURNING tenant_id
+    RETURNING tenant_id, customer_id
 ), workflow_row AS (
     INSERT INTO workflows (id, tenant_id, session_id, pipeline, status, input, state, app_version,
                            submit_key, consolidate)
@@ -52,7 +53,11 @@ WITH owner AS (
     INSERT INTO events (workflow_id, step_id, type, data)
     SELECT id, NULL, 'workflow.submitted', $11 FROM workflow_row
 )
-SELECT status FROM workflow_row
+-- What the first step's open read needs besides: the session's customer, and whether the
+-- tenant has a budget (then it is read: store.read_ahead).
+SELECT w.status, o.customer_id,
+       EXISTS (SELECT 1 FROM tenant_budgets b WHERE b.tenant_id = $4) AS budgeted
+FROM workflow_row w, owner o
 """
 # A submission retried with the same key (after a timeout, say) gets the first one back.
 SELECT_BY_KEY = "SELECT id FROM workflows WHERE tenant_id = $1 AND submit_key = $2"
@@ -99,6 +104,9 @@ class Created:
     queued: bool  # True: behind another workflow of its session, not to be enqueued yet
     envelope: TaskEnvelope
     existing: bool = False  # the key was submitted before: this is that workflow, not new
+    # The first step's open read as of this commit (store.read_ahead); None: read it (the
+    # workflow is queued or was submitted before, or its tenant has a budget).
+    opened: OpenStep | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +137,7 @@ async def create(conn: Conn, sub: Submission) -> Created:
     workflow_id, step_id = ids.time_ordered(), ids.time_ordered()
     envelope_id = workflow_id
     session_id = sub.session or f"session-{workflow_id}"
-    status = await _insert(
+    row = await _insert(
         conn,
         workflow_id,
         step_id,
@@ -146,12 +154,18 @@ async def create(conn: Conn, sub: Submission) -> Created:
         sub.consolidate,
         sub.traceparent,
     )
+    status = None if row is None else row["status"]
     if status is None and sub.key is not None:
         existing = await conn.fetchval(SELECT_BY_KEY, sub.tenant, sub.key)
         if existing is not None:
             workflow_id, status = existing, WorkflowStatus.QUEUED.value
     if status is None:
         raise InvalidInput(f"session {session_id} belongs to another tenant")
+    opened = None
+    if row is not None and status == WorkflowStatus.RUNNING and not row["budgeted"]:
+        opened = OpenStep(
+            True, "", tenant_id=sub.tenant, session_id=session_id, customer_id=row["customer_id"]
+        )
     return Created(
         status == WorkflowStatus.QUEUED,
         TaskEnvelope(
@@ -167,16 +181,17 @@ async def create(conn: Conn, sub: Submission) -> Created:
             traceparent=sub.traceparent,
         ),
         existing=workflow_id != envelope_id,
+        opened=opened,
     )
 
 
-async def _insert(conn: Conn, *args: Any) -> str | None:
-    """Insert the submission; a concurrent first ticket of the same session wins the race
-    for 'running' (unique index), so try once more and queue behind it."""
+async def _insert(conn: Conn, *args: Any) -> Any:
+    """Insert the submission: its row (None: not inserted); a concurrent first ticket of the
+    same session wins the race for 'running' (unique index), so try once more and queue
+    behind it."""
     for _ in range(3):
         try:
-            status: str | None = await conn.fetchval(CREATE_WORKFLOW, *args)
-            return status
+            return await conn.fetchrow(CREATE_WORKFLOW, *args)
         except asyncpg.UniqueViolationError:
             continue
     raise InvalidInput("too much contention on this session; submit again")
