@@ -49,10 +49,11 @@ class ReadAhead:
             return
         now = time.monotonic()
         known = self._known
-        for step_id, (until, _, _) in list(known.items()):
-            if until > now and len(known) < self._limit:
+        while known:  # the expired, and the oldest beyond the limit: in order, at the front
+            oldest = next(iter(known))
+            if known[oldest][0] > now and len(known) < self._limit:
                 break
-            del known[step_id]
+            del known[oldest]
         known[envelope.step_id] = (now + self.seconds, envelope.attempt, opened)
 
     def take(self, envelope: TaskEnvelope) -> OpenStep | None:

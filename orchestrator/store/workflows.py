@@ -164,7 +164,11 @@ async def create(conn: Conn, sub: Submission) -> Created:
     opened = None
     if row is not None and status == WorkflowStatus.RUNNING and not row["budgeted"]:
         opened = OpenStep(
-            True, "", tenant_id=sub.tenant, session_id=session_id, customer_id=row["customer_id"]
+            True,
+            "",
+            tenant_id=sub.tenant,
+            session_id=session_id,
+            customer_id=row["customer_id"] or "",
         )
     return Created(
         status == WorkflowStatus.QUEUED,
