@@ -79,8 +79,8 @@ class Settings(BaseSettings):
     # An open step with no progress for this long is re-enqueued from Postgres.
     stall_seconds: float | None = Field(default=None, gt=0)
     reconcile_interval_seconds: float = Field(default=5.0, gt=0)
-    # A step this process's completion just created runs without its open read for this
-    # long after the commit (orchestrator.store.read_ahead); 0: every step is read.
+    # A step this process's submit or completion just created runs without its open read
+    # for this long after the commit (orchestrator.store.read_ahead); 0: every step is read.
     read_ahead_seconds: float = Field(default=1.0, ge=0)
     # How often each worker wakes due timers (sleeps, wait timeouts) from Postgres.
     timer_interval_seconds: float = Field(default=1.0, gt=0)

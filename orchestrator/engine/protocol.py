@@ -229,9 +229,10 @@ class StepRunner:
         round trip of latency, not two). The read needs no lease: every execution has its
         own attempt, so whatever ran meanwhile under another moved the attempt, and this
         execution's writes are refused by the fence as they would be after a later read.
-        A step this process's completion just created is not read at all (its read ahead)."""
+        A step this process's submit or completion just created is not read at all (its
+        read-ahead)."""
         known = self.rt.store.opened_ahead(envelope)
-        if known is not None:  # this process's completion just created the step
+        if known is not None:  # this process's submit or completion just created the step
             with redis_errors():
                 won = await lock.take_over(self._is_dead)
             if won:

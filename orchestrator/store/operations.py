@@ -54,7 +54,7 @@ class Store:
 
     def __init__(self, connect: Connect, *, read_ahead_seconds: float = 0.0) -> None:
         self._connect = connect
-        # Open reads of the steps this process's completions just created: not read again.
+        # Open reads of the steps this process's submits and completions just created.
         self.read_ahead = ReadAhead(read_ahead_seconds)
         # Group commit: concurrent steps' open reads and completions share round trips
         # (and completions one commit); one step alone is sent at once.
@@ -170,8 +170,8 @@ class Store:
         return await self._opens(envelope)
 
     def opened_ahead(self, envelope: TaskEnvelope) -> steps.OpenStep | None:
-        """What ``open`` would return, when this process's completion just created the step
-        (``store.read_ahead``): no read needed. None: ``open`` it."""
+        """What ``open`` would return, when this process's submit or completion just created
+        the step (``store.read_ahead``): no read needed. None: ``open`` it."""
         return self.read_ahead.take(envelope)
 
     async def _open_many(self, envelopes: Sequence[TaskEnvelope]) -> list[steps.OpenStep]:
