@@ -418,8 +418,7 @@ async def test_a_stale_execution_ending_leaves_the_current_ones_lease_kept(
         owner=worker.consumer,
         fence=2,
     )
-    assert await lease.acquire()
-    worker.runner._leased(lease, newer, current)  # attempt 2, claiming
+    assert await worker.runner._lease(lease, newer, current)  # attempt 2, claiming
     await worker.runner.refresh_liveness()  # this worker is alive: its lease is not taken
 
     await worker.process("gated", stale)  # attempt 1: the lease is attempt 2's, it ends

@@ -179,11 +179,7 @@ class StepRunner:
         rt = self.rt
         envelope = attempt.envelope
         if attempt.takeover:
-            with redis_errors():
-                won = await lock.take_over(self._is_dead)
-            if won:
-                self._leased(lock, envelope, entry)
-            read = None
+            won, read = await self._lease(lock, envelope, entry), None
         else:
             won, read = await self._lease_and_read(envelope, lock, entry)
         if not won:
@@ -216,11 +212,16 @@ class StepRunner:
             await lock.release_quietly()
             raise
 
-    def _leased(self, lock: Lock, envelope: TaskEnvelope, entry: streams.Entry) -> None:
-        """Heartbeats keep the lease and the entry fresh from the moment the lease is
-        taken, also while the claim reads Postgres: a read slower than the lease (a loaded
-        server) is not a pause, and must not let another worker take the step over."""
-        self.held[lock] = Held(lock, envelope.agent, entry.id)
+    async def _lease(self, lock: Lock, envelope: TaskEnvelope, entry: streams.Entry) -> bool:
+        """Take the step's lease (from a dead holder too); whether it is this execution's.
+        Heartbeats keep the lease and the entry fresh from the moment it is taken, also
+        while the claim reads Postgres: a read slower than the lease (a loaded server) is
+        not a pause, and must not let another worker take the step over."""
+        with redis_errors():
+            won = await lock.take_over(self._is_dead)
+        if won:
+            self.held[lock] = Held(lock, envelope.agent, entry.id)
+        return won
 
     async def _lease_and_read(
         self, envelope: TaskEnvelope, lock: Lock, entry: streams.Entry
@@ -233,11 +234,7 @@ class StepRunner:
         read-ahead)."""
         known = self.rt.store.opened_ahead(envelope)
         if known is not None:  # this process's submit or completion just created the step
-            with redis_errors():
-                won = await lock.take_over(self._is_dead)
-            if won:
-                self._leased(lock, envelope, entry)
-            return won, known
+            return await self._lease(lock, envelope, entry), known
         read: list[steps.OpenStep] = []
 
         async def open_step() -> None:
@@ -246,10 +243,7 @@ class StepRunner:
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(open_step)
-                with redis_errors():
-                    won = await lock.take_over(self._is_dead)
-                if won:
-                    self._leased(lock, envelope, entry)  # before the read is back
+                won = await self._lease(lock, envelope, entry)  # kept before the read is back
         except BaseExceptionGroup as group:
             raise first_leaf(group) from None  # the outage itself, as if awaited in turn
         return won, read[0]
