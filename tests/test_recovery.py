@@ -425,3 +425,75 @@ async def test_a_stale_execution_ending_leaves_the_current_ones_lease_kept(
 
     assert list(worker.runner.held) == [lease]
     assert await rt.redis.get(lease.name) == lease.token.encode()
+
+
+async def test_two_entries_of_a_step_claimed_together_take_it_over_once(
+    rt: Runtime, probe: Probe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A dead worker left two entries of one step pending (attempt 1's, and attempt 2's
+    from a requeue); a live worker reclaims both in one batch and runs them side by side.
+    The one that leased first is taking the step over: the other must not take the lease
+    from it as from a stale holder, or both move the fence (an attempt nothing failed)."""
+    probe.gate.set()
+    client = Client(rt)
+    dead, alive = Worker(rt, concurrency=2), Worker(rt, concurrency=2)
+    wid = await client.submit("gated", TICKET)
+    await streams.ensure_group(rt.redis, rt.keys, "gated")
+    [first] = await streams.read(rt.redis, rt.keys, "gated", dead.consumer, count=1, block_ms=1000)
+    async with rt.pool.acquire() as conn:
+        newer = await recovery.requeue(conn, streams.decode(first).step_id)
+    assert newer is not None and newer.attempt == 2
+    await streams.enqueue(rt.redis, rt.keys, newer)
+    [second] = await streams.read(rt.redis, rt.keys, "gated", dead.consumer, count=1, block_ms=1000)
+    await anyio.sleep(rt.settings.lease_seconds + 0.05)
+    _, both = await streams.reclaim(
+        rt.redis,
+        rt.keys,
+        "gated",
+        alive.consumer,
+        min_idle_ms=int(rt.settings.lease_seconds * 1000),
+        count=5,
+    )
+    assert [e.id for e in both] == [first.id, second.id]
+    await rt.redis.set(rt.keys.worker_alive(alive.consumer), "1", ex=60)
+
+    # Hold each takeover's new fence until the other execution has had its go at the lease.
+    calls, go_on = [0], anyio.Event()
+    take_over_now = rt.store.take_over
+
+    async def held_take_over(envelope: Any, by: str) -> Any:
+        calls[0] += 1
+        await go_on.wait()
+        return await take_over_now(envelope, by)
+
+    monkeypatch.setattr(rt.store, "take_over", held_take_over)
+    second_done = anyio.Event()
+
+    async def run(entry: streams.Entry, done: anyio.Event) -> None:
+        await alive.process("gated", entry, takeover=True)
+        done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run, both[0], anyio.Event())
+        with anyio.fail_after(5):
+            while calls[0] < 1:  # attempt 1's execution holds the lease, taking over
+                await anyio.sleep(0.01)
+        tg.start_soon(run, both[1], second_done)
+        with anyio.fail_after(5):
+            while calls[0] < 2 and not second_done.is_set():
+                await anyio.sleep(0.01)
+        go_on.set()
+
+    assert calls[0] == 1  # only the lease's holder moved the fence
+    record = await client.get(wid)
+    assert record.status is WorkflowStatus.COMPLETED and record.steps[0].attempt == 3
+    [taken] = await fetch(
+        rt,
+        "SELECT count(*) AS n FROM events WHERE type = 'step.taken_over' AND workflow_id = $1",
+        wid,
+    )
+    assert taken["n"] == 1
+    # The loser's entry stays pending on the live worker (a later reclaim finds the step
+    # closed and acknowledges it); the winner's is acknowledged.
+    pending = await rt.redis.xpending_range(rt.keys.stream("gated"), "gated", "-", "+", 10)
+    assert [p["message_id"] for p in pending] == [second.id]

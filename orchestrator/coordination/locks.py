@@ -10,7 +10,10 @@ A step's lock also names the attempt (fence) its holder runs under. After Redis
 lost a lease, a stale execution (one whose attempt was since fenced out, say by a
 reconciler requeue) re-takes its lock on its next heartbeat; a delivery of a newer
 attempt takes the lock from it instead of waiting behind it, since nothing the
-stale one does can land.
+stale one does can land. A holder about to move the fence itself (a takeover, or a
+lock just taken from a dead holder) names no attempt until it has moved it: the
+attempt it was delivered under is not the one it will run under, and a second
+delivery taking the lock from it as from a stale holder would move the fence again.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class Lock:
         owner: str = "",
         via: Callable[[Callable[[Any], None]], Awaitable[list[Any]]] | None = None,
         fence: int | None = None,
+        taking_over: bool = False,
     ) -> None:
         self.client = client
         # Where the first SET NX goes: a shared pipeline (coordination.pipelining), or alone.
@@ -96,7 +100,8 @@ class Lock:
         self.ttl_ms = ttl_ms
         self.owner = owner
         self.fence = fence  # the attempt the holder runs under (a step's lock), else None
-        self.token = _token(owner, fence)
+        # A takeover's token names no attempt until ``refence`` (see the module's doc).
+        self.token = _token(owner, None if taking_over else fence)
         self.stolen = False  # taken from a dead holder: whatever it ran must be fenced out
 
     async def acquire(self) -> bool:
@@ -127,9 +132,10 @@ class Lock:
         owner = owner_of(held)
         if not owner or not await is_dead(owner):
             return False
-        self.stolen = bool(
-            await self.client.eval(SWAP, 1, self.name, held, self.token, self.ttl_ms)
-        )
+        token = _token(self.owner, None)  # it moves the fence: no attempt named until then
+        self.stolen = bool(await self.client.eval(SWAP, 1, self.name, held, token, self.ttl_ms))
+        if self.stolen:
+            self.token = token
         return self.stolen
 
     async def refence(self, fence: int) -> None:

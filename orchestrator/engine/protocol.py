@@ -128,6 +128,7 @@ class StepRunner:
             owner=self.consumer,
             via=rt.pipelined,
             fence=envelope.attempt,
+            taking_over=takeover,
         )
         attempt = _Attempt(envelope, takeover)
         bound = logs.bind_step(envelope)  # every line logged from here names the step
