@@ -32,6 +32,9 @@ class _Slot(Generic[Item, Result]):
     done: bool = False
     result: Result | None = None
     error: BaseException | None = None
+    # Set when its batch ended, or when its turn to send came: each caller wakes for its
+    # own reasons only (one Event for all woke every waiter at every batch's end).
+    woken: anyio.Event | None = None
 
 
 class Combiner(Generic[Item, Result]):
@@ -50,9 +53,6 @@ class Combiner(Generic[Item, Result]):
         self._in_flight = in_flight
         self._sending = 0  # batches in flight
         self._queue: list[_Slot[Item, Result]] = []
-        # Set (and replaced) whenever a batch ends: every waiter wakes in the same pass,
-        # finds its result or takes the next turn. Made in the event loop, on first use.
-        self._ended: anyio.Event | None = None
 
     async def __call__(self, item: Item) -> Result:
         slot: _Slot[Item, Result] = _Slot(item)
@@ -62,12 +62,12 @@ class Combiner(Generic[Item, Result]):
                 if self._sending < self._in_flight:
                     await self._send_next()
                 else:
-                    if self._ended is None:
-                        self._ended = anyio.Event()
-                    await self._ended.wait()
+                    slot.woken = anyio.Event()
+                    await slot.woken.wait()
         except BaseException:
             if slot in self._queue:  # cancelled before anyone sent it: it never runs
                 self._queue.remove(slot)
+                self._pass_turn()  # it may have been woken to send: the next in line does
             raise
         if slot.error is not None:
             raise slot.error
@@ -77,13 +77,22 @@ class Combiner(Generic[Item, Result]):
         batch = self._queue[: self._max_batch]
         del self._queue[: self._max_batch]
         self._sending += 1
+        self._pass_turn()  # more than one batch may be in flight: the next in line sends
         try:
             await self._send(batch)
         finally:
             self._sending -= 1
-            ended, self._ended = self._ended, None
-            if ended is not None:
-                ended.set()
+            for member in batch:
+                if member.woken is not None:
+                    member.woken.set()
+            self._pass_turn()
+
+    def _pass_turn(self) -> None:
+        """Wake the first caller in line if a batch may be sent now: it sends the next."""
+        if self._queue and self._sending < self._in_flight:
+            head = self._queue[0].woken
+            if head is not None:
+                head.set()
 
     async def _send(self, batch: list[_Slot[Item, Result]]) -> None:
         # Shielded: the members wait for this batch; a timeout inside ``handle`` bounds it.

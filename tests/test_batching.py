@@ -23,12 +23,14 @@ class Recorder:
         self.release = anyio.Event()
         self.hold = False
         self.fail_on: int | None = None
+        self.on_release: Callable[[], None] = lambda: None
 
     async def __call__(self, items: Sequence[int]) -> list[int]:
         self.batches.append(list(items))
         await anyio.lowlevel.checkpoint()  # a round trip yields to the event loop
         if self.hold:
             await self.release.wait()
+            self.on_release()
         if self.fail_on in items:
             raise ValueError(f"bad item {self.fail_on}")
         return [2 * i for i in items]
@@ -136,3 +138,29 @@ async def test_a_batch_in_flight_finishes_for_its_members_when_its_sender_is_can
         handle.release.set()
     assert handle.batches == [[1], [2]]
     assert 4 in results
+
+
+async def test_a_caller_cancelled_as_its_turn_to_send_comes_passes_the_turn_on() -> None:
+    """Only the first caller in line wakes when a batch ends (not every waiter); if it is
+    cancelled just then, the next in line must send, or every call behind it waits forever."""
+    handle = Recorder()
+    handle.hold = True
+    combine: Combiner[int, int] = Combiner(handle, max_batch=1)
+    results: dict[int, int] = {}
+    scopes = {i: anyio.CancelScope() for i in range(4)}
+
+    async def call(i: int) -> None:
+        with scopes[i]:
+            results[i] = await combine(i)
+
+    handle.on_release = scopes[1].cancel  # as [0] ends, [1] (first in line) is cancelled
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, 0)
+            await anyio.wait_all_tasks_blocked()  # [0] is in flight
+            for i in (1, 2, 3):
+                tg.start_soon(call, i)
+            await anyio.wait_all_tasks_blocked()
+            handle.release.set()
+    assert handle.batches == [[0], [2], [3]]
+    assert results == {0: 0, 2: 4, 3: 6}
