@@ -48,6 +48,20 @@ async def _one(rt: Runtime, worker: Worker, agent: str) -> None:
     await worker.process(agent, entries[0])
 
 
+async def _reclaim_after_a_lease(rt: Runtime, worker: Worker, agent: str) -> list[streams.Entry]:
+    """Once a lease has passed, what ``worker`` reclaims of ``agent``'s idle entries."""
+    await anyio.sleep(rt.settings.lease_seconds + 0.05)
+    _, reclaimed = await streams.reclaim(
+        rt.redis,
+        rt.keys,
+        agent,
+        worker.consumer,
+        min_idle_ms=int(rt.settings.lease_seconds * 1000),
+        count=5,
+    )
+    return reclaimed
+
+
 async def test_retry_is_scheduled_durably_with_backoff(rt: Runtime, probe: Probe) -> None:
     probe.failures_left = 1
     client, worker = Client(rt), Worker(rt, concurrency=1)
@@ -153,15 +167,7 @@ async def test_reclaim_takes_over_an_entry_whose_worker_died(rt: Runtime, probe:
     taken = await streams.read(rt.redis, rt.keys, "gated", dead.consumer, count=1, block_ms=1000)
     assert len(taken) == 1  # delivered to a worker that then "dies" without acknowledging
 
-    await anyio.sleep(rt.settings.lease_seconds + 0.05)
-    _, reclaimed = await streams.reclaim(
-        rt.redis,
-        rt.keys,
-        "gated",
-        alive.consumer,
-        min_idle_ms=int(rt.settings.lease_seconds * 1000),
-        count=5,
-    )
+    reclaimed = await _reclaim_after_a_lease(rt, alive, "gated")
     assert [e.id for e in reclaimed] == [taken[0].id]
     await alive.process("gated", reclaimed[0], takeover=True)
     assert (await client.get(wid)).status is WorkflowStatus.COMPLETED
@@ -445,15 +451,7 @@ async def test_two_entries_of_a_step_claimed_together_take_it_over_once(
     assert newer is not None and newer.attempt == 2
     await streams.enqueue(rt.redis, rt.keys, newer)
     [second] = await streams.read(rt.redis, rt.keys, "gated", dead.consumer, count=1, block_ms=1000)
-    await anyio.sleep(rt.settings.lease_seconds + 0.05)
-    _, both = await streams.reclaim(
-        rt.redis,
-        rt.keys,
-        "gated",
-        alive.consumer,
-        min_idle_ms=int(rt.settings.lease_seconds * 1000),
-        count=5,
-    )
+    both = await _reclaim_after_a_lease(rt, alive, "gated")
     assert [e.id for e in both] == [first.id, second.id]
     await rt.redis.set(rt.keys.worker_alive(alive.consumer), "1", ex=60)
 
